@@ -1,0 +1,148 @@
+"""``load_pretrained_model``: official LLaVA checkpoints (local directory or hub id) -> tokenizer, model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+
+from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+REQUIRED_KEYS = ("mm_vision_tower", "mm_hidden_size", "hidden_size", "num_hidden_layers", "vocab_size")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA and fp32 elsewhere unless given; accepts names such as ``bfloat16``/``bf16``."""
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_llava_config(model_path: str) -> LlavaConfig:
+    """Read and check a LLaVA checkpoint's config; a relative vision tower path is resolved locally."""
+    cfg = LlavaConfig.from_pretrained(model_path)
+    where = os.path.join(model_path, "config.json") if os.path.isdir(model_path) else f"{model_path} (config.json)"
+    missing = [k for k in REQUIRED_KEYS if getattr(cfg, k, None) in (None, "")]
+    if missing:
+        raise ValueError(
+            f"{where} lacks required key(s) {', '.join(missing)}: not a LLaVA checkpoint "
+            "(expected a config with model_type 'llava_llama' and the mm_* keys)"
+        )
+    aspect = getattr(cfg, "image_aspect_ratio", "square")
+    if aspect == "anyres" and not getattr(cfg, "image_grid_pinpoints", None):
+        raise ValueError(f"{where}: image_aspect_ratio 'anyres' needs image_grid_pinpoints")
+    if aspect not in ("pad", "anyres", "square", None):
+        raise ValueError(f"{where}: image_aspect_ratio {aspect!r} is not supported; allowed: pad, anyres, square")
+    tower = str(cfg.mm_vision_tower)
+    if os.path.isdir(model_path) and not os.path.isabs(tower):
+        local = os.path.join(model_path, tower)
+        if os.path.isdir(local):
+            cfg.mm_vision_tower = os.path.abspath(local)
+    return cfg
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    use_flash_attn: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, LlavaLlamaForCausalLM, Any, int]:
+    """Load an official LLaVA-1.5 / LLaVA-NeXT (Vicuna) checkpoint.
+
+    Args:
+        model_path: directory or hub id, e.g. ``liuhaotian/llava-v1.5-7b``, ``liuhaotian/llava-v1.6-vicuna-7b``.
+        model_base: base LLM for projector-only checkpoints (``mm_projector.bin`` in ``model_path``).
+        model_name: kept for upstream compatibility (LoRA checkpoints are recognised by "lora" in it).
+        device: default CUDA if available, else CPU. ``device_map`` (e.g. "auto") spreads layers instead.
+        torch_dtype: default fp16 on CUDA, fp32 on CPU.
+        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2`` (``use_flash_attn=True``
+            is upstream's spelling of the latter).
+    Returns:
+        ``(tokenizer, model, image_processor, context_len)``.
+    """
+    if use_flash_attn:
+        attn_implementation = "flash_attention_2"
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {attn_implementation!r} unknown; allowed: {ATTN_IMPLEMENTATIONS}")
+    if attn_implementation == "flash_attention_2":
+        from llava.utils import require_flash_attn
+
+        require_flash_attn()
+    dev = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(torch_dtype, dev)
+    name = model_name or os.path.basename(os.path.normpath(model_path))
+    if model_base is not None and "lora" in name.lower():
+        raise NotImplementedError(
+            f"{model_path} is a LoRA checkpoint; merge it into its base first (upstream merge_lora_weights) "
+            "and load the merged directory"
+        )
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit, load_in_4bit=load_4bit, bnb_4bit_compute_dtype=dtype
+        )
+        device_map = device_map or {"": dev.index or 0}
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    load_kwargs.update(kwargs)
+
+    if model_base is None:
+        cfg = load_llava_config(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
+        model = LlavaLlamaForCausalLM.from_pretrained(model_path, config=cfg, low_cpu_mem_usage=True, **load_kwargs)
+    else:  # projector-only checkpoint on top of a base LLM
+        cfg = load_llava_config(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
+        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=cfg, low_cpu_mem_usage=True, **load_kwargs)
+        proj_file = os.path.join(model_path, "mm_projector.bin")
+        if not os.path.isfile(proj_file):
+            raise FileNotFoundError(f"{proj_file} not found: a checkpoint with model_base needs its projector weights")
+        weights = torch.load(proj_file, map_location="cpu", weights_only=True)
+        weights = {k.split("mm_projector.", 1)[1]: v.to(dtype) for k, v in weights.items() if "mm_projector." in k}
+        model.get_model().mm_projector.load_state_dict(weights)
+
+    added = []
+    if getattr(cfg, "mm_use_im_patch_token", False):
+        added += [DEFAULT_IMAGE_PATCH_TOKEN]
+    if getattr(cfg, "mm_use_im_start_end", False):
+        added += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
+    if added:
+        tokenizer.add_tokens(added, special_tokens=True)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+
+    if device_map is None:
+        model.to(dev)
+    vision_tower = model.get_vision_tower()
+    vision_tower.load_model(device=model.device, dtype=dtype)
+    model.requires_grad_(False)
+    model.eval()
+    context_len = getattr(cfg, "max_sequence_length", None) or 2048
+    return tokenizer, model, vision_tower.image_processor, context_len

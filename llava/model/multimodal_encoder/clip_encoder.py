@@ -1,0 +1,99 @@
+"""CLIP vision tower with LLaVA's layer / feature selection."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+logger = logging.getLogger(__name__)
+
+
+class CLIPVisionTower(nn.Module):
+    """Wraps ``CLIPVisionModel`` and returns the features LLaVA feeds its projector.
+
+    ``mm_vision_select_layer`` picks a hidden state (``-2``: the penultimate layer) and
+    ``mm_vision_select_feature`` either drops the CLS token (``patch``) or keeps it (``cls_patch``).
+    With ``delay_load`` only the config is read; :meth:`load_model` loads the weights later, which is what
+    the builder does for official checkpoints (they do not contain the tower's weights).
+    """
+
+    def __init__(self, vision_tower: str, args: Any, delay_load: bool = False):
+        super().__init__()
+        self.vision_tower_name = vision_tower
+        self.select_layer: int = getattr(args, "mm_vision_select_layer", -2)
+        self.select_feature: str = getattr(args, "mm_vision_select_feature", "patch")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(
+                f"mm_vision_select_feature={self.select_feature!r} is not supported; use 'patch' or 'cls_patch'"
+            )
+        self.is_loaded = False
+        if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
+            # the checkpoint carries the tower's weights: build the module so they load with the rest
+            self.cfg_only = None
+            self.vision_tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(vision_tower))
+            self.vision_tower.requires_grad_(False)
+            self.image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
+            self.is_loaded = True
+        else:
+            self.cfg_only = CLIPVisionConfig.from_pretrained(vision_tower)
+
+    def load_model(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Load the CLIP weights and image processor from ``vision_tower_name`` (hub id or directory)."""
+        if self.is_loaded:
+            logger.debug("vision tower %s already loaded", self.vision_tower_name)
+            return
+        self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
+        self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, dtype=dtype)
+        self.vision_tower.requires_grad_(False)
+        if device is not None:
+            self.vision_tower.to(device)
+        self.is_loaded = True
+
+    def feature_select(self, outputs: Any) -> torch.Tensor:
+        feats = outputs.hidden_states[self.select_layer]  # (N, 1 + P, C)
+        return feats[:, 1:] if self.select_feature == "patch" else feats
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (N, 3, H, W) -> features (N, P, C) in the images' dtype."""
+        out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        return self.feature_select(out).to(images.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device
+
+    @property
+    def config(self) -> CLIPVisionConfig:
+        return self.vision_tower.config if self.is_loaded else self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+
+def build_vision_tower(cfg: Any, delay_load: bool = False) -> CLIPVisionTower:
+    """Vision tower named by ``cfg.mm_vision_tower`` (or ``cfg.vision_tower``)."""
+    name = getattr(cfg, "mm_vision_tower", None) or getattr(cfg, "vision_tower", None)
+    if not name:
+        raise ValueError("the model config has no 'mm_vision_tower': this is not a LLaVA checkpoint config")
+    if "clip" not in os.path.basename(str(name)).lower() and not os.path.isdir(str(name)):
+        logger.warning("vision tower %r does not look like a CLIP model; loading it as CLIP anyway", name)
+    return CLIPVisionTower(str(name), args=cfg, delay_load=delay_load)

@@ -1,0 +1,124 @@
+"""The layer-local proxy of PIO: one decoder layer, the final norm and the LM head on a few rows.
+
+The proxy loss (pio-algorithm.md §2.3-2.4) reads the logits of K supervised rows only. Two exact
+implementations of "decoder layer -> norm -> head on those rows":
+
+* :func:`full_proxy` runs the decoder layer on every position with the model's own attention backend and an
+  explicit causal + padding mask, then applies norm and head to the K rows.
+* :func:`sliced_proxy` computes keys and values for every position but queries, attention output, o_proj and
+  the MLP only for the K rows (attention in float via ``scaled_dot_product_attention`` with an explicit mask).
+  It gives the same logits, hence the same gradient, for a fraction of the work (DESIGN.md §2.6).
+
+Both duck-type a pre-norm rotary decoder layer as in LLaMA/Qwen2/Mistral: ``input_layernorm``,
+``self_attn.{q,k,v,o}_proj``, ``self_attn.head_dim``, ``self_attn.scaling``, ``post_attention_layernorm``,
+``mlp``. Nothing here imports a model implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ProxyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``proxy(x (B, S, D), rows (B, K) long) -> logits (B, K, V)``."""
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, S, ...) -> (B, K, ...) at ``rows`` (B, K)."""
+    idx = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(*rows.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    # tensors made under torch.inference_mode cannot be saved for backward; copy them out
+    return t.clone() if t.is_inference() else t
+
+
+def causal_padding_bias(key_mask: torch.Tensor, query_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (B, 1, Q, S): query at position p sees valid keys at positions <= p.
+
+    Args:
+        key_mask: (B, S) bool, valid keys.
+        query_pos: (B, Q) long, the query rows' positions in the key sequence.
+    """
+    S = key_mask.shape[1]
+    keys = torch.arange(S, device=key_mask.device)
+    allowed = key_mask.bool()[:, None, :] & (keys[None, None, :] <= query_pos[:, :, None])  # (B, Q, S)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def sliced_proxy(
+    layer: Any,
+    norm: torch.nn.Module,
+    head: torch.nn.Module,
+    key_mask: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> ProxyFn:
+    """Proxy that runs the layer's queries and MLP only on the supervised rows.
+
+    Args:
+        layer: the proxy decoder layer.
+        norm, head: the model's final norm and LM head.
+        key_mask: (B, S) bool, valid tokens of the current sequence.
+        position_embeddings: rotary (cos, sin), each (B, S, head_dim), for the current positions.
+    """
+    attn = layer.self_attn
+    cos, sin = (_usable(t) for t in position_embeddings)
+    key_mask = _usable(key_mask)
+
+    def proxy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        hd = attn.head_dim
+        h = layer.input_layernorm(x)  # (B, S, D)
+        k = attn.k_proj(h).view(B, S, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = attn.v_proj(h).view(B, S, -1, hd).transpose(1, 2)
+        q = attn.q_proj(_rows(h, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)  # (B, H, K, hd)
+        c, s = cos[:, None], sin[:, None]  # (B, 1, S, hd)
+        k = k * c + _rotate_half(k) * s
+        cr, sr = _rows(cos, rows)[:, None], _rows(sin, rows)[:, None]  # (B, 1, K, hd)
+        q = q * cr + _rotate_half(q) * sr
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        bias = causal_padding_bias(key_mask, rows, q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)  # (B, H, K, hd)
+        o = attn.o_proj(o.transpose(1, 2).reshape(B, rows.shape[1], -1))  # (B, K, D)
+        y = _rows(x, rows) + o
+        y = y + layer.mlp(layer.post_attention_layernorm(y))
+        return head(norm(y))
+
+    return proxy
+
+
+def full_proxy(
+    layer: Any,
+    norm: torch.nn.Module,
+    head: torch.nn.Module,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    position_ids: torch.Tensor,
+) -> ProxyFn:
+    """Proxy that runs the whole decoder layer (the model's attention backend) and slices afterwards.
+
+    ``attention_mask`` is what the backend expects for a causal + padding mask over the current sequence
+    (a 4D additive mask for eager/SDPA, the 2D mask for FlashAttention-2); never ``None`` with padding.
+    """
+    cos, sin = (_usable(t) for t in position_embeddings)
+    mask = _usable(attention_mask) if attention_mask is not None else None
+
+    def proxy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=(cos, sin))
+        y = out[0] if isinstance(out, tuple) else out
+        return head(norm(_rows(y, rows)))
+
+    return proxy

@@ -1,0 +1,38 @@
+"""Test helpers: synthetic images and prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from llava.conversation import conv_templates
+from llava.mm_utils import process_images, tokenizer_image_token
+
+
+def image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB image with structure (gradients plus noise blocks)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), (xx + yy) % 256], -1)
+    blocks = rng.integers(0, 256, size=(height // 32 + 1, width // 32 + 1, 3))
+    noise = np.kron(blocks, np.ones((32, 32, 1)))[:height, :width]
+    return Image.fromarray(((base + noise) // 2).astype(np.uint8))
+
+
+def prompt_ids(tokenizer, question: str, with_image: bool = True, mode: str = "vicuna_v1") -> torch.Tensor:
+    conv = conv_templates[mode].copy()
+    conv.append_message(conv.roles[0], ("<image>\n" if with_image else "") + question)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
+
+
+def pixels(images, processor, model):
+    return process_images(images, processor, model.config)
+
+
+def load(path: str, attn: str = "sdpa", dtype: str = "float32"):
+    """Load a tiny checkpoint on CPU through the real builder."""
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(path, device="cpu", torch_dtype=dtype, attn_implementation=attn)
