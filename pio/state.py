@@ -89,23 +89,23 @@ class PruneState:
         self.targets = [list(counts_fn(r.n_visual)) if counts_fn else [] for r in self.samples]
         self.timings.clear()
 
-    def record_prune(self, layer: int, keep: KeepIndex, keep_local: Sequence[torch.Tensor | None]) -> None:
-        """Bookkeeping after the prune at 1-based ``layer``."""
-        self.stage_masks[layer] = keep.mask
-        self.keep_indices[layer] = list(keep_local)
-        assert self.origin is not None
-        self.origin = torch.gather(self.origin, 1, keep.index)
+    def record_prune(self, layer: int, keep: KeepIndex | None, keep_local: Sequence[torch.Tensor | None]) -> None:
+        """Bookkeeping after the prune at 1-based ``layer``; ``keep`` is None when no sample was pruned."""
+        if keep is not None:
+            self.stage_masks[layer] = keep.mask
+            self.keep_indices[layer] = list(keep_local)
+            assert self.origin is not None
+            self.origin = torch.gather(self.origin, 1, keep.index)
         for b, k in enumerate(keep_local):
-            span = self.spans[b]
-            if span is None:
+            if self.spans[b] is None:
                 continue
-            before = span[1]
+            before = int(self._orig_local[b].numel())
             if k is not None:
                 self._orig_local[b] = self._orig_local[b][k.to(self._orig_local[b].device)]
-            after = int(self._orig_local[b].numel())
-            kept = self._orig_local[b].tolist() if k is not None else []
-            self.samples[b].stages.append(StageRecord(layer=layer, before=before, after=after, kept=kept))
-        self.spans = list(keep.spans)
+            kept = self._orig_local[b].tolist()
+            self.samples[b].stages.append(StageRecord(layer=layer, before=before, after=len(kept), kept=kept))
+        if keep is not None:
+            self.spans = list(keep.spans)
 
     # ------------------------------------------------------------------ decoding
     def decode_mask(self, layer: int, attention_mask: torch.Tensor | None, total_len: int) -> torch.Tensor:

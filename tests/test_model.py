@@ -28,7 +28,9 @@ def to_hf(model, next_: bool):
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
     )
     if next_:
-        hf = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=cfg.image_grid_pinpoints, **common))
+        # transformers reads each pinpoint as (height, width); upstream LLaVA as (width, height)
+        pins = [[h, w] for w, h in cfg.image_grid_pinpoints]
+        hf = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pins, **common))
         hf.model.image_newline.data.copy_(model.get_model().image_newline.data)
     else:
         hf = LlavaForConditionalGeneration(HFLlavaConfig(**common))

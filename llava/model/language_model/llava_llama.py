@@ -161,6 +161,9 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
                 mask = self._backend_mask(key_mask, h.shape[1], h.dtype, explicit=True)
                 proxy = full_proxy(proxy_layer, self.norm, head, mask, seg.position_embeddings, seg.position_ids)
             keep_local = select_visual_tokens(h, key_mask, state.spans, targets, proxy, pio, state)
+        if all(k is None for k in keep_local):
+            state.record_prune(rank, None, keep_local)
+            return h, key_mask
         with state.timed("gather", h.device):
             keep = build_keep_index(key_mask, state.spans, keep_local, state.padding_side)
             h = gather_rows(h, keep)
