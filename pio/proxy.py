@@ -38,7 +38,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _usable(t: torch.Tensor) -> torch.Tensor:
-    # tensors made under torch.inference_mode cannot be saved for backward; copy them out
+    # tensors made under torch.inference_mode cannot be saved for backward; a copy made outside it can
+    # (the proxy runs inside ``torch.inference_mode(False)``)
     return t.clone() if t.is_inference() else t
 
 
@@ -72,10 +73,9 @@ def sliced_proxy(
         position_embeddings: rotary (cos, sin), each (B, S, head_dim), for the current positions.
     """
     attn = layer.self_attn
-    cos, sin = (_usable(t) for t in position_embeddings)
-    key_mask = _usable(key_mask)
 
     def proxy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        cos, sin = (_usable(t) for t in position_embeddings)
         B, S, _ = x.shape
         hd = attn.head_dim
         h = layer.input_layernorm(x)  # (B, S, D)
@@ -90,7 +90,7 @@ def sliced_proxy(
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        bias = causal_padding_bias(key_mask, rows, q.dtype)
+        bias = causal_padding_bias(_usable(key_mask), rows, q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)  # (B, H, K, hd)
         o = attn.o_proj(o.transpose(1, 2).reshape(B, rows.shape[1], -1))  # (B, K, D)
         y = _rows(x, rows) + o
@@ -113,10 +113,9 @@ def full_proxy(
     ``attention_mask`` is what the backend expects for a causal + padding mask over the current sequence
     (a 4D additive mask for eager/SDPA, the 2D mask for FlashAttention-2); never ``None`` with padding.
     """
-    cos, sin = (_usable(t) for t in position_embeddings)
-    mask = _usable(attention_mask) if attention_mask is not None else None
-
     def proxy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        cos, sin = (_usable(t) for t in position_embeddings)
+        mask = _usable(attention_mask) if attention_mask is not None else None
         out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=(cos, sin))
         y = out[0] if isinstance(out, tuple) else out
         return head(norm(_rows(y, rows)))

@@ -114,10 +114,10 @@ def saliency(
     ``hidden`` (B, S, D) is the residual stream at the pruning point. Only the probe gets a gradient; the
     model's parameters must have ``requires_grad=False`` (the model guarantees it).
     """
-    rows, weights = supervised_rows(mask, k_pos, include_last)
-    weights = weights * active[:, None].to(weights)
     timed = state.timed if state is not None else _untimed
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # tensors made here are usable by autograd
+        rows, weights = supervised_rows(mask.clone(), k_pos, include_last)
+        weights = weights * active[:, None].to(weights)
         x = hidden.detach().clone().requires_grad_(True)
         with timed("proxy_forward", hidden.device):
             logits = proxy(x, rows).float()  # (B, K, V)

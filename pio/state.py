@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .gather import KeepIndex, Span
+from .schedule import realised_average
 
 
 @dataclass
@@ -55,6 +56,9 @@ class PruneState:
         self.samples: list[SampleRecord] = []
         self.targets: list[list[int]] = []
         self.timings: dict[str, float] = defaultdict(float)
+        self.layer_lengths: list[int] = []  # prefill input length of every decoder layer
+        self.proxy_events: list[tuple[int, int]] = []  # (layer, sequence length) of every proxy pass
+        self.kv_bytes: int | None = None  # measured after prefill when profiling
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
 
@@ -87,7 +91,9 @@ class PruneState:
         self.samples = [SampleRecord(n_visual=s[1] if s else 0) for s in self.spans]
         self._orig_local = [torch.arange(s[1], device=mask.device) if s else None for s in self.spans]
         self.targets = [list(counts_fn(r.n_visual)) if counts_fn else [] for r in self.samples]
-        self.timings.clear()
+        self.layer_lengths = []
+        self.proxy_events = []
+        self.kv_bytes = None
 
     def record_prune(self, layer: int, keep: KeepIndex | None, keep_local: Sequence[torch.Tensor | None]) -> None:
         """Bookkeeping after the prune at 1-based ``layer``; ``keep`` is None when no sample was pruned."""
@@ -137,7 +143,7 @@ class PruneState:
             for lay in sched_layers:
                 cur = counts.get(lay, cur)
                 kept_counts.append(cur)
-            avg = _average(rec.n_visual, sched_layers, kept_counts, num_layers)
+            avg = realised_average(rec.n_visual, sched_layers, kept_counts, num_layers)
             out.append(
                 {
                     "n_visual": rec.n_visual,
@@ -161,10 +167,3 @@ class PruneState:
         finally:
             sync(device)
             self.timings[name] += time.perf_counter() - t0
-
-
-def _average(n0: int, layers: Sequence[int], counts: Sequence[int], num_layers: int) -> float:
-    """The paper's average visual tokens per layer for realised counts (pio-algorithm.md §3.1)."""
-    bounds = [0, *layers, num_layers]
-    seq = [n0, *counts]
-    return sum(c * (bounds[j + 1] - bounds[j]) for j, c in enumerate(seq)) / num_layers

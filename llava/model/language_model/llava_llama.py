@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from pio.flops import measured_kv_bytes
 from pio.gather import build_keep_index, contiguous_positions, gather_rows
 from pio.proxy import causal_padding_bias, full_proxy, sliced_proxy
 from pio.select import PIOConfig, select_visual_tokens
@@ -108,15 +109,16 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
         )
         prefill = past == 0
         layers_to_prune = set(pio.schedule.layers) if pio is not None else set()
-        if prefill and pio is not None:
-            if lm_head is None:
-                raise ValueError("PIO needs the LM head for its proxy loss: pass lm_head=")
-            if prune_state is None:
-                prune_state = PruneState()
-            prune_state.begin_prefill(key_mask, lambda n0: pio.schedule.counts(n0, self.config.num_hidden_layers))
+        if prefill and pio is not None and lm_head is None:
+            raise ValueError("PIO needs the LM head for its proxy loss: pass lm_head=")
+        if prefill and prune_state is not None:
+            counts = (lambda n0: pio.schedule.counts(n0, self.config.num_hidden_layers)) if pio is not None else None
+            prune_state.begin_prefill(key_mask, counts)
         seg = self._segment(h, key_mask, position_ids)
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
+            if prefill and prune_state is not None:
+                prune_state.layer_lengths.append(h.shape[1])
             h = layer(
                 h,
                 attention_mask=seg.attention_mask,
@@ -137,6 +139,8 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
                     seg = self._segment(h, key_mask, None)
             if hidden_states is not None:
                 hidden_states.append(h)
+        if prefill and prune_state is not None and prune_state.profile and cache is not None:
+            prune_state.kv_bytes = measured_kv_bytes(cache)
         h = self.norm(h)
         return BaseModelOutputWithPast(
             last_hidden_state=h,
@@ -161,6 +165,8 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
                 mask = self._backend_mask(key_mask, h.shape[1], h.dtype, explicit=True)
                 proxy = full_proxy(proxy_layer, self.norm, head, mask, seg.position_embeddings, seg.position_ids)
             keep_local = select_visual_tokens(h, key_mask, state.spans, targets, proxy, pio, state)
+            if any(k is not None for k in keep_local):
+                state.proxy_events.append((rank, h.shape[1]))
         if all(k is None for k in keep_local):
             state.record_prune(rank, None, keep_local)
             return h, key_mask
@@ -220,8 +226,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             position_ids = mm.position_ids
             prune_state = prune_state or PruneState()
             prune_state.set_inputs(mm.spans, mm.padding_side)
-        if self.pio_config is not None and prune_state is None:
-            prune_state = PruneState()  # text-only call: nothing to prune, but keep the bookkeeping uniform
+        if prune_state is None and self.pio_config is not None:
+            prune_state = PruneState()
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -266,7 +272,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             raise ValueError("pass input_ids (with <image> placeholders) and images, not inputs_embeds")
         prune_state = prune_state if prune_state is not None else PruneState()
         if images is not None:
-            mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, padding_side="left")
+            with prune_state.timed("vision", self.device):
+                mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, padding_side="left")
             embeds, attention_mask = mm.inputs_embeds, mm.attention_mask
             prune_state.set_inputs(mm.spans, "left")
         else:

@@ -1,0 +1,75 @@
+"""Answer a question jsonl (GQA, MME, POPE, TextVQA, VQAv2): upstream's ``model_vqa_loader`` with PIO flags.
+
+    python -m llava.eval.model_vqa_loader --model-path liuhaotian/llava-v1.5-7b \\
+        --question-file Q.jsonl --image-folder IMAGES --answers-file A.jsonl --temperature 0 \\
+        --conv-mode vicuna_v1 --pio-layers 1,10,15 --pio-tokens 92,54,22 --pio-log pio.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from tqdm import tqdm
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.conversation import get_conv_template
+from llava.eval import runner
+from llava.mm_utils import process_images, tokenizer_image_token
+
+logger = logging.getLogger(__name__)
+
+
+def build_prompt(question: str, conv_mode: str, im_start_end: bool) -> str:
+    """``<image>\\n`` + question in the conversation template; the benchmark suffix is already in the text."""
+    image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end else DEFAULT_IMAGE_TOKEN
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], image + "\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def eval_model(args: argparse.Namespace) -> None:
+    runner.check_conv_mode(args.conv_mode)
+    runner.pio_config_from_args(args)
+    questions = runner.read_jsonl_questions(args.question_file, ("question_id", "image", "text"))
+    questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
+    for q in questions:  # fail before loading the model, naming the question
+        path = os.path.join(args.image_folder, q["image"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"question {q['question_id']}: image file not found: {path}")
+    answers = runner.JsonlWriter(args.answers_file, args.resume)
+    todo = [q for q in questions if str(q["question_id"]) not in answers.done]
+    if len(todo) < len(questions):
+        logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
+    tok, model, proc, name = runner.load_from_args(args)
+    logs = runner.SampleLogs(args, model)
+    im_start_end = getattr(model.config, "mm_use_im_start_end", False)
+    try:
+        for q in tqdm(todo, desc="questions", unit="q"):
+            image = runner.load_image(os.path.join(args.image_folder, q["image"]))
+            prompt = build_prompt(q["text"], args.conv_mode, im_start_end)
+            ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
+            pixels = process_images([image], proc, model.config)
+            pixels = pixels.to(model.device, model.dtype) if hasattr(pixels, "to") else pixels
+            text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
+            answers.write(runner.answer_record(q["question_id"], q["text"], text, name))
+            logs.write(q["question_id"], state, timing)
+    finally:
+        answers.close()
+        logs.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Answer a question jsonl with a LLaVA model (optionally PIO-pruned).")
+    p.add_argument("--image-folder", type=str, default="")
+    p.add_argument("--question-file", type=str, default="tables/question.jsonl")
+    runner.add_common_args(p)
+    args = p.parse_args(argv)
+    runner.setup_logging()
+    eval_model(args)
+
+
+if __name__ == "__main__":
+    main()

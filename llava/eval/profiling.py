@@ -1,0 +1,54 @@
+"""Per-sample efficiency records: timings, per-layer lengths, FLOPs (both conventions), KV cache, memory."""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+import torch
+
+from pio import PruneState
+from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, proxy_flops
+
+
+def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:
+    """Everything ``--profile`` writes for one sample (batch size 1).
+
+    FLOPs: ``fastv`` is FastV's convention (``4nd^2 + 2n^2d + 2ndm`` per layer on the realised input lengths,
+    as the paper reports, here over all tokens); ``fastv_visual`` counts visual tokens only (the paper's
+    baseline 32*f(576) = 2.98 T); ``exact`` is the real architecture (SwiGLU, GQA, causal attention, LM head on
+    one row) and ``proxy`` the selection's own forward + backward, computed from the work it really does.
+    """
+    dims = LMDims.from_config(model.config)
+    lengths = list(state.layer_lengths)
+    cfg = getattr(model, "pio_config", None)
+    sliced = cfg is None or cfg.proxy_impl == "sliced"
+    k_pos = cfg.k_pos if cfg is not None else 0
+    proxy = [proxy_flops(n, k_pos, dims, sliced=sliced)["total"] for _, n in state.proxy_events]
+    n_text = lengths[0] - (state.samples[0].n_visual if state.samples else 0) if lengths else 0
+    visual = [n - n_text for n in lengths]
+    elem = next(model.parameters()).element_size()
+    rec: dict[str, Any] = {
+        "seq_len_per_layer": lengths,
+        "visual_per_layer": visual,
+        "flops": {
+            "fastv": fastv_prefill_flops(lengths, dims) if lengths else 0,
+            "fastv_visual": fastv_prefill_flops(visual, dims) if lengths else 0,
+            "exact": exact_prefill_flops(lengths, dims)["total"] if lengths else 0,
+            "proxy": sum(proxy),
+        },
+        "kv_bytes": {
+            "analytic": kv_cache_bytes(lengths, dims, elem) if lengths else 0,
+            "measured": state.kv_bytes,
+        },
+        "selection_s": {k: state.timings.get(k, 0.0) for k in ("proxy_forward", "proxy_backward", "nms", "gather")},
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+    if timing:
+        rec.update(timing)
+    if model.device.type == "cuda":
+        rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated(model.device)
+    else:  # process-wide high-water mark (kilobytes on Linux)
+        rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return rec

@@ -1,0 +1,94 @@
+"""Answer one query about one or more images and print the answer (upstream's ``run_llava``).
+
+    python -m llava.eval.run_llava --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg \\
+        --query "What is in the picture?" [--pio-layers 1,10,15 --pio-tokens 92,54,22]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
+from llava.conversation import get_conv_template
+from llava.eval import runner
+from llava.mm_utils import process_images, tokenizer_image_token
+
+logger = logging.getLogger(__name__)
+
+
+def infer_conv_mode(model_name: str) -> str:
+    """Upstream's choice of template from the checkpoint name."""
+    n = model_name.lower()
+    if "llama-2" in n:
+        return "llava_llama_2"
+    if "mistral" in n:
+        return "mistral_instruct"
+    if "v1.6-34b" in n:
+        return "chatml_direct"
+    if "v1" in n:
+        return "llava_v1"
+    if "mpt" in n:
+        return "mpt"
+    return "llava_v0"
+
+
+def load_images(spec: str, sep: str):
+    images = []
+    for path in spec.split(sep):
+        if path.startswith(("http://", "https://")):
+            import io
+            import urllib.request
+
+            from PIL import Image
+
+            with urllib.request.urlopen(path, timeout=30) as r:  # noqa: S310 (user-given URL)
+                images.append(Image.open(io.BytesIO(r.read())).convert("RGB"))
+        else:
+            images.append(runner.load_image(path))
+    return images
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Ask a LLaVA model about an image.")
+    p.add_argument("--image-file", type=str, required=True, help="path(s) or URL(s), separated by --sep")
+    p.add_argument("--query", type=str, required=True)
+    p.add_argument("--sep", type=str, default=",")
+    runner.add_common_args(p, conv_mode=None, max_new_tokens=512)
+    args = p.parse_args(argv)
+    runner.setup_logging()
+    from llava.mm_utils import get_model_name_from_path
+
+    if args.conv_mode is None:
+        args.conv_mode = infer_conv_mode(get_model_name_from_path(args.model_path))
+    images = load_images(args.image_file, args.sep)
+    tok, model, proc, _ = runner.load_from_args(args)
+    image_token = DEFAULT_IMAGE_TOKEN
+    if getattr(model.config, "mm_use_im_start_end", False):
+        image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    query = args.query
+    if IMAGE_PLACEHOLDER in query:
+        query = re.sub(re.escape(IMAGE_PLACEHOLDER), image_token, query)
+    else:
+        query = "\n".join([image_token] * len(images) + [query])
+    conv = get_conv_template(args.conv_mode)
+    conv.append_message(conv.roles[0], query)
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tok, return_tensors="pt")[None]
+    pixels = process_images(images, proc, model.config)
+    if hasattr(pixels, "to"):
+        pixels = pixels.to(model.device, model.dtype)
+    else:
+        pixels = [x.to(model.device, model.dtype) for x in pixels]
+    args.pio_log = None
+    text, state, _ = runner.generate(model, tok, ids, pixels, [im.size for im in images], args)
+    if model.pio_config is not None:
+        for rec in state.report(model.config.num_hidden_layers, model.pio_config.schedule.layers):
+            logger.info("visual tokens %d -> %s (average %.1f per layer)", rec["n_visual"],
+                        [s["after"] for s in rec["stages"]], rec["avg_visual_tokens"])
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
