@@ -1,0 +1,122 @@
+"""model_vqa_loader and run_llava end to end on a tiny checkpoint, their errors, and --resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llava.eval import model_vqa_loader, run_llava
+from tests.helpers import image
+
+SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+@pytest.fixture()
+def questions(tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    lines = []
+    for i, size in enumerate([(400, 300), (336, 336), (200, 500), (640, 427)]):
+        image(*size, seed=i).save(imgs / f"im{i}.png")
+        lines.append({"question_id": f"q{i}", "image": f"im{i}.png", "text": f"What is object {i}?" + SUFFIX,
+                      "category": "default"})
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return tmp_path, qfile, lines
+
+
+def run_loader(ckpt, qdir, qfile, answers, *extra):
+    model_vqa_loader.main([
+        "--model-path", ckpt, "--question-file", str(qfile), "--image-folder", str(qdir / "images"),
+        "--answers-file", str(answers), "--temperature", "0", "--conv-mode", "vicuna_v1",
+        "--max_new_tokens", "4", "--device", "cpu", *extra,
+    ])
+    return [json.loads(x) for x in answers.read_text().splitlines()]
+
+
+def test_loader_writes_upstream_format_and_pio_log(tiny_v15, questions):
+    qdir, qfile, lines = questions
+    log = qdir / "pio.jsonl"
+    out = run_loader(tiny_v15, qdir, qfile, qdir / "a.jsonl", "--pio-layers", "1,2", "--pio-tokens", "92,22",
+                     "--pio-log", str(log))
+    assert [a["question_id"] for a in out] == [x["question_id"] for x in lines]
+    for a, q in zip(out, lines):
+        assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert a["prompt"] == q["text"] and a["model_id"] == "llava-v1.5-tiny" and isinstance(a["text"], str)
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [x["question_id"] for x in lines]
+    for r in recs:
+        assert r["n_visual"] == 576
+        assert [(s["layer"], s["before"], s["after"]) for s in r["stages"]] == [(1, 576, 92), (2, 92, 22)]
+        assert len(r["stages"][1]["kept"]) == 22 and set(r["stages"][1]["kept"]) <= set(r["stages"][0]["kept"])
+        assert r["avg_visual_tokens"] == pytest.approx((576 * 1 + 92 * 1 + 22 * 2) / 4)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_v15, questions):
+    qdir, qfile, _ = questions
+    full = run_loader(tiny_v15, qdir, qfile, qdir / "full.jsonl")
+    part = qdir / "part.jsonl"
+    text = (qdir / "full.jsonl").read_text().splitlines()
+    part.write_text(text[0] + "\n" + text[1][: len(text[1]) // 2])  # killed while writing line 2
+    resumed = run_loader(tiny_v15, qdir, qfile, part, "--resume")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "answer_id"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(full)
+
+
+def test_chunks_cover_every_question_once(tiny_v15, questions):
+    qdir, qfile, lines = questions
+    seen = []
+    for idx in range(3):  # 4 questions over 3 chunks
+        seen += run_loader(tiny_v15, qdir, qfile, qdir / f"3_{idx}.jsonl", "--num-chunks", "3", "--chunk-idx", str(idx))
+    assert sorted(a["question_id"] for a in seen) == sorted(x["question_id"] for x in lines)
+    many = run_loader(tiny_v15, qdir, qfile, qdir / "8_7.jsonl", "--num-chunks", "8", "--chunk-idx", "7")
+    assert len(many) <= 1
+
+
+def test_run_llava_prints_answer(tiny_v15, tmp_path, capsys):
+    image(300, 200).save(tmp_path / "x.png")
+    run_llava.main(["--model-path", tiny_v15, "--image-file", str(tmp_path / "x.png"), "--query", "What is this?",
+                    "--max_new_tokens", "5", "--temperature", "0", "--pio-layers", "2", "--pio-tokens", "64"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) >= 1
+
+
+@pytest.mark.parametrize("problem", ["missing_image", "unreadable_image", "malformed_line", "missing_field",
+                                     "conv_mode", "bad_schedule"])
+def test_clear_errors(tiny_v15, questions, problem):
+    qdir, qfile, lines = questions
+    extra = []
+    if problem == "missing_image":
+        (qdir / "images" / "im2.png").unlink()
+        err, match = FileNotFoundError, r"q2.*im2\.png"
+    elif problem == "unreadable_image":
+        (qdir / "images" / "im1.png").write_bytes(b"not an image")
+        err, match = ValueError, r"cannot read image .*im1\.png"
+    elif problem == "malformed_line":
+        qfile.write_text(qfile.read_text() + '{"question_id": 9, "image": \n')
+        err, match = ValueError, r"q\.jsonl:5: not valid JSON"
+    elif problem == "missing_field":
+        qfile.write_text(json.dumps({"question_id": 1, "image": "im0.png"}) + "\n")
+        err, match = ValueError, r"q\.jsonl:1: missing field\(s\) text"
+    elif problem == "conv_mode":
+        extra = ["--conv-mode", "vicuna_v9"]
+        err, match = ValueError, r"vicuna_v9.*vicuna_v1"
+    else:
+        extra = ["--pio-layers", "1,2", "--pio-tokens", "50,80"]
+        err, match = ValueError, r"non-increasing|grow"
+    with pytest.raises(err, match=match):
+        run_loader(tiny_v15, qdir, qfile, qdir / "a.jsonl", *extra)
+
+
+def test_checkpoint_missing_key_is_named(tiny_v15, tmp_path):
+    from llava.model.builder import load_pretrained_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_v15, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["mm_vision_tower"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json lacks required key\(s\) mm_vision_tower"):
+        load_pretrained_model(str(broken), device="cpu")
