@@ -198,16 +198,15 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes: Any, args: argparse.Namespace,
-             profile: bool = False) -> tuple[str, PruneState, dict | None]:
-    """Answer one prompt. Returns ``(text, prune_state, timing)``; timing only when ``profile``."""
+def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any, gen_kwargs: dict[str, Any],
+                   profile: bool = False) -> tuple[torch.Tensor, PruneState, dict | None]:
+    """``model.generate`` with a fresh :class:`PruneState`; with ``profile``, per-phase wall times.
+
+    Timing: ``vision_s`` (image encoding and splicing), ``prefill_s`` (language-model prefill up to the first
+    token, selection included), ``decode_s`` (the remaining tokens), ``total_s``; CUDA is synchronised.
+    """
     state = PruneState(profile=profile)
-    kw: dict[str, Any] = dict(
-        do_sample=args.temperature > 0, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-        use_cache=True, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-    )
-    if args.temperature > 0:
-        kw.update(temperature=args.temperature, top_p=args.top_p)
+    kw = dict(gen_kwargs)
     clock = _StepClock(model.device) if profile else None
     if clock is not None:
         kw["stopping_criteria"] = StoppingCriteriaList([clock])
@@ -219,18 +218,26 @@ def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes
         out = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes,
                              prune_state=state, **kw)
     t_end = time.perf_counter()
-    text = tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
     timing = None
     if clock is not None and clock.times:
         first = clock.times[0]
-        timing = {
-            "prefill_s": first - t0 - state.timings.get("vision", 0.0),
-            "vision_s": state.timings.get("vision", 0.0),
-            "decode_s": clock.times[-1] - first,
-            "total_s": t_end - t0,
-            "new_tokens": int(out.shape[1]),
-        }
-    return text, state, timing
+        vision = state.timings.get("vision", 0.0)
+        timing = {"prefill_s": first - t0 - vision, "vision_s": vision, "decode_s": clock.times[-1] - first,
+                  "total_s": t_end - t0, "new_tokens": int(out.shape[1])}
+    return out, state, timing
+
+
+def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes: Any, args: argparse.Namespace,
+             profile: bool = False) -> tuple[str, PruneState, dict | None]:
+    """Answer one prompt with the runner flags. Returns ``(text, prune_state, timing)``."""
+    kw: dict[str, Any] = dict(
+        do_sample=args.temperature > 0, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+        use_cache=True, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+    if args.temperature > 0:
+        kw.update(temperature=args.temperature, top_p=args.top_p)
+    out, state, timing = timed_generate(model, input_ids, images, image_sizes, kw, profile)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip(), state, timing
 
 
 def answer_record(question_id: Any, prompt: str, text: str, model_name: str, **extra: Any) -> dict:

@@ -75,18 +75,30 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 4, hidden: int = 64, *
     return cfg
 
 
-def write_vision_tower(out: Path, seed: int) -> None:
-    """A 2-layer CLIP vision model at 336 px / patch 14 and its image processor."""
-    torch.manual_seed(seed)
-    vcfg = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=336, patch_size=14, projection_dim=32,
-    )
-    CLIPVisionModel(vcfg).save_pretrained(out, safe_serialization=True)
+def vision_config(size: str = "tiny") -> CLIPVisionConfig:
+    """CLIP vision config at 336 px / patch 14: ``tiny`` (2 layers, width 32) or ``vit-l`` (ViT-L/14-336)."""
+    if size == "vit-l":
+        return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=336, patch_size=14, projection_dim=32)
+
+
+def write_vision_configs(out: Path, vcfg: CLIPVisionConfig) -> None:
+    """The vision tower's config and its CLIP image processor (336 px, CLIP mean/std), without weights."""
+    vcfg.save_pretrained(out)
     CLIPImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True,
         image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3,
     ).save_pretrained(out)
+
+
+def write_vision_tower(out: Path, seed: int) -> None:
+    """A tiny random CLIP vision model with its image processor."""
+    torch.manual_seed(seed)
+    vcfg = vision_config("tiny")
+    CLIPVisionModel(vcfg).save_pretrained(out, safe_serialization=True)
+    write_vision_configs(out, vcfg)
 
 
 def write_tiny_checkpoint(

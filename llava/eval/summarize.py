@@ -1,0 +1,263 @@
+"""Collect result JSONs into the paper-style accuracy table.
+
+Usage::
+
+    python -m llava.eval.summarize --data-root playground/data/eval [--baseline CKPT] \
+        [--out-md table.md] [--out-csv table.csv]
+
+Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``). Rows are runs (the
+result's ``model``), columns the benchmarks present, in the paper's order (GQA, MMB, MMB-CN, MME, POPE,
+SQA, VQAv2, TextVQA), then "Avg tokens" (mean of the run's realised average visual tokens over its
+benchmarks) and, with a baseline run, "Rel. (%)": the mean over the benchmarks both runs have of
+100 x score / baseline score. Several results for one (run, benchmark): the newest ``date`` wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava.eval.results import BENCHMARK_COLUMNS, configure_logging, read_results
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AccuracyRow:
+    """One run of the accuracy table."""
+
+    model: str
+    scores: dict[str, float | None] = field(default_factory=dict)  # benchmark key -> score
+    metrics: dict[str, str] = field(default_factory=dict)  # benchmark key -> metric name
+    avg_tokens: float | None = None
+    is_baseline: bool = False
+    ratio: float | None = None  # mean of 100 * score / baseline score over `ratio_benchmarks`
+    ratio_benchmarks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def benchmark_columns(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Benchmark keys present in ``results``: known ones in paper order, unknown ones after, sorted."""
+    present = {str(r["benchmark"]) for r in results}
+    known = [b for b in BENCHMARK_COLUMNS if b in present]
+    return known + sorted(present - set(BENCHMARK_COLUMNS))
+
+
+def column_label(benchmark: str) -> str:
+    return BENCHMARK_COLUMNS.get(benchmark, benchmark)
+
+
+def _latest_per_run(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        model, bench = str(r["model"]), str(r["benchmark"])
+        current = runs.setdefault(model, {}).get(bench)
+        if current is not None:
+            newer = r if str(r.get("date") or "") >= str(current.get("date") or "") else current
+            logger.warning("%s / %s: several result files (%s, %s); using the newest, %s", model, bench,
+                           current.get("_path", "?"), r.get("_path", "?"), newer.get("_path", "?"))
+            r = newer
+        runs[model][bench] = r
+    return runs
+
+
+def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None) -> list[AccuracyRow]:
+    """Rows of the accuracy table (baseline first, then runs by name); ratios only when the baseline exists."""
+    runs = _latest_per_run(results)
+    columns = benchmark_columns(results)
+    rows: list[AccuracyRow] = []
+    for model, by_bench in runs.items():
+        row = AccuracyRow(model=model, is_baseline=model == baseline)
+        tokens = []
+        for bench, r in by_bench.items():
+            score = r.get("score")
+            row.scores[bench] = None if score is None else float(score)
+            row.metrics[bench] = str(r.get("metric") or "")
+            if r.get("avg_visual_tokens") is not None:
+                tokens.append(float(r["avg_visual_tokens"]))
+        row.avg_tokens = sum(tokens) / len(tokens) if tokens else None
+        rows.append(row)
+    rows.sort(key=lambda row: (not row.is_baseline, row.model))
+    base = rows[0] if rows and rows[0].is_baseline else None
+    if base is None:
+        return rows
+    for row in rows:
+        ratios = []
+        missing = []
+        for bench in columns:
+            mine, ref = row.scores.get(bench), base.scores.get(bench)
+            label = column_label(bench)
+            if mine is None or ref is None:
+                missing.append(label)
+                continue
+            if row.metrics.get(bench) != base.metrics.get(bench):
+                row.notes.append(f"{label} left out of the ratio: metric {row.metrics.get(bench)!r} "
+                                 f"vs baseline {base.metrics.get(bench)!r}")
+                continue
+            if ref == 0:
+                row.notes.append(f"{label} left out of the ratio: baseline score is 0")
+                continue
+            ratios.append(100.0 * mine / ref)
+            row.ratio_benchmarks.append(bench)
+        row.ratio = sum(ratios) / len(ratios) if ratios else None
+        if missing:
+            row.notes.append(f"ratio over {len(ratios)} benchmark(s); missing in this run or the baseline: "
+                             + ", ".join(missing))
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table_header(columns: Sequence[str], with_ratio: bool) -> list[str]:
+    return ["Model", *(column_label(c) for c in columns), "Avg tokens"] + (["Rel. (%)"] if with_ratio else [])
+
+
+def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ratio: bool,
+                    messages: Sequence[str] = ()) -> str:
+    """The table as Markdown, followed by per-run notes and general messages."""
+    header = table_header(columns, with_ratio)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        name = f"{row.model} (baseline)" if row.is_baseline else row.model
+        cells = [name, *(_fmt(row.scores.get(c)) for c in columns), _fmt(row.avg_tokens)]
+        if with_ratio:
+            cells.append(_fmt(row.ratio))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {row.model}: {note}" for row in rows for note in row.notes]
+    notes += [f"- {m}" for m in messages]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str, rows: Sequence[AccuracyRow], columns: Sequence[str], with_ratio: bool) -> None:
+    """The table as CSV: model, one column per benchmark, avg_tokens[, rel_pct]; empty cell = no value."""
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", *(column_label(c) for c in columns), "avg_tokens"]
+                        + (["rel_pct"] if with_ratio else []))
+        for row in rows:
+            values = [row.model, *(cell(row.scores.get(c)) for c in columns), cell(row.avg_tokens)]
+            if with_ratio:
+                values.append(cell(row.ratio))
+            writer.writerow(values)
+
+
+EFFICIENCY_COLUMNS = (
+    # (label, how to get the value from one run's profile lines, unit scale, digits)
+    ("Prefill (s)", lambda recs: sum(r.get("prefill_s", 0.0) + r.get("vision_s", 0.0) for r in recs), 1.0, 4),
+    ("Total (s)", lambda recs: sum(r.get("total_s", 0.0) for r in recs), 1.0, 4),
+    ("FLOPs FastV (T)", lambda recs: _mean([r["flops"]["fastv_visual"] for r in recs]), 1e-12, 4),
+    ("FLOPs exact+proxy (T)", lambda recs: _mean([r["flops"]["exact"] + r["flops"]["proxy"] for r in recs]), 1e-12, 4),
+    ("KV cache (MB)", lambda recs: _mean([r["kv_bytes"]["measured"] or r["kv_bytes"]["analytic"] for r in recs]),
+     1 / 2**20, 4),
+)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def build_efficiency_table(profiles: dict[str, list[dict[str, Any]]], baseline: str) -> str:
+    """The paper's efficiency table (§8.2) from ``--profile`` files: totals over samples for times, means per
+    sample for FLOPs and KV cache, each with its ratio to ``baseline`` (baseline / run: "x faster/fewer").
+
+    FLOPs FastV is the paper's convention (visual tokens only, ``4nd^2 + 2n^2d + 2ndm`` per layer); the
+    exact column counts the real architecture over all tokens plus the PIO proxy's forward and backward.
+    """
+    if baseline not in profiles:
+        raise ValueError(f"baseline {baseline!r} is not among the profiles ({', '.join(profiles)})")
+    base = {label: get(profiles[baseline]) for label, get, _, _ in EFFICIENCY_COLUMNS}
+    header = ["Run", "Samples", *[label for label, *_ in EFFICIENCY_COLUMNS], "Selection (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, recs in profiles.items():
+        cells = [name + (" (baseline)" if name == baseline else ""), str(len(recs))]
+        for label, get, scale, digits in EFFICIENCY_COLUMNS:
+            value = get(recs)
+            ratio = base[label] / value if value else float("nan")
+            cells.append(f"{value * scale:.{digits}g} ({ratio:.2f}x)")
+        cells.append(f"{sum(sum(r.get('selection_s', {}).values()) for r in recs):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _read_profiles(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    from llava.eval.results import read_jsonl
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.splitext(os.path.basename(spec))[0], spec
+        recs = read_jsonl(path)
+        if not recs:
+            raise ValueError(f"profile {path} has no records")
+        out[name] = recs
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[AccuracyRow]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=None, help="folder whose */results/*.json are collected")
+    parser.add_argument("--profile", action="append", default=[], metavar="[NAME=]FILE",
+                        help="--profile jsonl of a run (repeat); prints the efficiency table, the first "
+                             "(or --baseline) being the unpruned reference")
+    parser.add_argument("--baseline", default=None, metavar="CKPT",
+                        help="run (model name) the ratio column is relative to, e.g. llava-v1.5-7b")
+    parser.add_argument("--out-md", default=None, metavar="FILE", help="also write the Markdown table here")
+    parser.add_argument("--out-csv", default=None, metavar="FILE", help="also write the table as CSV here")
+    args = parser.parse_args(argv)
+    configure_logging()
+    if args.profile:
+        profiles = _read_profiles(args.profile)
+        base = args.baseline if args.baseline in profiles else next(iter(profiles))
+        text = build_efficiency_table(profiles, base)
+        print(text, end="")
+        if args.out_md and not args.data_root:
+            with open(args.out_md, "w", encoding="utf-8") as handle:
+                handle.write(text)
+    if not args.data_root:
+        if not args.profile:
+            parser.error("give --data-root (accuracy table) and/or --profile files (efficiency table)")
+        return []
+
+    results = read_results(args.data_root)
+    if not results:
+        print(f"No result files under {os.path.join(args.data_root, '*', 'results', '*.json')}")
+        return []
+    rows = build_accuracy_table(results, args.baseline)
+    columns = benchmark_columns(results)
+    with_ratio = bool(rows) and rows[0].is_baseline
+    messages = []
+    if args.baseline is None:
+        messages.append("no --baseline given: no ratio column")
+    elif not with_ratio:
+        messages.append(f"baseline {args.baseline!r} not found among the runs "
+                        f"({', '.join(r.model for r in rows)}): no ratio column")
+    mme_metrics = {row.metrics["mme"] for row in rows if "mme" in row.metrics}
+    if mme_metrics:
+        messages.append("MME column: " + " / ".join(sorted(mme_metrics)))
+    text = format_markdown(rows, columns, with_ratio, messages)
+    print(text, end="")
+    if args.out_md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out_md)), exist_ok=True)
+        with open(args.out_md, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    if args.out_csv:
+        write_csv(args.out_csv, rows, columns, with_ratio)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
