@@ -1,0 +1,353 @@
+"""Shared plumbing for the scorers: answer-file reading, common CLI flags and the result JSON.
+
+Every scorer (``python -m llava.eval.eval_<bench>``) reads the runner's answer jsonl with
+:func:`load_answers` / :func:`read_answer_records`, adds the common flags with :func:`add_result_args`
+and, when ``--result-json`` is given, writes one result file with :func:`write_result`.
+``llava.eval.summarize`` collects those files with :func:`read_results`.
+
+Result JSON schema (one object per file)::
+
+    benchmark          str    one of BENCHMARK_COLUMNS' keys (gqa, mmbench, mmbench_cn, mme, pope, sqa, vqav2, textvqa)
+    model              str    checkpoint / experiment name (CKPT)
+    schedule           str | null   free text, e.g. "none" or "layers=1,10,15 tokens=92,54,22"
+    avg_visual_tokens  float | null mean of "avg_visual_tokens" over the PIO log lines; null without a log
+    score              float | null the paper's number on the paper's scale (null: not scorable locally)
+    metric             str    what `score` is
+    sub_scores         dict[str, float | null]  flat; percentages on a 0-100 scale unless the name says otherwise
+    num_questions      int    questions (rows) behind `score`
+    wall_time_s        float | null
+    date               str    ISO 8601, UTC
+    extra              dict   scorer-specific details (counts, missing items, input paths, pio_log_samples)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Benchmark keys in the paper's column order, with their table labels.
+BENCHMARK_COLUMNS: dict[str, str] = {
+    "gqa": "GQA",
+    "mmbench": "MMB",
+    "mmbench_cn": "MMB-CN",
+    "mme": "MME",
+    "pope": "POPE",
+    "sqa": "SQA",
+    "vqav2": "VQAv2",
+    "textvqa": "TextVQA",
+}
+
+RESULT_FIELDS: tuple[str, ...] = (
+    "benchmark",
+    "model",
+    "schedule",
+    "avg_visual_tokens",
+    "score",
+    "metric",
+    "sub_scores",
+    "num_questions",
+    "wall_time_s",
+    "date",
+    "extra",
+)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Logging setup for the scorer CLIs (library code only creates loggers)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------- answer files
+
+
+def qid_key(value: Any) -> str:
+    """Canonical string key for a question id, so int ids in one file match str ids in another."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"question id must be a string or an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"question id must be a string or an integer, got {value!r}")
+        value = int(value)
+    return str(value).strip()
+
+
+def iter_jsonl(path: str, *, strict: bool = True, bad_lines: list[int] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for every non-blank line of a jsonl file.
+
+    A line that is not a JSON object raises ``ValueError`` naming the file and line (``strict=True``);
+    with ``strict=False`` it is skipped, logged, and its number appended to ``bad_lines``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"jsonl file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                obj = None
+            else:
+                problem = None if isinstance(obj, dict) else (
+                    f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
+                )
+            if problem is not None:
+                if strict:
+                    raise ValueError(problem + "; every non-blank line must be one JSON object")
+                logger.warning("skipping %s", problem)
+                if bad_lines is not None:
+                    bad_lines.append(lineno)
+                continue
+            yield lineno, obj
+
+
+def read_jsonl(path: str, *, strict: bool = True, bad_lines: list[int] | None = None) -> list[dict]:
+    """All objects of a jsonl file (blank lines ignored); see :func:`iter_jsonl` for errors."""
+    return [obj for _, obj in iter_jsonl(path, strict=strict, bad_lines=bad_lines)]
+
+
+def _checked_answers(path: str, strict: bool, bad_lines: list[int] | None) -> Iterator[tuple[int, dict]]:
+    for lineno, rec in iter_jsonl(path, strict=strict, bad_lines=bad_lines):
+        missing = [k for k in ("question_id", "text") if k not in rec]
+        if missing:
+            problem = f"{path}:{lineno}: answer record lacks {', '.join(missing)} (needs question_id and text)"
+            if strict:
+                raise ValueError(problem)
+            logger.warning("skipping %s", problem)
+            if bad_lines is not None:
+                bad_lines.append(lineno)
+            continue
+        if rec["text"] is None:
+            rec["text"] = ""
+        elif not isinstance(rec["text"], str):
+            rec["text"] = str(rec["text"])
+        yield lineno, rec
+
+
+def read_answer_records(path: str, *, strict: bool = True, bad_lines: list[int] | None = None) -> list[dict]:
+    """Every answer record in file order, duplicates kept.
+
+    For benchmarks whose ``question_id`` is not unique (MME: image path; TextVQA: image id).
+    Each record must have ``question_id`` and ``text``.
+    """
+    return [rec for _, rec in _checked_answers(path, strict, bad_lines)]
+
+
+def load_answers(
+    path: str,
+    *,
+    key: Callable[[dict], Hashable] | None = None,
+    strict: bool = True,
+    bad_lines: list[int] | None = None,
+) -> dict[Hashable, dict]:
+    """Answer records keyed by question id (``qid_key(record["question_id"])`` unless ``key`` is given).
+
+    Blank lines are ignored; a malformed line raises ``ValueError`` with file and line number
+    (``strict=False``: skipped and logged). Duplicate keys: the last record wins and a warning says how
+    many were replaced (a resumed or re-merged run can repeat lines).
+    """
+    key_fn = key if key is not None else (lambda rec: qid_key(rec["question_id"]))
+    answers: dict[Hashable, dict] = {}
+    duplicates: list[tuple[Hashable, int]] = []
+    for lineno, rec in _checked_answers(path, strict, bad_lines):
+        try:
+            k = key_fn(rec)
+        except ValueError as err:
+            raise ValueError(f"{path}:{lineno}: {err}") from None
+        if k in answers:
+            duplicates.append((k, lineno))
+        answers[k] = rec
+    if duplicates:
+        first, line = duplicates[0]
+        logger.warning(
+            "%s: %d duplicate question id(s); the last line wins (first duplicate: %r at line %d)",
+            path, len(duplicates), first, line,
+        )
+    return answers
+
+
+def default_model_name(result_file: str | None) -> str | None:
+    """CKPT guessed from an answers path: ``answers/<CKPT>.jsonl`` or ``answers/<split>/<CKPT>/merge.jsonl``."""
+    if not result_file:
+        return None
+    stem = os.path.splitext(os.path.basename(result_file))[0]
+    if stem == "merge":
+        parent = os.path.basename(os.path.dirname(os.path.abspath(result_file)))
+        return parent or stem
+    return stem
+
+
+# ----------------------------------------------------------------------------- CLI flags
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds as a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def add_result_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags every scorer shares: --result-json, --model, --schedule, --pio-log, --wall-time."""
+    group = parser.add_argument_group("result file")
+    group.add_argument("--result-json", default=None, metavar="PATH",
+                       help="write the scores to this result JSON (read by llava.eval.summarize)")
+    group.add_argument("--model", default=None, metavar="CKPT",
+                       help="checkpoint / experiment name; default: guessed from --result-file")
+    group.add_argument("--schedule", default=None, metavar="TEXT",
+                       help='pruning schedule as free text, e.g. "none" or "layers=1,10,15 tokens=92,54,22"')
+    group.add_argument("--pio-log", default=None, metavar="PATH",
+                       help="PIO log jsonl; its mean avg_visual_tokens goes into the result file")
+    group.add_argument("--wall-time", default=None, type=_non_negative_float, metavar="SECONDS",
+                       help="inference wall time in seconds")
+    return parser
+
+
+def read_pio_log(path: str | None) -> tuple[float | None, int]:
+    """Mean of ``avg_visual_tokens`` over a PIO log and the number of lines that carry it.
+
+    ``(None, 0)`` when no path is given, the file is absent, or no line has the field.
+    """
+    if not path:
+        return None, 0
+    if not os.path.isfile(path):
+        logger.warning("PIO log %s not found; avg_visual_tokens will be null", path)
+        return None, 0
+    values: list[float] = []
+    for lineno, rec in iter_jsonl(path):
+        value = rec.get("avg_visual_tokens")
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{path}:{lineno}: avg_visual_tokens must be a number, got {value!r}")
+        values.append(float(value))
+    if not values:
+        logger.warning("PIO log %s has no avg_visual_tokens values; avg_visual_tokens will be null", path)
+        return None, 0
+    return sum(values) / len(values), len(values)
+
+
+# ----------------------------------------------------------------------------- result JSON
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/inf (not valid JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def build_result(
+    *,
+    benchmark: str,
+    score: float | None,
+    metric: str,
+    sub_scores: dict[str, float | None],
+    num_questions: int,
+    args: argparse.Namespace | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The result dict (see the module docstring), with the run context taken from ``args``."""
+    model = getattr(args, "model", None) or default_model_name(getattr(args, "result_file", None))
+    avg_tokens, n_logged = read_pio_log(getattr(args, "pio_log", None))
+    extra = dict(extra or {})
+    if getattr(args, "result_file", None):
+        extra.setdefault("result_file", args.result_file)
+    if getattr(args, "pio_log", None):
+        extra.setdefault("pio_log", args.pio_log)
+        extra.setdefault("pio_log_samples", n_logged)
+    result = {
+        "benchmark": benchmark,
+        "model": model,
+        "schedule": getattr(args, "schedule", None),
+        "avg_visual_tokens": avg_tokens,
+        "score": None if score is None else float(score),
+        "metric": metric,
+        "sub_scores": dict(sub_scores),
+        "num_questions": int(num_questions),
+        "wall_time_s": getattr(args, "wall_time", None),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra,
+    }
+    return _finite(result)
+
+
+def write_result(
+    path: str,
+    *,
+    benchmark: str,
+    score: float | None,
+    metric: str,
+    sub_scores: dict[str, float | None],
+    num_questions: int,
+    args: argparse.Namespace | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one result JSON (atomically: temp file then rename) and return what was written."""
+    if benchmark not in BENCHMARK_COLUMNS:
+        logger.warning("benchmark %r is not one of %s; summarize will put it last", benchmark,
+                       ", ".join(BENCHMARK_COLUMNS))
+    result = build_result(benchmark=benchmark, score=score, metric=metric, sub_scores=sub_scores,
+                          num_questions=num_questions, args=args, extra=extra)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, ensure_ascii=False, allow_nan=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    logger.info("wrote %s", path)
+    return result
+
+
+def maybe_write_result(args: argparse.Namespace, **fields: Any) -> dict[str, Any] | None:
+    """``write_result(args.result_json, ...)`` when ``--result-json`` was given, else None."""
+    if not getattr(args, "result_json", None):
+        return None
+    return write_result(args.result_json, args=args, **fields)
+
+
+def read_results(data_root: str) -> list[dict[str, Any]]:
+    """Every result JSON under ``DATA_ROOT/*/results/*.json`` (sorted by path).
+
+    Files that are not JSON objects with ``benchmark`` and ``model`` are skipped with a warning;
+    each returned dict gets ``_path`` (where it was read from).
+    """
+    if not os.path.isdir(data_root):
+        raise FileNotFoundError(f"data root {data_root} is not a directory")
+    results: list[dict[str, Any]] = []
+    for path in sorted(glob.glob(os.path.join(data_root, "*", "results", "*.json"))):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                obj = json.load(handle)
+        except (OSError, json.JSONDecodeError) as err:
+            logger.warning("skipping %s: not readable JSON (%s)", path, err)
+            continue
+        if not isinstance(obj, dict) or not obj.get("benchmark") or not obj.get("model"):
+            logger.warning("skipping %s: not a result file (needs benchmark and model)", path)
+            continue
+        obj["_path"] = path
+        results.append(obj)
+    return results
+
+
+def pct(numerator: float, denominator: float) -> float:
+    """100 * numerator / denominator, 0.0 for an empty denominator."""
+    return 100.0 * numerator / denominator if denominator else 0.0

@@ -1,0 +1,83 @@
+"""llava.eval.summarize on hand-written result files, ratios computed by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from llava.eval import summarize
+from llava.eval.results import read_results
+
+MME_TOTAL = "perception+cognition total"
+
+
+def put(root, bench, model, score, *, tokens=None, metric="accuracy", date="2025-01-01T00:00:00+00:00"):
+    path = os.path.join(root, bench, "results", f"{model}-{date[:10]}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"benchmark": bench, "model": model, "schedule": None, "avg_visual_tokens": tokens,
+                   "score": score, "metric": metric, "sub_scores": {}, "num_questions": 1, "wall_time_s": None,
+                   "date": date, "extra": {}}, f)
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = str(tmp_path)
+    put(root, "gqa", "base", 60.0)
+    put(root, "pope", "base", 80.0)
+    put(root, "mme", "base", 1800.0, metric=MME_TOTAL)
+    put(root, "gqa", "pio64", 54.0, tokens=64.0)
+    put(root, "pope", "pio64", 84.0, tokens=66.0)
+    put(root, "mme", "pio64", 1620.0, metric=MME_TOTAL)
+    put(root, "gqa", "pio128", 10.0, date="2024-01-01T00:00:00+00:00")  # older duplicate: ignored
+    put(root, "gqa", "pio128", 58.5)
+    put(root, "mme", "pio128", 1500.0, metric="perception total")  # other convention: not in the ratio
+    os.makedirs(os.path.join(root, "pope", "results", "junk"), exist_ok=True)
+    with open(os.path.join(root, "pope", "results", "notes.json"), "w") as f:
+        f.write("[1, 2]")  # not a result file: skipped
+    return root
+
+
+def test_accuracy_table_ratios(data_root):
+    results = read_results(data_root)
+    assert len(results) == 9
+    rows = summarize.build_accuracy_table(results, "base")
+    assert [r.model for r in rows] == ["base", "pio128", "pio64"]
+    base, pio128, pio64 = rows
+    assert base.is_baseline and base.ratio == pytest.approx(100.0) and base.avg_tokens is None
+    # pio64: (54/60 + 84/80 + 1620/1800) / 3 = (0.90 + 1.05 + 0.90) / 3
+    assert pio64.ratio == pytest.approx(95.0) and pio64.avg_tokens == pytest.approx(65.0)
+    assert pio64.ratio_benchmarks == ["gqa", "mme", "pope"]
+    # pio128: GQA only (POPE missing, MME on another metric)
+    assert pio128.scores["gqa"] == 58.5 and pio128.ratio == pytest.approx(97.5)
+    assert any("MME left out" in n for n in pio128.notes)
+    assert any("missing" in n and "POPE" in n for n in pio128.notes)
+    assert summarize.benchmark_columns(results) == ["gqa", "mme", "pope"]
+
+
+def test_main_writes_markdown_and_csv(data_root, tmp_path, capsys):
+    md, csv_path = tmp_path / "out" / "t.md", tmp_path / "out" / "t.csv"
+    summarize.main(["--data-root", data_root, "--baseline", "base", "--out-md", str(md), "--out-csv", str(csv_path)])
+    printed = capsys.readouterr().out
+    assert printed == md.read_text()
+    lines = printed.splitlines()
+    assert lines[0] == "| Model | GQA | MME | POPE | Avg tokens | Rel. (%) |"
+    assert lines[2] == "| base (baseline) | 60.0 | 1800.0 | 80.0 | - | 100.0 |"
+    assert lines[4] == "| pio64 | 54.0 | 1620.0 | 84.0 | 65.0 | 95.0 |"
+    assert csv_path.read_text().splitlines() == [
+        "model,GQA,MME,POPE,avg_tokens,rel_pct",
+        "base,60.0000,1800.0000,80.0000,,100.0000",
+        "pio128,58.5000,1500.0000,,,97.5000",
+        "pio64,54.0000,1620.0000,84.0000,65.0000,95.0000",
+    ]
+
+
+def test_missing_baseline(data_root, capsys):
+    rows = summarize.main(["--data-root", data_root, "--baseline", "nope"])
+    out = capsys.readouterr().out
+    assert "Rel. (%)" not in out and "baseline 'nope' not found" in out
+    assert all(r.ratio is None for r in rows)
+    summarize.main(["--data-root", data_root])
+    assert "no --baseline given" in capsys.readouterr().out
