@@ -44,7 +44,7 @@ def _usable(t: torch.Tensor) -> torch.Tensor:
 
 
 def causal_padding_bias(key_mask: torch.Tensor, query_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias (B, 1, Q, S): query at position p sees valid keys at positions <= p.
+    """Additive attention bias (B, 1, Q, S): a query at position p sees the valid keys at positions <= p.
 
     Args:
         key_mask: (B, S) bool, valid keys.
@@ -52,7 +52,10 @@ def causal_padding_bias(key_mask: torch.Tensor, query_pos: torch.Tensor, dtype: 
     """
     S = key_mask.shape[1]
     keys = torch.arange(S, device=key_mask.device)
-    allowed = key_mask.bool()[:, None, :] & (keys[None, None, :] <= query_pos[:, :, None])  # (B, Q, S)
+    valid = key_mask.bool()
+    allowed = valid[:, None, :] & (keys[None, None, :] <= query_pos[:, :, None])  # (B, Q, S)
+    # padding queries see every key: their outputs are never read, and a fully masked row would give NaN
+    allowed |= ~valid.gather(1, query_pos)[:, :, None]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
