@@ -1,4 +1,4 @@
-"""Analytic prefill FLOPs and KV-cache accounting (``docs/pio-algorithm.md`` §6, ``docs/peers.md`` §D).
+"""Analytic prefill FLOPs and KV-cache accounting (``docs/method.md`` §6).
 
 Two FLOPs conventions, both counting one multiply-add as 2 FLOPs:
 

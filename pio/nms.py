@@ -1,4 +1,4 @@
-"""Greedy feature-space NMS with fill-up, on the tensor's device (PIO rule, ``docs/pio-algorithm.md`` §2.8).
+"""Greedy feature-space NMS with fill-up, on the tensor's device (PIO rule, ``docs/method.md`` §2.8).
 
 Given per-token saliency scores and features of one sample's visual span (n tokens), keep ``k`` tokens:
 

@@ -1,6 +1,6 @@
 """The layer-local proxy of PIO: one decoder layer, the final norm and the LM head on a few rows.
 
-The proxy loss (pio-algorithm.md §2.3-2.4) reads the logits of K supervised rows only. Two exact
+The proxy loss (docs/method.md §2.3-2.4) reads the logits of K supervised rows only. Two exact
 implementations of "decoder layer -> norm -> head on those rows":
 
 * :func:`full_proxy` runs the decoder layer on every position with the model's own attention backend and an

@@ -1,6 +1,6 @@
 """Pruning schedules: which decoder layers prune, and to how many visual tokens.
 
-Paper reference: PIO-FVLM / TRIO, §3 of ``docs/pio-algorithm.md`` (schedules and budget accounting).
+Paper reference: PIO-FVLM / TRIO, §3 of ``docs/method.md`` (schedules and budget accounting).
 
 A schedule is a strictly increasing tuple of 1-based layers ``l_1 < ... < l_K``. Pruning at ``l`` happens in
 prefill right after decoder layer ``l`` (0-based index ``l-1``) has run, and shortens the sequence seen by the
@@ -31,7 +31,7 @@ Budget solving
 --------------
 The only budgeted schedules the authors published are for LLaVA-1.5-7B (L = 32, n0 = 576) with layers
 (1, 10, 15): budget 64 -> (92, 54, 22) and budget 128 -> (218, 128, 54), both taken from the authors' scripts
-(``docs/pio-algorithm.md`` §3.2). The 192-token schedule is not in their code; (344, 202, 86) is the linear
+(``docs/method.md`` §3.2). The 192-token schedule is not in their code; (344, 202, 86) is the linear
 extrapolation of the 64 -> 128 step and averages exactly 192.0 (§3.2, "candidates ... not confirmed"). These
 three *anchor schedules* define, as a function of the budget fraction ``r = budget / n0``, the per-stage count
 fractions ``f(r) = counts / 576``, with the extra anchors ``f(0) = 0`` and ``f(1) = 1`` and linear interpolation
@@ -287,7 +287,7 @@ def _budget_counts_cached(
 
 @dataclass(frozen=True)
 class Schedule:
-    """Which decoder layers prune, and to how many visual tokens (``docs/pio-algorithm.md`` §1, §3).
+    """Which decoder layers prune, and to how many visual tokens (``docs/method.md`` §1, §3).
 
     Attributes:
         layers: strictly increasing 1-based layers; pruning after layer ``l`` (0-based ``l-1``) shortens the

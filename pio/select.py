@@ -1,4 +1,4 @@
-"""PIO token selection: proxy-loss gradient saliency, then feature-space NMS (pio-algorithm.md §2).
+"""PIO token selection: proxy-loss gradient saliency, then feature-space NMS (docs/method.md §2).
 
 At a pruning layer, for every sample whose visual span is longer than its target:
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import (
     LlavaConfig as HFLlavaConfig,
+)
+from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,

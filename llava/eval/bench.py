@@ -131,7 +131,10 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
     rows = []
     base = None
     for name, recs in samples.items():
-        med = lambda key: statistics.median(r[key] for r in recs)  # noqa: E731
+
+        def med(key: str, recs: list[dict] = recs) -> float:
+            return statistics.median(r[key] for r in recs)
+
         sel = statistics.median(sum(r["selection_s"].values()) for r in recs)
         row = {
             "run": name,
