@@ -33,6 +33,7 @@ from llava.eval.results import (
     add_result_args,
     configure_logging,
     load_answers,
+    read_answer_records,
     maybe_write_result,
     pct,
 )
@@ -237,6 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configure_logging()
 
     header, rows = read_mmbench_tsv(args.annotation_file)
+    rounds = sorted({int(r.get("round_id") or 0) for r in read_answer_records(args.result_file)})
+    if rounds != [0] and rounds:
+        raise ValueError(
+            f"{args.result_file} holds --all-rounds output (round_id {rounds}); their letters refer to rotated "
+            "options. Score answers made without --all-rounds (CircularEval uses the TSV's own variants)."
+        )
     answers = load_answers(args.result_file, key=index_key)
     if args.convert_out:
         write_submission(args.convert_out, header, rows, answers)

@@ -217,7 +217,7 @@ def add_result_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def read_pio_log(path: str | None) -> tuple[float | None, int]:
-    """Mean of ``avg_visual_tokens`` over a PIO log and the number of lines that carry it.
+    """Mean of ``avg_visual_tokens`` over the samples with an image in a PIO log, and their number.
 
     ``(None, 0)`` when no path is given, the file is absent, or no line has the field.
     """
@@ -229,7 +229,7 @@ def read_pio_log(path: str | None) -> tuple[float | None, int]:
     values: list[float] = []
     for lineno, rec in iter_jsonl(path):
         value = rec.get("avg_visual_tokens")
-        if value is None:
+        if value is None or rec.get("n_visual") == 0:  # text-only samples have no visual tokens to average
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ValueError(f"{path}:{lineno}: avg_visual_tokens must be a number, got {value!r}")

@@ -10,7 +10,12 @@ import argparse
 import logging
 import re
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IMAGE_PLACEHOLDER,
+)
 from llava.conversation import get_conv_template
 from llava.eval import runner
 from llava.mm_utils import process_images, tokenizer_image_token

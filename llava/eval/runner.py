@@ -262,18 +262,19 @@ class SampleLogs:
     def profiling(self) -> bool:
         return self.profile is not None
 
-    def write(self, question_id: Any, state: PruneState, timing: dict | None) -> None:
+    def write(self, question_id: Any, state: PruneState, timing: dict | None, **extra: Any) -> None:
+        """Log one sample; ``extra`` fields (e.g. ``round_id``) go into both records."""
         cfg = self.model.pio_config
         L = self.model.config.num_hidden_layers
         layers = cfg.schedule.layers if cfg is not None else ()
         report = state.report(L, layers)
         if self.pio_log is not None:
             rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
-            self.pio_log.write({"question_id": question_id, **rec})
+            self.pio_log.write({"question_id": question_id, **extra, **rec})
         if self.profile is not None:
             from llava.eval.profiling import profile_record
 
-            self.profile.write({"question_id": question_id, **profile_record(self.model, state, timing)})
+            self.profile.write({"question_id": question_id, **extra, **profile_record(self.model, state, timing)})
 
     def close(self) -> None:
         for w in (self.pio_log, self.profile):

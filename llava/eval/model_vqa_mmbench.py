@@ -1,0 +1,281 @@
+"""Answer MMBench / MMBench-CN (a TSV with base64 images): upstream's ``model_vqa_mmbench`` with PIO flags.
+
+    python -m llava.eval.model_vqa_mmbench --model-path liuhaotian/llava-v1.5-7b \\
+        --question-file mmbench/mmbench_dev_20230712.tsv --answers-file mmbench/answers/SPLIT/CKPT.jsonl \\
+        --single-pred-prompt --lang en --temperature 0 --conv-mode vicuna_v1 [--pio-preset 64] [--resume]
+
+The TSV (tab-separated, header row; read with the csv module) needs the columns ``index, question, hint,
+A, B, image``; ``C, D`` (and further letters) are used when present, everything else (answer, category,
+source, l2-category, comment, split) is ignored. Behaviour (``docs/benchmarks.md`` §10):
+
+- the options are the values of columns A, B, C, ... up to the first missing one (empty, ``nan``, ``None``
+  and the other strings pandas reads as missing);
+- the question is ``hint + "\\n" + question`` when the hint is present, then ``"\\n" + letter + ". " + option``
+  for each option; the model sees ``<image>\\n`` (``<im_start><image><im_end>\\n``) in front and, with
+  ``--single-pred-prompt``, ``\\nAnswer with the option's letter from the given choices directly.``
+  (``--lang cn``: ``\\n请直接回答选项字母。``) after it;
+- ``--all-rounds`` asks each row once per option, rotating the options left by one each round (round_id
+  0..n-1); the letters shown stay A, B, ...; ``option_char`` records which original letter each shown option
+  had. The eval scripts do not use it: the TSV's circular-variant rows already hold the rotations;
+- one answer line per row and round: ``{question_id: index, round_id, prompt, text, options, option_char,
+  answer_id, model_id, metadata: {}}``; ``prompt`` is the question with hint and options, without the image
+  token and the suffix (as upstream); ``options`` and ``option_char`` are the round's rotated lists.
+
+Defaults follow upstream: ``--conv-mode llava_v1`` (the eval scripts pass ``vicuna_v1``) and
+``--max_new_tokens 1024`` (hard-coded upstream, a flag here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.conversation import get_conv_template
+from llava.eval import runner
+from llava.eval.eval_mmbench import MISSING_VALUES  # pandas' default NaN strings, as the scorer reads them
+from llava.eval.model_vqa_science import prepare_model, to_model
+from llava.mm_utils import process_images, tokenizer_image_token
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = {
+    "en": "Answer with the option's letter from the given choices directly.",
+    "cn": "请直接回答选项字母。",
+}
+REQUIRED_COLUMNS = ("index", "question", "hint", "A", "B", "image")
+OPTION_LETTERS = tuple("ABCDEFGHI")
+
+
+@dataclass
+class MMBQuestion:
+    index: int
+    line: int  # physical line of the TSV where the record ends (for messages)
+    question: str
+    hint: str | None
+    options: list[str]
+    image: str  # base64
+
+
+def is_missing(value: str | None) -> bool:
+    """Upstream reads the TSV with pandas and skips NaN (and 'nan'/'none' in any case) options and hints."""
+    if value is None:
+        return True
+    v = value.strip()
+    return v in MISSING_VALUES or v.lower() in ("nan", "none")
+
+
+def _raise_csv_field_limit() -> None:
+    limit = sys.maxsize
+    while True:  # a 32-bit C long refuses sys.maxsize
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 2
+
+
+def decode_image(b64: str):
+    """A PIL image from the TSV's base64 field (ValueError when it is not one)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(b64)))
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"not a base64-encoded image ({type(e).__name__}: {e})") from None
+
+
+def read_questions(path: str | os.PathLike, check_images: bool = True) -> list[MMBQuestion]:
+    """Every TSV row as a question; anything malformed raises naming the file, the line and what is expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"question file not found: {path}")
+    _raise_csv_field_limit()
+    out: list[MMBQuestion] = []
+    seen: dict[int, int] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(f"{path} is empty; expected an MMBench TSV with a header row "
+                             f"({', '.join(REQUIRED_COLUMNS)}, ...)") from None
+        except csv.Error as e:
+            raise ValueError(f"{path}:1: cannot parse the header ({e})") from None
+        col = {name.strip().lower(): i for i, name in enumerate(header)}
+        missing = [c for c in REQUIRED_COLUMNS if c.lower() not in col]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; an MMBench TSV needs "
+                             f"{', '.join(REQUIRED_COLUMNS)} (C, D, ... optional); the header has {header}")
+        letters = []
+        for letter in OPTION_LETTERS:  # A, B, C, ... as far as the header goes without a gap
+            if letter.lower() not in col:
+                break
+            letters.append(letter)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise ValueError(f"{path}:{reader.line_num}: cannot parse the record ({e})") from None
+            line = reader.line_num
+            if not any(x.strip() for x in fields):
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path}:{line}: the record has {len(fields)} tab-separated fields, the header "
+                                 f"has {len(header)} (a tab or quote inside a field?)")
+
+            def get(name: str, fields: list[str] = fields) -> str:
+                return fields[col[name.lower()]]
+
+            raw_index = get("index").strip()
+            try:
+                index = int(raw_index)
+            except ValueError:
+                try:
+                    as_float = float(raw_index)
+                except ValueError:
+                    as_float = None
+                if as_float is None or not as_float.is_integer():
+                    raise ValueError(f"{path}:{line}: column index must be an integer, got {raw_index!r}") from None
+                index = int(as_float)
+            where = f"{path}:{line} (index {index})"
+            if index in seen:
+                raise ValueError(f"{where}: duplicate index, already on line {seen[index]}; indices must be unique")
+            seen[index] = line
+            question = get("question")
+            if is_missing(question):
+                raise ValueError(f"{where}: column question is empty")
+            options: list[str] = []
+            for letter in letters:
+                value = get(letter)
+                if is_missing(value):
+                    break
+                options.append(value)
+            if not options:
+                raise ValueError(f"{where}: no options (column A is empty); a question needs options A, B, ...")
+            hint = get("hint")
+            image = get("image")
+            if is_missing(image):
+                raise ValueError(f"{where}: column image is empty; expected a base64-encoded image")
+            if check_images:
+                try:
+                    decode_image(image)
+                except ValueError as e:
+                    raise ValueError(f"{where}: column image is {e}") from None
+            out.append(MMBQuestion(index, line, question, None if is_missing(hint) else hint, options, image))
+    return out
+
+
+def question_text(q: MMBQuestion, options: list[str]) -> str:
+    """``hint\\nquestion`` (hint when present) then ``\\nA. option`` per option: the answer line's prompt."""
+    text = q.question if q.hint is None else q.hint + "\n" + q.question
+    for letter, option in zip(OPTION_LETTERS, options):
+        text = text + "\n" + letter + ". " + option
+    return text
+
+
+def build_prompt(text: str, conv_mode: str, im_start_end: bool, single_pred_prompt: bool, lang: str) -> str:
+    token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end \
+        else DEFAULT_IMAGE_TOKEN
+    qs = token + "\n" + text
+    if single_pred_prompt:
+        qs = qs + "\n" + SUFFIX[lang]
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], qs)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def rounds(q: MMBQuestion, all_rounds: bool) -> list[tuple[int, list[str], list[str]]]:
+    """``(round_id, options, option_char)`` per round: round r shows the options rotated left by r."""
+    chars = list(OPTION_LETTERS[: len(q.options)])
+    n = len(q.options) if all_rounds else 1
+    return [(r, q.options[r:] + q.options[:r], chars[r:] + chars[:r]) for r in range(n)]
+
+
+def done_rounds(path: str | os.PathLike | None) -> set[tuple[str, int]]:
+    """``(question_id, round_id)`` pairs already in an answers file (after JsonlWriter dropped a torn line)."""
+    done: set[tuple[str, int]] = set()
+    if path is None or not os.path.exists(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                done.add((str(rec.get("question_id")), int(rec.get("round_id") or 0)))
+    return done
+
+
+# --------------------------------------------------------------------------- run
+def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
+    runner.check_conv_mode(args.conv_mode)
+    runner.pio_config_from_args(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    questions = read_questions(args.question_file)
+    questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
+    answers = runner.JsonlWriter(args.answers_file, args.resume)
+    done = done_rounds(args.answers_file) if args.resume else set()
+    todo = [(q, r) for q in questions for r in rounds(q, args.all_rounds) if (str(q.index), r[0]) not in done]
+    total = sum(len(rounds(q, args.all_rounds)) for q in questions)
+    if len(todo) < total:
+        logger.info("resuming: %d of %d rounds already answered", total - len(todo), total)
+    logs = None
+    try:
+        if not todo:
+            logger.info("nothing to do: every question of this chunk is answered")
+            return
+        tok, model, proc, name = prepare_model(args, loaded)
+        logs = runner.SampleLogs(args, model)
+        im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
+        for q, (round_id, options, option_char) in tqdm(todo, desc="questions", unit="q"):
+            text_in = question_text(q, options)
+            prompt = build_prompt(text_in, args.conv_mode, im_start_end, args.single_pred_prompt, args.lang)
+            ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
+            image = decode_image(q.image)
+            pixels = to_model(process_images([image], proc, model.config), model)
+            text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
+            answers.write(runner.answer_record(q.index, text_in, text, name, round_id=round_id, options=options,
+                                               option_char=option_char))
+            logs.write(q.index, state, timing, round_id=round_id)
+    finally:
+        answers.close()
+        if logs is not None:
+            logs.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer an MMBench / MMBench-CN TSV with a LLaVA model "
+                                            "(optionally PIO-pruned).")
+    p.add_argument("--question-file", type=str, default="tables/question.tsv",
+                   help="MMBench TSV (index, question, hint, A, B, C, D, ..., image as base64)")
+    p.add_argument("--image-folder", type=str, default="", help="unused (images are in the TSV); upstream's flag")
+    p.add_argument("--single-pred-prompt", action="store_true",
+                   help="append the 'answer with the option's letter' instruction (in --lang)")
+    p.add_argument("--all-rounds", action="store_true",
+                   help="ask every row once per option rotation (round_id 0..n-1) instead of once")
+    p.add_argument("--lang", type=str, default="en", choices=sorted(SUFFIX),
+                   help="language of the --single-pred-prompt instruction")
+    runner.add_common_args(p, conv_mode="llava_v1", max_new_tokens=1024)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    runner.setup_logging()
+    eval_model(args)
+
+
+if __name__ == "__main__":
+    main()

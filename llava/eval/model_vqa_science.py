@@ -1,0 +1,212 @@
+"""Answer ScienceQA (``llava_test_CQM-A.json``): upstream's ``model_vqa_science`` with PIO flags.
+
+    python -m llava.eval.model_vqa_science --model-path liuhaotian/llava-v1.5-7b \\
+        --question-file scienceqa/llava_test_CQM-A.json --image-folder scienceqa/images/test \\
+        --answers-file scienceqa/answers/CKPT.jsonl --single-pred-prompt --temperature 0 --conv-mode vicuna_v1 \\
+        [--pio-preset 64 --pio-log CKPT.pio.jsonl] [--resume]
+
+The question file is a JSON array of ``{"id", "image" (optional), "conversations": [{"from": "human",
+"value": ...}, ...]}``. Behaviour (``docs/benchmarks.md`` §9):
+
+- the question is the first conversation turn's ``value`` with every ``<image>`` removed, then stripped;
+- an entry with ``image`` (a path under ``--image-folder``) gets ``<image>\\n`` in front (``<im_start><image>
+  <im_end>\\n`` for ``mm_use_im_start_end`` checkpoints) and its image; an entry without one runs text-only
+  (``images=None``), so all questions are answered;
+- ``--single-pred-prompt`` appends ``\\nAnswer with the option's letter from the given choices directly.``;
+- the answer line is ``{question_id: id, prompt, text, answer_id, model_id, metadata: {}}`` where ``prompt`` is
+  the cleaned question, with ``<image>\\n`` in front for image entries and the suffix appended; the scorer
+  (``llava.eval.eval_science_qa``) counts a question as IMG when its ``prompt`` contains ``<image>``.
+
+Defaults follow upstream: ``--conv-mode llava_v0`` (the eval scripts pass ``vicuna_v1``) and
+``--max_new_tokens 1024`` (hard-coded upstream, a flag here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Any
+
+from tqdm import tqdm
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.conversation import get_conv_template
+from llava.eval import runner
+from llava.mm_utils import process_images, tokenizer_image_token
+
+logger = logging.getLogger(__name__)
+
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+HUMAN_ROLES = ("human", "user")
+
+
+# --------------------------------------------------------------------------- questions
+def read_questions(path: str | os.PathLike) -> list[dict]:
+    """The question entries; anything malformed raises naming the file, the entry and what is expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"question file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); expected a JSON array of "
+                             "ScienceQA entries (llava_test_CQM-A.json)") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of entries {{id, image?, conversations}}, "
+                         f"got a JSON {type(data).__name__}")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a JSON object {{id, image?, conversations}}, "
+                             f"got {type(entry).__name__}")
+        if "id" not in entry:
+            raise ValueError(f"{where}: missing field 'id' (needs id, conversations; image is optional)")
+        where = f"{path}: entry {i} (id {entry['id']!r})"
+        key = str(entry["id"])
+        if key in seen:
+            raise ValueError(f"{where}: duplicate id, already used by entry {seen[key]}; ids must be unique")
+        seen[key] = i
+        convs = entry.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            raise ValueError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns, "
+                             f"got {convs!r}")
+        first = convs[0]
+        if not isinstance(first, dict) or not isinstance(first.get("value"), str):
+            raise ValueError(f"{where}: the first conversation turn must be an object with a string 'value', "
+                             f"got {first!r}")
+        if "from" in first and first["from"] not in HUMAN_ROLES:
+            raise ValueError(f"{where}: the first conversation turn must be the human's question, "
+                             f"got from={first['from']!r}")
+        image = entry.get("image")
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            raise ValueError(f"{where}: 'image' must be a path relative to --image-folder, got {image!r}")
+    return data
+
+
+def image_file(entry: dict) -> str | None:
+    """The entry's image path relative to ``--image-folder`` (None: a text-only question)."""
+    return entry.get("image") or None
+
+
+def build_prompts(entry: dict, conv_mode: str, im_start_end: bool, single_pred_prompt: bool) -> tuple[str, str]:
+    """``(model prompt in the conversation template, the answer line's "prompt")`` for one entry."""
+    question = entry["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    qs = shown = question
+    if image_file(entry) is not None:
+        token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end \
+            else DEFAULT_IMAGE_TOKEN
+        qs = token + "\n" + qs
+        shown = DEFAULT_IMAGE_TOKEN + "\n" + shown
+    if single_pred_prompt:
+        qs = qs + "\n" + SINGLE_PRED_PROMPT
+        shown = shown + "\n" + SINGLE_PRED_PROMPT
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], qs)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt(), shown
+
+
+# --------------------------------------------------------------------------- model
+def prepare_model(args: argparse.Namespace, loaded: tuple | None = None) -> tuple[Any, Any, Any, str]:
+    """``(tokenizer, model, image_processor, model_name)``: loaded from the flags, or ``loaded`` reused with
+    PIO switched on or off as the flags say (tests load a checkpoint once for many runs)."""
+    if loaded is None:
+        return runner.load_from_args(args)
+    import torch
+
+    tok, model, proc, name = loaded
+    pio = runner.pio_config_from_args(args)
+    torch.manual_seed(args.seed)
+    if pio is None:
+        model.disable_pio()
+    else:
+        model.enable_pio(pio)
+    return tok, model, proc, name
+
+
+def to_model(pixels: Any, model) -> Any:
+    """Preprocessed pixels on the model's device and dtype (a tensor, or a list of per-image tensors)."""
+    if isinstance(pixels, (list, tuple)):
+        return [p.to(model.device, model.dtype) for p in pixels]
+    return pixels.to(model.device, model.dtype)
+
+
+def check_answer_prompter(args: argparse.Namespace) -> None:
+    if args.answer_prompter:
+        raise NotImplementedError(
+            "--answer-prompter (the early LLaVA two-pass prompting that re-asks for 'The answer is X.') is not "
+            "implemented; the LLaVA-1.5/1.6 ScienceQA protocol uses --single-pred-prompt instead")
+
+
+# --------------------------------------------------------------------------- run
+def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
+    check_answer_prompter(args)
+    runner.check_conv_mode(args.conv_mode)
+    runner.pio_config_from_args(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    questions = read_questions(args.question_file)
+    questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
+    for q in questions:  # fail before loading the model, naming the question
+        rel = image_file(q)
+        if rel is not None:
+            path = os.path.join(args.image_folder, rel)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{args.question_file}: question {q['id']}: image file not found: {path} "
+                                        "(--image-folder joined with the entry's 'image')")
+    answers = runner.JsonlWriter(args.answers_file, args.resume)
+    todo = [q for q in questions if str(q["id"]) not in answers.done]
+    if len(todo) < len(questions):
+        logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
+    logs = None
+    try:
+        if not todo:
+            logger.info("nothing to do: every question of this chunk is answered")
+            return
+        tok, model, proc, name = prepare_model(args, loaded)
+        logs = runner.SampleLogs(args, model)
+        im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
+        for q in tqdm(todo, desc="questions", unit="q"):
+            prompt, shown = build_prompts(q, args.conv_mode, im_start_end, args.single_pred_prompt)
+            ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
+            rel = image_file(q)
+            if rel is None:
+                pixels, sizes = None, None
+            else:
+                image = runner.load_image(os.path.join(args.image_folder, rel))
+                pixels = to_model(process_images([image], proc, model.config), model)
+                sizes = [image.size]
+            text, state, timing = runner.generate(model, tok, ids, pixels, sizes, args, logs.profiling)
+            answers.write(runner.answer_record(q["id"], shown, text, name))
+            logs.write(q["id"], state, timing)
+    finally:
+        answers.close()
+        if logs is not None:
+            logs.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer ScienceQA (llava_test_CQM-A.json) with a LLaVA model "
+                                            "(optionally PIO-pruned).")
+    p.add_argument("--question-file", type=str, default="tables/question.json",
+                   help="JSON array of {id, image?, conversations}")
+    p.add_argument("--image-folder", type=str, default="", help="folder the entries' 'image' paths are under")
+    p.add_argument("--single-pred-prompt", action="store_true",
+                   help=f"append '\\n{SINGLE_PRED_PROMPT}' to every question (the LLaVA-1.5 protocol)")
+    p.add_argument("--answer-prompter", action="store_true",
+                   help="upstream's two-pass 'The answer is' prompting; accepted but not implemented (errors)")
+    runner.add_common_args(p, conv_mode="llava_v0", max_new_tokens=1024)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    runner.setup_logging()
+    eval_model(args)
+
+
+if __name__ == "__main__":
+    main()
