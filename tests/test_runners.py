@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from llava.eval import model_vqa_loader, run_llava
 from tests.helpers import image
@@ -120,3 +121,17 @@ def test_checkpoint_missing_key_is_named(tiny_v15, tmp_path):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config\.json lacks required key\(s\) mm_vision_tower"):
         load_pretrained_model(str(broken), device="cpu")
+
+
+def test_checkpoint_with_model_type_llava_loads(tiny_v15, tmp_path):
+    """The official llava-v1.5 configs say model_type "llava" (upstream's class name), not "llava_llama"."""
+    from llava.model.builder import load_pretrained_model
+
+    ckpt = tmp_path / "llava-v1.5-typed"
+    shutil.copytree(tiny_v15, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    _, model, _, _ = load_pretrained_model(str(ckpt), device="cpu")
+    _, ref, _, _ = load_pretrained_model(tiny_v15, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
