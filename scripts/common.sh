@@ -1,0 +1,146 @@
+# Shared helpers for scripts/{v1_5,next}/eval/*.sh. Sourced, not run.
+#
+# Environment read by eval_init (every value has a default):
+#   MODEL_PATH   checkpoint dir or hub id           (default: the script's model)
+#   PIO          none | 64 | 128 | 192 | custom      (default none; custom passes PIO_ARGS verbatim)
+#   PIO_ARGS     runner flags for PIO=custom, e.g. "--pio-layers 1,10,15 --pio-tokens 92,54,22"
+#   CKPT         name used in output paths           (default: basename of MODEL_PATH + PIO tag)
+#   DATA_ROOT    benchmark root                      (default ./playground/data/eval)
+#   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
+#   CONV_MODE    conversation template               (default vicuna_v1)
+#   EXTRA_ARGS   more runner flags, word-split       (default empty)
+#   PYTHON       interpreter                         (default python)
+#   CUDA_VISIBLE_DEVICES  chunked benchmarks run one chunk per listed GPU
+
+PIO_CHOICES="none 64 128 192 custom"
+
+# pio_resolve PIO [PIO_ARGS] -> PIO_FLAGS (array), PIO_TAG, SCHEDULE_TEXT. Returns 2 on a bad value.
+pio_resolve() {
+    local pio="${1:-none}" args="${2:-}" words w i tag="" sched=""
+    PIO_FLAGS=()
+    case "$pio" in
+        none)
+            PIO_TAG=""
+            SCHEDULE_TEXT="none" ;;
+        64 | 128 | 192)
+            PIO_FLAGS=(--pio-preset "$pio")
+            PIO_TAG="-pio$pio"
+            SCHEDULE_TEXT="preset=$pio" ;;
+        custom)
+            read -r -a words <<< "$args"
+            if (( ${#words[@]} == 0 )); then
+                echo "error: PIO=custom needs PIO_ARGS, e.g." \
+                     "PIO_ARGS=\"--pio-layers 1,10,15 --pio-tokens 92,54,22\"" >&2
+                return 2
+            fi
+            PIO_FLAGS=("${words[@]}")
+            # "--pio-layers 1,10,15 --pio-tokens 92,54,22" -> "layers=1,10,15 tokens=92,54,22"
+            for ((i = 0; i < ${#words[@]}; i++)); do
+                w="${words[i]}"
+                if [[ "$w" == --* && $((i + 1)) -lt ${#words[@]} && "${words[i + 1]}" != --* ]]; then
+                    w="${w#--}"; w="${w#pio-}=${words[i + 1]}"; i=$((i + 1))
+                else
+                    w="${w#--}"; w="${w#pio-}"
+                fi
+                sched+="${sched:+ }$w"
+            done
+            SCHEDULE_TEXT="$sched"
+            tag="${sched// /-}"; tag="${tag//=/-}"; tag="${tag//,/_}"; tag="${tag//[^A-Za-z0-9._-]/}"
+            PIO_TAG="-pio-$tag" ;;
+        *)
+            echo "error: PIO='$pio' is not one of: $PIO_CHOICES" \
+                 "(64/128/192 are presets; custom uses PIO_ARGS)" >&2
+            return 2 ;;
+    esac
+}
+
+# gpu_chunks -> GPULIST (array of CUDA_VISIBLE_DEVICES entries, maybe empty), CHUNKS (>= 1).
+gpu_chunks() {
+    local cvd="${CUDA_VISIBLE_DEVICES:-}"
+    cvd="${cvd//[[:space:]]/}"
+    GPULIST=()
+    if [[ -n "$cvd" ]]; then IFS=',' read -r -a GPULIST <<< "$cvd"; fi
+    local g kept=()
+    for g in "${GPULIST[@]+"${GPULIST[@]}"}"; do
+        if [[ -n "$g" ]]; then kept+=("$g"); fi
+    done
+    GPULIST=("${kept[@]+"${kept[@]}"}")
+    CHUNKS=${#GPULIST[@]}
+    (( CHUNKS > 0 )) || CHUNKS=1
+}
+
+# eval_init DEFAULT_MODEL_PATH: resolve the environment into MODEL_PATH CKPT DATA_ROOT PYTHON CONV_MODE
+# SCHEDULE_TEXT and RUN_FLAGS (flags for every runner: model, decoding, device, dtype, PIO, then EXTRA_ARGS,
+# so put RUN_FLAGS after a runner's own flags and EXTRA_ARGS can override them).
+eval_init() {
+    MODEL_PATH="${MODEL_PATH:-$1}"
+    PIO="${PIO:-none}"
+    pio_resolve "$PIO" "${PIO_ARGS:-}" || exit 2
+    local base="${MODEL_PATH%/}"
+    CKPT="${CKPT:-${base##*/}$PIO_TAG}"
+    DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
+    PYTHON="${PYTHON:-python}"
+    CONV_MODE="${CONV_MODE:-vicuna_v1}"
+    RUN_FLAGS=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE")
+    if [[ -n "${DEVICE:-}" ]]; then RUN_FLAGS+=(--device "$DEVICE"); fi
+    if [[ -n "${DTYPE:-}" ]]; then RUN_FLAGS+=(--dtype "$DTYPE"); fi
+    RUN_FLAGS+=("${PIO_FLAGS[@]+"${PIO_FLAGS[@]}"}")
+    local extra=()
+    read -r -a extra <<< "${EXTRA_ARGS:-}"
+    RUN_FLAGS+=("${extra[@]+"${extra[@]}"}")
+    gpu_chunks
+    echo "== $(basename "$0" .sh): model=$MODEL_PATH ckpt=$CKPT pio=$SCHEDULE_TEXT data=$DATA_ROOT" >&2
+}
+
+# timed CMD...: run CMD, then set WALL_TIME to its wall-clock seconds.
+timed() {
+    local t0
+    t0=$(date +%s)
+    "$@"
+    WALL_TIME=$(( $(date +%s) - t0 ))
+}
+
+# merge_chunks DIR: concatenate DIR/${CHUNKS}_${IDX}{.jsonl,.pio.jsonl,.profile.jsonl} in index order into
+# DIR/merge{.jsonl,.pio.jsonl,.profile.jsonl}. Answer files must all exist; logs are merged where present.
+merge_chunks() {
+    local dir="$1" kind idx f
+    for kind in "" .pio .profile; do
+        : > "$dir/merge$kind.jsonl"
+        for ((idx = 0; idx < CHUNKS; idx++)); do
+            f="$dir/${CHUNKS}_${idx}$kind.jsonl"
+            if [[ -f "$f" ]]; then
+                cat "$f" >> "$dir/merge$kind.jsonl"
+            elif [[ -z "$kind" ]]; then
+                echo "error: chunk $idx wrote no answers file $f" >&2
+                return 1
+            fi
+        done
+    done
+}
+
+# run_chunks DIR CMD...: run CMD once per chunk in parallel (CUDA_VISIBLE_DEVICES = that chunk's GPU when
+# a GPU list is set), adding --num-chunks --chunk-idx --answers-file --pio-log --profile per chunk; wait
+# for all, fail if any failed, then merge_chunks DIR.
+run_chunks() {
+    local dir="$1" idx failed=0 prefix
+    shift
+    mkdir -p "$dir"
+    local pids=()
+    for ((idx = 0; idx < CHUNKS; idx++)); do
+        prefix="$dir/${CHUNKS}_${idx}"
+        (
+            if (( ${#GPULIST[@]} > 0 )); then export CUDA_VISIBLE_DEVICES="${GPULIST[idx]}"; fi
+            exec "$@" --num-chunks "$CHUNKS" --chunk-idx "$idx" --answers-file "$prefix.jsonl" \
+                --pio-log "$prefix.pio.jsonl" --profile "$prefix.profile.jsonl"
+        ) &
+        pids+=($!)
+    done
+    for ((idx = 0; idx < CHUNKS; idx++)); do
+        if ! wait "${pids[idx]}"; then
+            echo "error: chunk $idx of $CHUNKS failed" >&2
+            failed=1
+        fi
+    done
+    (( failed == 0 )) || return 1
+    merge_chunks "$dir"
+}
