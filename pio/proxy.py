@@ -5,9 +5,9 @@ implementations of "decoder layer -> norm -> head on those rows":
 
 * :func:`full_proxy` runs the decoder layer on every position with the model's own attention backend and an
   explicit causal + padding mask, then applies norm and head to the K rows.
-* :func:`sliced_proxy` computes keys and values for every position but queries, attention output, o_proj and
-  the MLP only for the K rows (attention in float via ``scaled_dot_product_attention`` with an explicit mask).
-  It gives the same logits, hence the same gradient, for a fraction of the work (DESIGN.md §2.6).
+* :func:`sliced_proxy` computes keys for every position but queries, attention output, o_proj and the MLP
+  only for the K rows, and never projects values for all positions (see its docstring). It gives the same
+  logits, hence the same gradient, for a fraction of the work.
 
 Both duck-type a pre-norm rotary decoder layer as in LLaMA/Qwen2/Mistral: ``input_layernorm``,
 ``self_attn.{q,k,v,o}_proj``, ``self_attn.head_dim``, ``self_attn.scaling``, ``post_attention_layernorm``,
@@ -67,7 +67,12 @@ def sliced_proxy(
     key_mask: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
 ) -> ProxyFn:
-    """Proxy that runs the layer's queries and MLP only on the supervised rows.
+    """Proxy that runs the layer's queries, attention output and MLP only on the supervised rows.
+
+    Keys are projected for every position (the attention weights need them). Values are not: since the
+    attention output of a row is ``W_v (sum_i p_i LN(x_i)) + b_v`` (the weights sum to one), the normalised
+    inputs are averaged with each head's weights first and projected afterwards, so the value projection and
+    its backward pass cost O(rows * heads * S * D) instead of O(S * D^2). The result is the same function.
 
     Args:
         layer: the proxy decoder layer.
@@ -79,24 +84,28 @@ def sliced_proxy(
 
     def proxy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         cos, sin = (_usable(t) for t in position_embeddings)
-        B, S, _ = x.shape
+        B, S, D = x.shape
+        K = rows.shape[1]
         hd = attn.head_dim
         h = layer.input_layernorm(x)  # (B, S, D)
         k = attn.k_proj(h).view(B, S, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
-        v = attn.v_proj(h).view(B, S, -1, hd).transpose(1, 2)
-        q = attn.q_proj(_rows(h, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)  # (B, H, K, hd)
-        c, s = cos[:, None], sin[:, None]  # (B, 1, S, hd)
-        k = k * c + _rotate_half(k) * s
-        cr, sr = _rows(cos, rows)[:, None], _rows(sin, rows)[:, None]  # (B, 1, K, hd)
-        q = q * cr + _rotate_half(q) * sr
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        bias = causal_padding_bias(_usable(key_mask), rows, q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scaling)  # (B, H, K, hd)
-        o = attn.o_proj(o.transpose(1, 2).reshape(B, rows.shape[1], -1))  # (B, K, D)
-        y = _rows(x, rows) + o
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        q = attn.q_proj(_rows(h, rows)).view(B, K, -1, hd).transpose(1, 2)  # (B, H, K, hd)
+        q = q * _rows(cos, rows)[:, None] + _rotate_half(q) * _rows(sin, rows)[:, None]
+        n_kv = k.shape[1]
+        groups = q.shape[1] // n_kv
+        q = q.reshape(B, n_kv, groups * K, hd)  # query heads grouped by their key/value head
+        bias = causal_padding_bias(_usable(key_mask), rows, torch.float32).repeat(1, 1, groups, 1)
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling + bias  # (B, Hkv, G*K, S)
+        p = scores.softmax(dim=-1).to(h.dtype)
+        # attention-weighted normalised inputs, one matmul over all heads: (B, Hkv*G*K, S) @ (B, S, D)
+        mixed = (p.reshape(B, -1, S) @ h).view(B, n_kv, groups * K, D)
+        w_v = attn.v_proj.weight.view(n_kv, hd, D)
+        o = torch.einsum("bgkd,ghd->bgkh", mixed, w_v)  # (B, Hkv, G*K, hd)
+        if attn.v_proj.bias is not None:
+            o = o + attn.v_proj.bias.view(1, n_kv, 1, hd)
+        o = o.view(B, n_kv * groups, K, hd).transpose(1, 2).reshape(B, K, -1)  # (B, K, H*hd)
+        y = _rows(x, rows) + attn.o_proj(o)
         y = y + layer.mlp(layer.post_attention_layernorm(y))
         return head(norm(y))
 

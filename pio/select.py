@@ -15,7 +15,8 @@ At a pruning layer, for every sample whose visual span is longer than its target
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,7 +56,6 @@ class PIOConfig:
     include_last: bool = False
     proxy_impl: str = "sliced"
     nms: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def validate(self, num_layers: int) -> None:
         if self.proxy not in PROXY_LAYERS:
@@ -173,13 +173,5 @@ def select_visual_tokens(
     return out
 
 
-class _Untimed:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _untimed(name: str, device: torch.device) -> _Untimed:
-    return _Untimed()
+def _untimed(name: str, device: torch.device) -> nullcontext:
+    return nullcontext()

@@ -63,7 +63,7 @@ def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Pa
     cfg.mm_vision_tower = str(workdir / "vision_tower")
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaLlamaForCausalLM._from_config(cfg, torch_dtype=dtype)
+        model = LlavaLlamaForCausalLM._from_config(cfg, dtype=dtype)
     model.requires_grad_(False).eval()
     return model, model.get_vision_tower().image_processor
 
