@@ -80,7 +80,11 @@ def synthetic_input(vocab: int, size: tuple[int, int], n_text: int = 60, seed: i
 
 
 def machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    info = {"platform": platform.platform(), "processor": cpu, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -172,7 +176,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['selection_pct_of_prefill']:.1f}",
         ]) + " |")
     m = result["machine"]
-    where = m.get("gpu") or f"CPU ({m['cpu_count']} cores, {m['threads']} threads)"
+    where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"
     lines.append("")
     lines.append(f"{result['shape'] or result['model_path']}, {result['dtype']}, {where}, torch {m['torch']}, "
                  f"median of {result['repeats']} alternating rounds, {result['max_new_tokens']} new tokens")
