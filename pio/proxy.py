@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ProxyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``proxy(x (B, S, D), rows (B, K) long) -> logits (B, K, V)``."""

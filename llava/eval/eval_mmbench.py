@@ -33,9 +33,9 @@ from llava.eval.results import (
     add_result_args,
     configure_logging,
     load_answers,
-    read_answer_records,
     maybe_write_result,
     pct,
+    read_answer_records,
 )
 
 logger = logging.getLogger(__name__)

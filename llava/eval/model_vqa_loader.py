@@ -51,8 +51,7 @@ def eval_model(args: argparse.Namespace) -> None:
             image = runner.load_image(os.path.join(args.image_folder, q["image"]))
             prompt = build_prompt(q["text"], args.conv_mode, im_start_end)
             ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
-            pixels = process_images([image], proc, model.config)
-            pixels = pixels.to(model.device, model.dtype) if hasattr(pixels, "to") else pixels
+            pixels = runner.to_model(process_images([image], proc, model.config), model)
             text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
             answers.write(runner.answer_record(q["question_id"], q["text"], text, name))
             logs.write(q["question_id"], state, timing)

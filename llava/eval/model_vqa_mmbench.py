@@ -44,7 +44,7 @@ from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAUL
 from llava.conversation import get_conv_template
 from llava.eval import runner
 from llava.eval.eval_mmbench import MISSING_VALUES  # pandas' default NaN strings, as the scorer reads them
-from llava.eval.model_vqa_science import prepare_model, to_model
+from llava.eval.model_vqa_science import prepare_model
 from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
             prompt = build_prompt(text_in, args.conv_mode, im_start_end, args.single_pred_prompt, args.lang)
             ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
             image = decode_image(q.image)
-            pixels = to_model(process_images([image], proc, model.config), model)
+            pixels = runner.to_model(process_images([image], proc, model.config), model)
             text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
             answers.write(runner.answer_record(q.index, text_in, text, name, round_id=round_id, options=options,
                                                option_char=option_char))

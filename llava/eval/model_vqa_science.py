@@ -127,13 +127,6 @@ def prepare_model(args: argparse.Namespace, loaded: tuple | None = None) -> tupl
     return tok, model, proc, name
 
 
-def to_model(pixels: Any, model) -> Any:
-    """Preprocessed pixels on the model's device and dtype (a tensor, or a list of per-image tensors)."""
-    if isinstance(pixels, (list, tuple)):
-        return [p.to(model.device, model.dtype) for p in pixels]
-    return pixels.to(model.device, model.dtype)
-
-
 def check_answer_prompter(args: argparse.Namespace) -> None:
     if args.answer_prompter:
         raise NotImplementedError(
@@ -177,7 +170,7 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
                 pixels, sizes = None, None
             else:
                 image = runner.load_image(os.path.join(args.image_folder, rel))
-                pixels = to_model(process_images([image], proc, model.config), model)
+                pixels = runner.to_model(process_images([image], proc, model.config), model)
                 sizes = [image.size]
             text, state, timing = runner.generate(model, tok, ids, pixels, sizes, args, logs.profiling)
             answers.write(runner.answer_record(q["id"], shown, text, name))

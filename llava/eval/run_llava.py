@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     conv.append_message(conv.roles[0], query)
     conv.append_message(conv.roles[1], None)
     ids = tokenizer_image_token(conv.get_prompt(), tok, return_tensors="pt")[None]
-    pixels = process_images(images, proc, model.config)
-    if hasattr(pixels, "to"):
-        pixels = pixels.to(model.device, model.dtype)
-    else:
-        pixels = [x.to(model.device, model.dtype) for x in pixels]
+    pixels = runner.to_model(process_images(images, proc, model.config), model)
     args.pio_log = None
     text, state, _ = runner.generate(model, tok, ids, pixels, [im.size for im in images], args)
     if model.pio_config is not None:

@@ -240,6 +240,13 @@ def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes
     return tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip(), state, timing
 
 
+def to_model(pixels: Any, model) -> Any:
+    """Preprocessed pixels on the model's device and dtype (a tensor, or a list of per-image tensors)."""
+    if isinstance(pixels, (list, tuple)):
+        return [p.to(model.device, model.dtype) for p in pixels]
+    return pixels.to(model.device, model.dtype)
+
+
 def answer_record(question_id: Any, prompt: str, text: str, model_name: str, **extra: Any) -> dict:
     """Upstream's answer line: question_id, prompt, text, answer_id, model_id, metadata."""
     import shortuuid
