@@ -289,23 +289,15 @@ def build_result(
     return _finite(result)
 
 
-def write_result(
-    path: str,
-    *,
-    benchmark: str,
-    score: float | None,
-    metric: str,
-    sub_scores: dict[str, float | None],
-    num_questions: int,
-    args: argparse.Namespace | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write one result JSON (atomically: temp file then rename) and return what was written."""
-    if benchmark not in BENCHMARK_COLUMNS:
-        logger.warning("benchmark %r is not one of %s; summarize will put it last", benchmark,
+def write_result(path: str, **fields: Any) -> dict[str, Any]:
+    """Write one result JSON (atomically: temp file then rename) and return what was written.
+
+    ``fields`` are :func:`build_result`'s keyword arguments.
+    """
+    result = build_result(**fields)
+    if result["benchmark"] not in BENCHMARK_COLUMNS:
+        logger.warning("benchmark %r is not one of %s; summarize will put it last", result["benchmark"],
                        ", ".join(BENCHMARK_COLUMNS))
-    result = build_result(benchmark=benchmark, score=score, metric=metric, sub_scores=sub_scores,
-                          num_questions=num_questions, args=args, extra=extra)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
