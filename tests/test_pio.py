@@ -230,3 +230,21 @@ def test_invalid_configs_raise(models):
     with pytest.raises(ValueError, match="proxy"):
         model.enable_pio(PIOConfig(Schedule(layers=(1,), tokens=(100,)), proxy="previous"))
     assert model.pio_config is None
+
+
+def test_beam_search_with_pruning(models):
+    """generate() expands the batch for beams; every beam row of a sample gets that sample's span."""
+    tok, model, proc = models["v16"]
+    img = image(420, 300, seed=9)
+    ids = prompt_ids(tok, "Where is the ball?")[None]
+    x = pixels([img], proc, model)
+    model.enable_pio(PIOConfig(Schedule(layers=(1,), tokens=(300,))))
+    try:
+        st = PruneState()
+        out = model.generate(ids, images=x, image_sizes=[img.size], num_beams=3, num_return_sequences=2,
+                             do_sample=False, max_new_tokens=4, min_new_tokens=4, prune_state=st)
+        assert out.shape == (2, 4)
+        assert len(st.samples) == 3 and all(s.stages[0].after == 300 for s in st.samples)
+        assert st.samples[0].stages[0].kept == st.samples[2].stages[0].kept
+    finally:
+        model.disable_pio()
