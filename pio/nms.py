@@ -26,6 +26,10 @@ to keep and pass 2 takes the unpicked tokens in rank order, which is what the ar
 have keys ``rank + n``). Updating ``suppressed`` during the fill-up changes nothing, since every candidate is
 already suppressed. Both stop after ``k`` picks.
 
+With the neighbour matrix available the loop keeps ``key`` itself as a running maximum over precomputed rows
+(``P[i, j] = rank_j + n * nbr[i, j] + 2n * [i == j]``), so each step is three kernels, which matters on a GPU
+where the loop is bound by kernel launches.
+
 The loop never reads a tensor value on the host (no ``.item()``, ``.tolist()`` or Python branching on tensor
 values): the picked index stays on the device and is written into a preallocated output. The whole call has
 no device->host synchronisation.
@@ -162,6 +166,20 @@ def greedy_nms(
         f = None
 
     _, rank = stable_rank(scores)
+    if nbr is not None:
+        # key_j only ever grows to rank_j + n (suppressed) or past 2n (picked), so one precomputed row per
+        # token, P[i, j] = rank_j + n * nbr[i, j] + 2n * [i == j], and a running maximum give the same keys:
+        # three kernels per step (argmin, row gather, maximum). float32 is exact: 3n < 2**24.
+        P = rank.to(torch.float32)[None, :] + n * nbr.to(torch.float32)  # (n, n)
+        P.diagonal().add_(2 * n)
+        key = rank.to(torch.float32)
+        picks = []
+        for _ in range(k):
+            i = torch.argmin(key).view(1)  # stays on the device
+            picks.append(i)
+            torch.maximum(key, P.index_select(0, i).squeeze(0), out=key)
+        return torch.sort(torch.cat(picks)).values
+    # row-wise: the similarity row of each kept token is computed when it is kept
     suppressed = torch.zeros(n, dtype=torch.bool, device=device)
     picked = torch.zeros(n, dtype=torch.bool, device=device)
     out = torch.empty(k, dtype=torch.long, device=device)
@@ -170,9 +188,5 @@ def greedy_nms(
         i = torch.argmin(key).view(1)  # (1,), stays on the device
         out[step : step + 1] = i
         picked.index_fill_(0, i, True)
-        if nbr is not None:
-            row = nbr.index_select(0, i).squeeze(0)  # (n,)
-        else:
-            row = (f.index_select(0, i) @ f.T).squeeze(0) >= tau  # (1, D) @ (D, n) -> (n,)
-        suppressed |= row
+        suppressed |= (f.index_select(0, i) @ f.T).squeeze(0) >= tau  # (1, D) @ (D, n) -> (n,)
     return torch.sort(out).values
