@@ -44,7 +44,6 @@ from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAUL
 from llava.conversation import get_conv_template
 from llava.eval import runner
 from llava.eval.eval_mmbench import MISSING_VALUES  # pandas' default NaN strings, as the scorer reads them
-from llava.eval.model_vqa_science import prepare_model
 from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
@@ -236,7 +235,7 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
         if not todo:
             logger.info("nothing to do: every question of this chunk is answered")
             return
-        tok, model, proc, name = prepare_model(args, loaded)
+        tok, model, proc, name = runner.load_from_args(args, loaded)
         logs = runner.SampleLogs(args, model)
         im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
         for q, (round_id, options, option_char) in tqdm(todo, desc="questions", unit="q"):

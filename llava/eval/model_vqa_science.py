@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-from typing import Any
 
 from tqdm import tqdm
 
@@ -110,23 +109,6 @@ def build_prompts(entry: dict, conv_mode: str, im_start_end: bool, single_pred_p
 
 
 # --------------------------------------------------------------------------- model
-def prepare_model(args: argparse.Namespace, loaded: tuple | None = None) -> tuple[Any, Any, Any, str]:
-    """``(tokenizer, model, image_processor, model_name)``: loaded from the flags, or ``loaded`` reused with
-    PIO switched on or off as the flags say (tests load a checkpoint once for many runs)."""
-    if loaded is None:
-        return runner.load_from_args(args)
-    import torch
-
-    tok, model, proc, name = loaded
-    pio = runner.pio_config_from_args(args)
-    torch.manual_seed(args.seed)
-    if pio is None:
-        model.disable_pio()
-    else:
-        model.enable_pio(pio)
-    return tok, model, proc, name
-
-
 def check_answer_prompter(args: argparse.Namespace) -> None:
     if args.answer_prompter:
         raise NotImplementedError(
@@ -159,7 +141,7 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
         if not todo:
             logger.info("nothing to do: every question of this chunk is answered")
             return
-        tok, model, proc, name = prepare_model(args, loaded)
+        tok, model, proc, name = runner.load_from_args(args, loaded)
         logs = runner.SampleLogs(args, model)
         im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
         for q in tqdm(todo, desc="questions", unit="q"):

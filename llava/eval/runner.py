@@ -83,22 +83,31 @@ def check_conv_mode(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def load_from_args(args: argparse.Namespace):
-    """``(tokenizer, model, image_processor, model_name)`` with PIO switched on as the flags say."""
+def load_from_args(args: argparse.Namespace, loaded: tuple | None = None):
+    """``(tokenizer, model, image_processor, model_name)`` with PIO switched on or off as the flags say.
+
+    ``loaded`` reuses an already loaded ``(tokenizer, model, image_processor, model_name)`` (tests load a
+    checkpoint once for many runs).
+    """
     from llava.model.builder import load_pretrained_model
 
     check_conv_mode(args.conv_mode)
     pio = pio_config_from_args(args)  # validate flags before the (slow) load
     torch.manual_seed(args.seed)
-    model_path = os.path.expanduser(args.model_path)
-    name = get_model_name_from_path(model_path)
-    tok, model, proc, _ = load_pretrained_model(
-        model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
-    )
+    if loaded is not None:
+        tok, model, proc, name = loaded
+    else:
+        model_path = os.path.expanduser(args.model_path)
+        name = get_model_name_from_path(model_path)
+        tok, model, proc, _ = load_pretrained_model(
+            model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
+        )
     if pio is not None:
         model.enable_pio(pio)
         logger.info("PIO on: %s", pio.schedule.describe())
+    else:
+        model.disable_pio()
     return tok, model, proc, name
 
 
