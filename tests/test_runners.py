@@ -135,3 +135,10 @@ def test_checkpoint_with_model_type_llava_loads(tiny_v15, tmp_path):
     _, model, _, _ = load_pretrained_model(str(ckpt), device="cpu")
     _, ref, _, _ = load_pretrained_model(tiny_v15, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+def test_loader_workers_give_the_same_answers(tiny_v15, questions):
+    qdir, qfile, _ = questions
+    plain = run_loader(tiny_v15, qdir, qfile, qdir / "w0.jsonl", "--num-workers", "0")
+    workers = run_loader(tiny_v15, qdir, qfile, qdir / "w2.jsonl", "--num-workers", "2")
+    assert [(a["question_id"], a["text"]) for a in workers] == [(a["question_id"], a["text"]) for a in plain]

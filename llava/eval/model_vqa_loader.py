@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 
+import torch
 from tqdm import tqdm
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
@@ -30,6 +31,24 @@ def build_prompt(question: str, conv_mode: str, im_start_end: bool) -> str:
     return conv.get_prompt()
 
 
+class QuestionDataset(torch.utils.data.Dataset):
+    """Image loading, prompt building and preprocessing of one question (run in DataLoader workers)."""
+
+    def __init__(self, questions: list[dict], args: argparse.Namespace, tokenizer, processor, model_config):
+        self.questions, self.args = questions, args
+        self.tokenizer, self.processor, self.config = tokenizer, processor, model_config
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, i: int):
+        q = self.questions[i]
+        image = runner.load_image(os.path.join(self.args.image_folder, q["image"]))
+        prompt = build_prompt(q["text"], self.args.conv_mode, getattr(self.config, "mm_use_im_start_end", False))
+        ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")[None]
+        return q, ids, process_images([image], self.processor, self.config), image.size
+
+
 def eval_model(args: argparse.Namespace) -> None:
     runner.check_conv_mode(args.conv_mode)
     runner.pio_config_from_args(args)
@@ -45,14 +64,13 @@ def eval_model(args: argparse.Namespace) -> None:
         logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
     tok, model, proc, name = runner.load_from_args(args)
     logs = runner.SampleLogs(args, model)
-    im_start_end = getattr(model.config, "mm_use_im_start_end", False)
+    workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(QuestionDataset(todo, args, tok, proc, model.config), batch_size=None,
+                                         num_workers=workers)
     try:
-        for q in tqdm(todo, desc="questions", unit="q"):
-            image = runner.load_image(os.path.join(args.image_folder, q["image"]))
-            prompt = build_prompt(q["text"], args.conv_mode, im_start_end)
-            ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
-            pixels = runner.to_model(process_images([image], proc, model.config), model)
-            text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
+        for q, ids, pixels, size in tqdm(loader, desc="questions", unit="q"):
+            pixels = runner.to_model(pixels, model)
+            text, state, timing = runner.generate(model, tok, ids, pixels, [size], args, logs.profiling)
             answers.write(runner.answer_record(q["question_id"], q["text"], text, name))
             logs.write(q["question_id"], state, timing)
     finally:
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Answer a question jsonl with a LLaVA model (optionally PIO-pruned).")
     p.add_argument("--image-folder", type=str, default="")
     p.add_argument("--question-file", type=str, default="tables/question.jsonl")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers preparing images (default: 4 on CUDA, 0 on CPU)")
     runner.add_common_args(p)
     args = p.parse_args(argv)
     runner.setup_logging()
