@@ -135,6 +135,10 @@ class LlavaMetaForCausalLM:
         """Replace every ``IMAGE_TOKEN_INDEX`` placeholder by its image's features and pad the batch."""
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
         embed = self.get_model().embed_tokens
+        device = embed.weight.device  # inputs may come from the CPU side of a data pipeline
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        labels = labels.to(device) if labels is not None else None
         B = input_ids.shape[0]
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         n_placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())

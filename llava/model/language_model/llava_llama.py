@@ -279,6 +279,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         else:
             if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
                 raise ValueError("generation needs left padding: the last column of attention_mask has padding")
+            inputs = inputs.to(self.device)
+            attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
             embeds = self.get_model().embed_tokens(inputs)
             prune_state.set_inputs([[] for _ in range(inputs.shape[0])], "left")
         return super().generate(
