@@ -64,6 +64,7 @@ def test_matches_naive_reference(seed, tau):
         assert got_rows.tolist() == want
         got_nbr = greedy_nms(scores, feats, k, tau, neighbours=neighbour_matrix(feats, tau))
         assert got_nbr.tolist() == want
+        assert greedy_nms(scores, feats, k, tau, on_device=True).tolist() == want
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -136,7 +137,7 @@ def test_float32_and_half_inputs():
 
 
 def test_no_host_sync_in_loop(monkeypatch):
-    """The loop never reads a tensor value on the host: forbid every Tensor -> Python conversion."""
+    """on_device=True never reads a tensor value on the host: forbid every Tensor -> Python conversion."""
     gen = torch.Generator().manual_seed(3)
     feats = _clustered(64, 8, clusters=4, noise=0.2, gen=gen)
     scores = torch.rand(64, generator=gen, dtype=torch.float64)
@@ -147,7 +148,7 @@ def test_no_host_sync_in_loop(monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, boom)
-    out = greedy_nms(scores, feats, 20, 0.8)
+    out = greedy_nms(scores, feats, 20, 0.8, on_device=True)
     out_rows = greedy_nms(scores, feats, 20, 0.8, row_wise=True)
     monkeypatch.undo()
     assert out.tolist() == want
