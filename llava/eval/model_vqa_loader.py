@@ -14,8 +14,6 @@ import os
 import torch
 from tqdm import tqdm
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from llava.conversation import get_conv_template
 from llava.eval import runner
 from llava.mm_utils import process_images, tokenizer_image_token
 
@@ -24,11 +22,7 @@ logger = logging.getLogger(__name__)
 
 def build_prompt(question: str, conv_mode: str, im_start_end: bool) -> str:
     """``<image>\\n`` + question in the conversation template; the benchmark suffix is already in the text."""
-    image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end else DEFAULT_IMAGE_TOKEN
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], image + "\n" + question)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    return runner.chat_prompt(runner.image_token(im_start_end) + "\n" + question, conv_mode)
 
 
 class QuestionDataset(torch.utils.data.Dataset):

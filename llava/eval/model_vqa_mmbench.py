@@ -40,8 +40,6 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from llava.conversation import get_conv_template
 from llava.eval import runner
 from llava.eval.eval_mmbench import MISSING_VALUES  # pandas' default NaN strings, as the scorer reads them
 from llava.mm_utils import process_images, tokenizer_image_token
@@ -185,15 +183,10 @@ def question_text(q: MMBQuestion, options: list[str]) -> str:
 
 
 def build_prompt(text: str, conv_mode: str, im_start_end: bool, single_pred_prompt: bool, lang: str) -> str:
-    token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end \
-        else DEFAULT_IMAGE_TOKEN
-    qs = token + "\n" + text
+    qs = runner.image_token(im_start_end) + "\n" + text
     if single_pred_prompt:
         qs = qs + "\n" + SUFFIX[lang]
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], qs)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    return runner.chat_prompt(qs, conv_mode)
 
 
 def rounds(q: MMBQuestion, all_rounds: bool) -> list[tuple[int, list[str], list[str]]]:

@@ -30,8 +30,7 @@ import os
 
 from tqdm import tqdm
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from llava.conversation import get_conv_template
+from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval import runner
 from llava.mm_utils import process_images, tokenizer_image_token
 
@@ -95,17 +94,12 @@ def build_prompts(entry: dict, conv_mode: str, im_start_end: bool, single_pred_p
     question = entry["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
     qs = shown = question
     if image_file(entry) is not None:
-        token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end \
-            else DEFAULT_IMAGE_TOKEN
-        qs = token + "\n" + qs
+        qs = runner.image_token(im_start_end) + "\n" + qs
         shown = DEFAULT_IMAGE_TOKEN + "\n" + shown
     if single_pred_prompt:
         qs = qs + "\n" + SINGLE_PRED_PROMPT
         shown = shown + "\n" + SINGLE_PRED_PROMPT
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], qs)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt(), shown
+    return runner.chat_prompt(qs, conv_mode), shown
 
 
 # --------------------------------------------------------------------------- model

@@ -11,12 +11,8 @@ import logging
 import re
 
 from llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
     IMAGE_PLACEHOLDER,
 )
-from llava.conversation import get_conv_template
 from llava.eval import runner
 from llava.mm_utils import process_images, tokenizer_image_token
 
@@ -69,18 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         args.conv_mode = infer_conv_mode(get_model_name_from_path(args.model_path))
     images = load_images(args.image_file, args.sep)
     tok, model, proc, _ = runner.load_from_args(args)
-    image_token = DEFAULT_IMAGE_TOKEN
-    if getattr(model.config, "mm_use_im_start_end", False):
-        image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    image_token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
     query = args.query
     if IMAGE_PLACEHOLDER in query:
         query = re.sub(re.escape(IMAGE_PLACEHOLDER), image_token, query)
     else:
         query = "\n".join([image_token] * len(images) + [query])
-    conv = get_conv_template(args.conv_mode)
-    conv.append_message(conv.roles[0], query)
-    conv.append_message(conv.roles[1], None)
-    ids = tokenizer_image_token(conv.get_prompt(), tok, return_tensors="pt")[None]
+    ids = tokenizer_image_token(runner.chat_prompt(query, args.conv_mode), tok, return_tensors="pt")[None]
     pixels = runner.to_model(process_images(images, proc, model.config), model)
     args.pio_log = None
     text, state, _ = runner.generate(model, tok, ids, pixels, [im.size for im in images], args)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
 from llava.mm_utils import get_model_name_from_path
 from pio import PIOConfig, PruneState, schedule_from_args
@@ -76,6 +77,19 @@ def pio_config_from_args(args: argparse.Namespace) -> PIOConfig | None:
         return None
     return PIOConfig(schedule, tau=args.pio_tau, k_pos=args.pio_kpos, proxy=args.pio_proxy,
                      include_last=args.pio_include_last, proxy_impl=args.pio_proxy_impl, nms=not args.pio_no_nms)
+
+
+def image_token(im_start_end: bool) -> str:
+    """The image placeholder of a prompt: ``<image>``, or ``<im_start><image><im_end>`` for such checkpoints."""
+    return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if im_start_end else DEFAULT_IMAGE_TOKEN
+
+
+def chat_prompt(user_text: str, conv_mode: str) -> str:
+    """One user turn and an open assistant turn in the ``conv_mode`` template."""
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], user_text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
 
 
 def check_conv_mode(name: str) -> None:
