@@ -1,20 +1,5 @@
 #!/usr/bin/env bash
-# MMBench-CN dev, LLaVA-1.5; score = CircularEval accuracy over the TSV's rotated rows. Also writes the
-# submission table. Settings: see scripts/common.sh.
+# MMBench-CN dev, LLaVA-1.5: scripts/v1_5/eval/mmbench.sh on the Chinese TSV. Settings: see scripts/common.sh.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/../../common.sh"
-eval_init liuhaotian/llava-v1.5-7b
-
-SPLIT=mmbench_dev_cn_20231003
-MMB="$DATA_ROOT/mmbench_cn"
-ANS="$MMB/answers/$SPLIT/$CKPT"
-mkdir -p "$MMB/answers/$SPLIT" "$MMB/answers_upload/$SPLIT"
-
-timed "$PYTHON" -m llava.eval.model_vqa_mmbench --question-file "$MMB/$SPLIT.tsv" \
-    --answers-file "$ANS.jsonl" --single-pred-prompt --lang cn "${RUN_FLAGS[@]}" \
-    --pio-log "$ANS.pio.jsonl" --profile "$ANS.profile.jsonl" --resume
-
-"$PYTHON" -m llava.eval.eval_mmbench --annotation-file "$MMB/$SPLIT.tsv" --result-file "$ANS.jsonl" --lang cn \
-    --convert-out "$MMB/answers_upload/$SPLIT/$CKPT.xlsx" \
-    --result-json "$MMB/results/$CKPT.json" --model "$CKPT" --schedule "$SCHEDULE_TEXT" \
-    --pio-log "$ANS.pio.jsonl" --wall-time "$WALL_TIME"
+export MMBENCH_LANG=cn
+exec bash "$(dirname "${BASH_SOURCE[0]}")/mmbench.sh" "$@"
