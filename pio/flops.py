@@ -254,14 +254,17 @@ def proxy_flops(seq_len: int, rows: int, dims: LMDims, sliced: bool) -> dict[str
             ``4*rows*head_dim*H`` FLOPs).
         dims: language-model dimensions.
         sliced: False: the full proxy runs the layer on all S positions, norm + head on ``rows`` rows.
-            True: K/V projections for all S positions, but Q, attention, o_proj and the MLP only for ``rows``.
+            True (:func:`pio.proxy.sliced_proxy`): keys for all S positions; queries, o_proj and the MLP for
+            ``rows``; each row's scores over all S keys (dense, masked afterwards); no value projection over S
+            but the attention-weighted inputs ``P @ LN(x)`` (``2*H*rows*S*d``) projected per head
+            (``2*rows*d*H*head_dim``).
 
     Backward w.r.t. the probe input only (parameters have ``requires_grad=False``): every linear on the gradient
     path needs one grad-input matmul ``dX = dY @ W^T``, the same FLOPs as its forward (no weight gradients);
-    attention needs two matmuls for each of QK^T (dQ, dK) and AV (dP, dV), i.e. twice its forward. The
-    full proxy's backward runs over all S positions (autograd computes dense gradients even where the upstream
-    gradient is zero); the sliced proxy's over the rows, plus K/V over S. Softmax, norms and elementwise ops
-    are ignored as in :func:`exact_layer_flops`.
+    the two attention products (scores, and values or weighted inputs) need two matmuls each, i.e. twice their
+    forward. The full proxy's backward runs over all S positions (autograd computes dense gradients even where
+    the upstream gradient is zero). Softmax, norms and elementwise ops are ignored as in
+    :func:`exact_layer_flops`.
 
     Returns:
         dict with ``layer_forward``, ``head_forward``, ``forward``, ``layer_backward``, ``head_backward``,
@@ -273,9 +276,10 @@ def proxy_flops(seq_len: int, rows: int, dims: LMDims, sliced: bool) -> dict[str
     q = dims.num_heads * dims.head_dim
     kv = dims.num_kv_heads * dims.head_dim
     if sliced:
-        keys = rows * (seq_len - rows) + rows * (rows + 1) // 2  # the last `rows` queries, causal
-        linear = 2 * rows * d * q + 2 * 2 * seq_len * d * kv + 2 * rows * q * d + 3 * 2 * rows * d * m
-        attention = 2 * (2 * dims.head_dim * dims.num_heads * keys)
+        heads = dims.num_heads * rows  # query rows over all heads
+        # q_proj, k_proj over S, the per-head value projection of the weighted inputs, o_proj, MLP
+        linear = 2 * rows * d * q + 2 * seq_len * d * kv + 2 * rows * d * q + 2 * rows * q * d + 3 * 2 * rows * d * m
+        attention = 2 * heads * seq_len * dims.head_dim + 2 * heads * seq_len * d  # scores, P @ LN(x)
     else:
         layer = exact_layer_flops(seq_len, 0, dims)
         attention = layer["attn_scores"] + layer["attn_values"]

@@ -104,12 +104,14 @@ def test_proxy_flops_by_hand():
 
     sl = proxy_flops(s, r, TINY, sliced=True)
     q_proj = 2 * r * 8 * 8
-    kv_proj = 2 * (2 * s * 8 * 4)
+    k_proj = 2 * s * 8 * 4  # keys for all positions; values are never projected over S
+    v_heads = 2 * (4 * r) * 2 * 8  # 4 heads x 2 rows weighted inputs (d=8) through each head's 2x8 values
     o_proj = 2 * r * 8 * 8
     mlp = 3 * 2 * r * 8 * 20
-    keys = 5 + 6  # the last two queries (0-based 4 and 5) attend 5 and 6 keys
-    attention = 2 * (2 * 2 * 4 * keys)
-    lin = q_proj + kv_proj + o_proj + mlp
+    scores = 2 * (4 * r) * s * 2  # 4 heads x 2 rows against all 6 keys, head_dim 2
+    weighted = 2 * (4 * r) * s * 8  # attention weights (4 heads x 2 rows, 6 keys) times LN(x) (d=8)
+    attention = scores + weighted
+    lin = q_proj + k_proj + v_heads + o_proj + mlp
     assert sl["layer_forward"] == lin + attention
     assert sl["layer_backward"] == lin + 2 * attention
     assert sl["total"] < full["total"]
