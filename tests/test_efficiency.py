@@ -56,5 +56,7 @@ def test_bench_tiny_writes_json(tmp_path, capsys):
     pruned = saved["rows"][1]
     assert pruned["seq_len_per_layer"][1] == pruned["seq_len_per_layer"][0] - 576 + 92
     assert pruned["ideal_speedup"] == pytest.approx(saved["rows"][0]["flops_exact"] / pruned["flops_exact"])
+    assert pruned["selection_s"] == pytest.approx(sum(pruned["selection_split_s"].values()), rel=1e-6)
+    assert pruned["selection_split_s"]["proxy_backward"] > 0 == saved["rows"][0]["selection_s"]
     assert "machine" in saved and "measured/ideal" in capsys.readouterr().out
     assert result["rows"][1]["kv_mb"] < result["rows"][0]["kv_mb"]

@@ -150,6 +150,7 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
             "flops_fastv_visual": recs[0]["flops"]["fastv_visual"],
             "kv_mb": (recs[0]["kv_bytes"]["measured"] or 0) / 2**20,
             "selection_s": sel,
+            "selection_split_s": {k: statistics.median(r["selection_s"][k] for r in recs) for k in recs[0]["selection_s"]},
             "selection_pct_of_prefill": 100 * sel / med("prefill_s"),
             "seq_len_per_layer": recs[0]["seq_len_per_layer"],
             "prefill_all_s": [r["prefill_s"] for r in recs],
