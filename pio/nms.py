@@ -11,8 +11,20 @@ Given per-token saliency scores and features of one sample's visual span (n toke
 
 Hyper-parameters: ``tau = 0.8`` (authors' value, hard-coded in their code).
 
-Implementation: both passes are one loop of exactly ``k`` steps. Let ``rank_i`` in ``0..n-1`` be token i's
-position in the stable descending order, and at every step pick::
+Default (host) loop: pass 1 runs on the host over Python-int bitsets, one block of ``block`` candidates (in
+visiting order) at a time. Only similarities that the greedy rule can read are computed: a candidate is
+suppressed exactly when some token kept before it has ``cos >= tau``, so each block is compared with the tokens
+kept so far and with itself (earlier candidates of the block), two matmuls, and one bit-packed copy of the
+result goes to the host per block. Blocks after the ``k``-th kept token are never computed. This costs at most
+``n * (k + block) * D`` multiply-adds, against ``n^2 * D`` for the full similarity matrix (LLaVA-NeXT:
+n = 2340, k = 376: at most a quarter, usually far less), with ``O(block * (k + block))`` memory. The dot
+products are the same float32 (float64 for float64 input) products as in a full matrix, grouped differently,
+so a cosine within rounding error of ``tau`` may compare differently.
+
+Device loop (``on_device=True``): the full boolean neighbour matrix (one ``(n, D) @ (D, n)`` matmul), and both
+passes as one loop of exactly ``k`` steps with no host synchronisation at all (no ``.item()``, ``.tolist()``
+or Python branching on tensor values). Let ``rank_i`` in ``0..n-1`` be token i's position in the stable
+descending order, and at every step pick::
 
     argmin_i  key_i,   key_i = rank_i + n * suppressed_i + 2n * picked_i
 
@@ -24,23 +36,10 @@ that time, and suppression is never undone, so the first unsuppressed token pass
 lowest-ranked unpicked unsuppressed token. (b) Once every unpicked token is suppressed, pass 1 has nothing left
 to keep and pass 2 takes the unpicked tokens in rank order, which is what the argmin returns (all candidates
 have keys ``rank + n``). Updating ``suppressed`` during the fill-up changes nothing, since every candidate is
-already suppressed. Both stop after ``k`` picks.
+already suppressed. Both stop after ``k`` picks. The loop keeps ``key`` as a running maximum over precomputed
+rows ``P[i, j] = rank_j + n * nbr[i, j] + 2n * [i == j]``: three kernels per step.
 
-By default the greedy loop runs on the host over Python-int bitsets after a single copy of the bit-packed
-neighbour matrix (``on_device=False``): on a GPU that replaces about three kernel launches per kept token by
-one transfer. With ``on_device=True`` the loop keeps ``key`` itself as a running maximum over precomputed rows
-(``P[i, j] = rank_j + n * nbr[i, j] + 2n * [i == j]``), so each step is three kernels, which matters on a GPU
-where the loop is bound by kernel launches.
-
-The device loop never reads a tensor value on the host (no ``.item()``, ``.tolist()`` or Python branching on
-tensor values): the picked index stays on the device. With ``on_device=True`` the whole call has no
-device->host synchronisation; the default host loop synchronises exactly once per call.
-
-Memory: by default the boolean neighbour matrix ``cos >= tau`` is built once with one ``(n, D) @ (D, n)``
-matmul; for n = 2880 (LLaVA-NeXT) the temporary float32 similarity is 33 MB and the boolean matrix 8.3 MB.
-With ``row_wise=True`` only the similarity row of each kept token is computed (k matrix-vector products,
-``O(n)`` memory), which is cheaper in FLOPs when ``k << n`` but launches one extra kernel per step. A
-precomputed neighbour matrix (e.g. from :func:`neighbour_matrix`) can also be passed in.
+A precomputed neighbour matrix (e.g. from :func:`neighbour_matrix`) can be passed to either loop.
 """
 
 from __future__ import annotations
@@ -130,8 +129,8 @@ def greedy_nms(
     k: int,
     tau: float = DEFAULT_TAU,
     neighbours: Tensor | None = None,
-    row_wise: bool = False,
     on_device: bool = False,
+    block: int = 128,
 ) -> Tensor:
     """Greedy NMS with fill-up: the ``k`` kept tokens of one visual span (§2.8; rule in the module docstring).
 
@@ -142,11 +141,10 @@ def greedy_nms(
         tau: suppression threshold on cosine similarity (suppress if ``cos >= tau``); paper/code: 0.8.
         neighbours: optional precomputed (n, n) boolean matrix ``cos >= tau``; ``feats``/``tau`` are then
             not used for the similarity.
-        row_wise: compute one similarity row per kept token instead of the full matrix (O(n) memory); runs
-            on the device.
-        on_device: run the greedy loop on the tensor's device (no host synchronisation at all, ~3 kernels per
-            kept token) instead of the default: one copy of the bit-packed neighbour matrix to the host and a
-            loop over Python integers there, which costs far less than k kernel launches on a GPU.
+        on_device: run the greedy loop on the tensor's device over the full neighbour matrix (no host
+            synchronisation at all, ~3 kernels per kept token) instead of the default blocked host loop (one
+            device->host copy per block of candidates visited).
+        block: candidates per block of the host loop.
 
     Returns:
         (min(max(k, 0), n),) long tensor of kept local indices in ascending order, on ``scores.device``.
@@ -157,25 +155,15 @@ def greedy_nms(
         return torch.arange(n, device=device)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=device)
-    if neighbours is not None:
-        if neighbours.shape != (n, n) or neighbours.dtype != torch.bool:
-            raise ValueError(
-                f"neighbours must be a bool tensor of shape ({n}, {n}), got "
-                f"{neighbours.dtype} {tuple(neighbours.shape)}"
-            )
-        nbr: Tensor | None = neighbours.to(device)
-        f = None
-    elif row_wise:
-        nbr = None
-        f = _normalised(feats)  # (n, D)
-    else:
-        nbr = neighbour_matrix(feats, tau)  # (n, n)
-        f = None
-
+    if block < 1:
+        raise ValueError(f"block must be a positive number of candidates, got {block}")
+    if neighbours is not None and (neighbours.shape != (n, n) or neighbours.dtype != torch.bool):
+        raise ValueError(
+            f"neighbours must be a bool tensor of shape ({n}, {n}), got {neighbours.dtype} {tuple(neighbours.shape)}"
+        )
     order, rank = stable_rank(scores)
-    if nbr is not None and not on_device:
-        return _greedy_on_host(nbr, order, k).to(device)
-    if nbr is not None:
+    if on_device:
+        nbr = neighbours.to(device) if neighbours is not None else neighbour_matrix(feats, tau)
         # key_j only ever grows to rank_j + n (suppressed) or past 2n (picked), so one precomputed row per
         # token, P[i, j] = rank_j + n * nbr[i, j] + 2n * [i == j], and a running maximum give the same keys:
         # three kernels per step (argmin, row gather, maximum). float32 is exact: 3n < 2**24.
@@ -188,45 +176,66 @@ def greedy_nms(
             picks.append(i)
             torch.maximum(key, P.index_select(0, i).squeeze(0), out=key)
         return torch.sort(torch.cat(picks)).values
-    # row-wise: the similarity row of each kept token is computed when it is kept
-    suppressed = torch.zeros(n, dtype=torch.bool, device=device)
-    picked = torch.zeros(n, dtype=torch.bool, device=device)
-    out = torch.empty(k, dtype=torch.long, device=device)
-    for step in range(k):
-        key = rank + n * suppressed.long() + 2 * n * picked.long()  # (n,)
-        i = torch.argmin(key).view(1)  # (1,), stays on the device
-        out[step : step + 1] = i
-        picked.index_fill_(0, i, True)
-        suppressed |= (f.index_select(0, i) @ f.T).squeeze(0) >= tau  # (1, D) @ (D, n) -> (n,)
-    return torch.sort(out).values
+    if neighbours is not None:  # one block: the whole matrix, rows and columns in visiting order
+        nbr = neighbours.to(device)[order][:, order]
+        bits, width = _host_bitsets(nbr)
+        visited = _keep_in_order(bits, width, n, 0, k)
+    else:
+        visited = _blocked_pass(feats, order, k, tau, block)
+    if len(visited) < k:  # pass 2: fill up by score
+        taken = set(visited)
+        visited += [p for p in range(n) if p not in taken][: k - len(visited)]
+    kept = order.index_select(0, torch.tensor(visited, dtype=torch.long, device=device))
+    return torch.sort(kept).values
 
 
-def _greedy_on_host(nbr: Tensor, order: Tensor, k: int) -> Tensor:
-    """The same two passes with one device->host copy: rows of ``nbr`` as Python-int bitsets.
+def _blocked_pass(feats: Tensor, order: Tensor, k: int, tau: float, block: int) -> list[int]:
+    """Pass 1 in visiting ``order``: the visiting positions kept (at most ``k``), ascending.
 
-    Bit ``j`` of row ``i`` is ``nbr[i, j]``; columns are packed eight to a byte (bit ``t`` of byte ``b`` is
-    column ``8b + t``) so ``int.from_bytes(row, "little")`` gives the bitset directly.
+    Only the blocks visited are gathered and normalised.
     """
-    n = nbr.shape[0]
-    width = (n + 7) // 8
-    padded = torch.zeros(n, width * 8, dtype=torch.uint8, device=nbr.device)
-    padded[:, :n] = nbr
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=nbr.device)
-    packed = (padded.view(n, width, 8) * weights).sum(-1, dtype=torch.uint8)  # (n, width)
-    both = torch.cat([packed.flatten(), order.to(torch.int64).view(torch.uint8)])
-    buf = bytearray(both.numel())
-    torch.frombuffer(buf, dtype=torch.uint8).copy_(both)  # the one device -> host copy
-    rows = bytes(buf[: n * width])
-    ranked = torch.frombuffer(buf, dtype=torch.int64, offset=n * width, count=n).tolist()
-    suppressed, picks = 0, []
-    for i in ranked:  # pass 1: greedy NMS in score order
-        if (suppressed >> i) & 1:
-            continue
-        picks.append(i)
+    n = feats.shape[0]
+    picks: list[int] = []
+    kept = _normalised(feats[:0])  # unit features of the tokens kept so far
+    for a in range(0, n, block):
+        cand = _normalised(feats.index_select(0, order[a : a + block]))
+        m = cand.shape[0]
+        near_kept = ((cand @ kept.T) >= tau).any(dim=1)  # (m,), suppressed by earlier blocks
+        bits, width = _host_bitsets(torch.cat([(cand @ cand.T) >= tau, near_kept[None]]))
+        new = _keep_in_order(bits, width, m, int.from_bytes(bits[m * width :], "little"), k - len(picks))
+        picks += [a + c for c in new]
         if len(picks) == k:
             break
-        suppressed |= int.from_bytes(rows[i * width : (i + 1) * width], "little")
-    if len(picks) < k:  # pass 2: fill up by score
-        taken = set(picks)
-        picks += [i for i in ranked if i not in taken][: k - len(picks)]
-    return torch.tensor(sorted(picks), dtype=torch.long)
+        kept = torch.cat([kept, cand[new]])
+    return picks
+
+
+def _keep_in_order(bits: bytes, width: int, m: int, suppressed: int, budget: int) -> list[int]:
+    """Greedy pass over candidates ``0..m-1``: keep a candidate unless suppressed; keeping ``c`` suppresses
+    row ``c`` of ``bits``; stop after ``budget`` kept."""
+    picks: list[int] = []
+    for c in range(m):
+        if (suppressed >> c) & 1:
+            continue
+        picks.append(c)
+        if len(picks) == budget:
+            break
+        suppressed |= int.from_bytes(bits[c * width : (c + 1) * width], "little")
+    return picks
+
+
+def _host_bitsets(rows: Tensor) -> tuple[bytes, int]:
+    """A boolean (r, m) matrix copied to the host once, each row a little-endian bitset of ``width`` bytes.
+
+    Bit ``j`` of row ``i`` is ``rows[i, j]``: columns are packed eight to a byte (bit ``t`` of byte ``b`` is
+    column ``8b + t``), so ``int.from_bytes(bits[i * width : (i + 1) * width], "little")`` is row ``i``.
+    """
+    r, m = rows.shape
+    width = (m + 7) // 8
+    padded = torch.zeros(r, width * 8, dtype=torch.uint8, device=rows.device)
+    padded[:, :m] = rows
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=rows.device)
+    packed = (padded.view(r, width, 8) * weights).sum(-1, dtype=torch.uint8)  # (r, width)
+    buf = bytearray(r * width)
+    torch.frombuffer(buf, dtype=torch.uint8).copy_(packed.flatten())  # the one device -> host copy
+    return bytes(buf), width

@@ -60,8 +60,8 @@ def test_matches_naive_reference(seed, tau):
         got = greedy_nms(scores, feats, k, tau)
         assert got.dtype == torch.long
         assert got.tolist() == want, (seed, tau, k)
-        got_rows = greedy_nms(scores, feats, k, tau, row_wise=True)
-        assert got_rows.tolist() == want
+        for block in (1, 3, 16):  # several blocks of the host loop, down to one candidate each
+            assert greedy_nms(scores, feats, k, tau, block=block).tolist() == want, block
         got_nbr = greedy_nms(scores, feats, k, tau, neighbours=neighbour_matrix(feats, tau))
         assert got_nbr.tolist() == want
         assert greedy_nms(scores, feats, k, tau, on_device=True).tolist() == want
@@ -110,6 +110,23 @@ def test_edge_cases():
         greedy_nms(scores[None], feats, 2)
     with pytest.raises(ValueError, match="neighbours must be a bool tensor"):
         greedy_nms(scores, feats, 2, neighbours=torch.ones(5, 5))
+    with pytest.raises(ValueError, match="block must be a positive number"):
+        greedy_nms(scores, feats, 2, block=0)
+
+
+def test_host_loop_stops_after_kth_kept(monkeypatch):
+    """Blocks after the k-th kept token are neither gathered nor compared."""
+    import pio.nms as nms
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    scores = torch.rand(40, generator=gen, dtype=torch.float64)
+    seen = []
+    real = nms._normalised
+    monkeypatch.setattr(nms, "_normalised", lambda f: seen.append(f.shape[0]) or real(f))
+    out = greedy_nms(scores, feats, 3, tau=1.5, block=4)  # nothing is suppressed: the first block suffices
+    assert out.tolist() == topk_indices(scores, 3).tolist()
+    assert seen == [0, 4]  # the empty kept set, then one block of four candidates
 
 
 def test_topk_stable_ties():
@@ -149,7 +166,5 @@ def test_no_host_sync_in_loop(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, boom)
     out = greedy_nms(scores, feats, 20, 0.8, on_device=True)
-    out_rows = greedy_nms(scores, feats, 20, 0.8, row_wise=True)
     monkeypatch.undo()
     assert out.tolist() == want
-    assert out_rows.tolist() == want
