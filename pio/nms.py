@@ -19,7 +19,9 @@ result goes to the host per block. Blocks after the ``k``-th kept token are neve
 ``n * (k + block) * D`` multiply-adds, against ``n^2 * D`` for the full similarity matrix (LLaVA-NeXT:
 n = 2340, k = 376: at most a quarter, usually far less), with ``O(block * (k + block))`` memory. The dot
 products are the same float32 (float64 for float64 input) products as in a full matrix, grouped differently,
-so a cosine within rounding error of ``tau`` may compare differently.
+so a cosine within rounding error of ``tau`` may compare differently. Blocks of :data:`CPU_BLOCK` pay off where
+FLOPs are the cost (a CPU); elsewhere the default is one block, the whole span: a GPU computes the full matrix
+in microseconds, and one host copy per call costs less than one per block.
 
 Device loop (``on_device=True``): the full boolean neighbour matrix (one ``(n, D) @ (D, n)`` matmul), and both
 passes as one loop of exactly ``k`` steps with no host synchronisation at all (no ``.item()``, ``.tolist()``
@@ -52,9 +54,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TAU", "greedy_nms", "neighbour_matrix", "stable_rank", "topk_indices"]
+__all__ = ["CPU_BLOCK", "DEFAULT_TAU", "greedy_nms", "neighbour_matrix", "stable_rank", "topk_indices"]
 
 DEFAULT_TAU = 0.8
+CPU_BLOCK = 128
+"""Candidates per block of the host loop on a CPU (fastest of 64-1024 for LLaVA-NeXT spans on the CI CPU)."""
 
 
 def _work_dtype(feats: Tensor) -> torch.dtype:
@@ -130,7 +134,7 @@ def greedy_nms(
     tau: float = DEFAULT_TAU,
     neighbours: Tensor | None = None,
     on_device: bool = False,
-    block: int = 128,
+    block: int | None = None,
 ) -> Tensor:
     """Greedy NMS with fill-up: the ``k`` kept tokens of one visual span (§2.8; rule in the module docstring).
 
@@ -144,7 +148,7 @@ def greedy_nms(
         on_device: run the greedy loop on the tensor's device over the full neighbour matrix (no host
             synchronisation at all, ~3 kernels per kept token) instead of the default blocked host loop (one
             device->host copy per block of candidates visited).
-        block: candidates per block of the host loop.
+        block: candidates per block of the host loop; None: :data:`CPU_BLOCK` on a CPU, else the whole span.
 
     Returns:
         (min(max(k, 0), n),) long tensor of kept local indices in ascending order, on ``scores.device``.
@@ -155,8 +159,10 @@ def greedy_nms(
         return torch.arange(n, device=device)
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=device)
+    if block is None:
+        block = CPU_BLOCK if device.type == "cpu" else n
     if block < 1:
-        raise ValueError(f"block must be a positive number of candidates, got {block}")
+        raise ValueError(f"block must be a positive number of candidates or None, got {block}")
     if neighbours is not None and (neighbours.shape != (n, n) or neighbours.dtype != torch.bool):
         raise ValueError(
             f"neighbours must be a bool tensor of shape ({n}, {n}), got {neighbours.dtype} {tuple(neighbours.shape)}"

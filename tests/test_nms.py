@@ -60,7 +60,7 @@ def test_matches_naive_reference(seed, tau):
         got = greedy_nms(scores, feats, k, tau)
         assert got.dtype == torch.long
         assert got.tolist() == want, (seed, tau, k)
-        for block in (1, 3, 16):  # several blocks of the host loop, down to one candidate each
+        for block in (1, 3, 16, n):  # blocks of the host loop, from one candidate each to the whole span
             assert greedy_nms(scores, feats, k, tau, block=block).tolist() == want, block
         got_nbr = greedy_nms(scores, feats, k, tau, neighbours=neighbour_matrix(feats, tau))
         assert got_nbr.tolist() == want
