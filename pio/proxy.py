@@ -87,15 +87,15 @@ def sliced_proxy(
         K = rows.shape[1]
         hd = attn.head_dim
         h = layer.input_layernorm(x)  # (B, S, D)
-        k = attn.k_proj(h).view(B, S, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        k = attn.k_proj(h).view(B, S, -1, hd)  # (B, S, Hkv, hd): rotated in the projection's own layout
+        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
         q = attn.q_proj(_rows(h, rows)).view(B, K, -1, hd).transpose(1, 2)  # (B, H, K, hd)
         q = q * _rows(cos, rows)[:, None] + _rotate_half(q) * _rows(sin, rows)[:, None]
-        n_kv = k.shape[1]
+        n_kv = k.shape[2]
         groups = q.shape[1] // n_kv
         q = q.reshape(B, n_kv, groups * K, hd)  # query heads grouped by their key/value head
         bias = causal_padding_bias(_usable(key_mask), rows, torch.float32).repeat(1, 1, groups, 1)
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling + bias  # (B, Hkv, G*K, S)
+        scores = (q @ k.permute(0, 2, 3, 1)).float() * attn.scaling + bias  # (B, Hkv, G*K, S)
         p = scores.softmax(dim=-1).to(h.dtype)
         # attention-weighted normalised inputs, one matmul over all heads: (B, Hkv*G*K, S) @ (B, S, D)
         mixed = (p.reshape(B, -1, S) @ h).view(B, n_kv, groups * K, D)
