@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import closing
 
 import torch
 from tqdm import tqdm
@@ -52,24 +53,20 @@ def eval_model(args: argparse.Namespace) -> None:
         path = os.path.join(args.image_folder, q["image"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"question {q['question_id']}: image file not found: {path}")
-    answers = runner.JsonlWriter(args.answers_file, args.resume)
-    todo = [q for q in questions if str(q["question_id"]) not in answers.done]
-    if len(todo) < len(questions):
-        logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
-    tok, model, proc, name = runner.load_from_args(args)
-    logs = runner.SampleLogs(args, model)
-    workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(QuestionDataset(todo, args, tok, proc, model.config), batch_size=None,
-                                         num_workers=workers)
-    try:
-        for q, ids, pixels, size in tqdm(loader, desc="questions", unit="q"):
-            pixels = runner.to_model(pixels, model)
-            text, state, timing = runner.generate(model, tok, ids, pixels, [size], args, logs.profiling)
-            answers.write(runner.answer_record(q["question_id"], q["text"], text, name))
-            logs.write(q["question_id"], state, timing)
-    finally:
-        answers.close()
-        logs.close()
+    with closing(runner.JsonlWriter(args.answers_file, args.resume)) as answers:
+        todo = [q for q in questions if str(q["question_id"]) not in answers.done]
+        if len(todo) < len(questions):
+            logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
+        tok, model, proc, name = runner.load_from_args(args)
+        workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
+        loader = torch.utils.data.DataLoader(QuestionDataset(todo, args, tok, proc, model.config), batch_size=None,
+                                             num_workers=workers)
+        with closing(runner.SampleLogs(args, model)) as logs:
+            for q, ids, pixels, size in tqdm(loader, desc="questions", unit="q"):
+                pixels = runner.to_model(pixels, model)
+                text, state, timing = runner.generate(model, tok, ids, pixels, [size], args, logs.profiling)
+                answers.write(runner.answer_record(q["question_id"], q["text"], text, name))
+                logs.write(q["question_id"], state, timing)
 
 
 def main(argv: list[str] | None = None) -> None:

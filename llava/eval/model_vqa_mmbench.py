@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -217,34 +218,28 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     questions = read_questions(args.question_file)
     questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
-    answers = runner.JsonlWriter(args.answers_file, args.resume)
-    done = done_rounds(args.answers_file) if args.resume else set()
-    todo = [(q, r) for q in questions for r in rounds(q, args.all_rounds) if (str(q.index), r[0]) not in done]
-    total = sum(len(rounds(q, args.all_rounds)) for q in questions)
-    if len(todo) < total:
-        logger.info("resuming: %d of %d rounds already answered", total - len(todo), total)
-    logs = None
-    try:
+    with closing(runner.JsonlWriter(args.answers_file, args.resume)) as answers:  # drops a truncated last line
+        done = done_rounds(args.answers_file) if args.resume else set()
+        todo = [(q, r) for q in questions for r in rounds(q, args.all_rounds) if (str(q.index), r[0]) not in done]
+        total = sum(len(rounds(q, args.all_rounds)) for q in questions)
+        if len(todo) < total:
+            logger.info("resuming: %d of %d rounds already answered", total - len(todo), total)
         if not todo:
             logger.info("nothing to do: every question of this chunk is answered")
             return
         tok, model, proc, name = runner.load_from_args(args, loaded)
-        logs = runner.SampleLogs(args, model)
         im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
-        for q, (round_id, options, option_char) in tqdm(todo, desc="questions", unit="q"):
-            text_in = question_text(q, options)
-            prompt = build_prompt(text_in, args.conv_mode, im_start_end, args.single_pred_prompt, args.lang)
-            ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
-            image = decode_image(q.image)
-            pixels = runner.to_model(process_images([image], proc, model.config), model)
-            text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
-            answers.write(runner.answer_record(q.index, text_in, text, name, round_id=round_id, options=options,
-                                               option_char=option_char))
-            logs.write(q.index, state, timing, round_id=round_id)
-    finally:
-        answers.close()
-        if logs is not None:
-            logs.close()
+        with closing(runner.SampleLogs(args, model)) as logs:
+            for q, (round_id, options, option_char) in tqdm(todo, desc="questions", unit="q"):
+                text_in = question_text(q, options)
+                prompt = build_prompt(text_in, args.conv_mode, im_start_end, args.single_pred_prompt, args.lang)
+                ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
+                image = decode_image(q.image)
+                pixels = runner.to_model(process_images([image], proc, model.config), model)
+                text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
+                answers.write(runner.answer_record(q.index, text_in, text, name, round_id=round_id, options=options,
+                                                   option_char=option_char))
+                logs.write(q.index, state, timing, round_id=round_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

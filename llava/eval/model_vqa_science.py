@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+from contextlib import closing
 
 from tqdm import tqdm
 
@@ -126,35 +127,29 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{args.question_file}: question {q['id']}: image file not found: {path} "
                                         "(--image-folder joined with the entry's 'image')")
-    answers = runner.JsonlWriter(args.answers_file, args.resume)
-    todo = [q for q in questions if str(q["id"]) not in answers.done]
-    if len(todo) < len(questions):
-        logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
-    logs = None
-    try:
+    with closing(runner.JsonlWriter(args.answers_file, args.resume)) as answers:
+        todo = [q for q in questions if str(q["id"]) not in answers.done]
+        if len(todo) < len(questions):
+            logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
         if not todo:
             logger.info("nothing to do: every question of this chunk is answered")
             return
         tok, model, proc, name = runner.load_from_args(args, loaded)
-        logs = runner.SampleLogs(args, model)
         im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
-        for q in tqdm(todo, desc="questions", unit="q"):
-            prompt, shown = build_prompts(q, args.conv_mode, im_start_end, args.single_pred_prompt)
-            ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
-            rel = image_file(q)
-            if rel is None:
-                pixels, sizes = None, None
-            else:
-                image = runner.load_image(os.path.join(args.image_folder, rel))
-                pixels = runner.to_model(process_images([image], proc, model.config), model)
-                sizes = [image.size]
-            text, state, timing = runner.generate(model, tok, ids, pixels, sizes, args, logs.profiling)
-            answers.write(runner.answer_record(q["id"], shown, text, name))
-            logs.write(q["id"], state, timing)
-    finally:
-        answers.close()
-        if logs is not None:
-            logs.close()
+        with closing(runner.SampleLogs(args, model)) as logs:
+            for q in tqdm(todo, desc="questions", unit="q"):
+                prompt, shown = build_prompts(q, args.conv_mode, im_start_end, args.single_pred_prompt)
+                ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
+                rel = image_file(q)
+                if rel is None:
+                    pixels, sizes = None, None
+                else:
+                    image = runner.load_image(os.path.join(args.image_folder, rel))
+                    pixels = runner.to_model(process_images([image], proc, model.config), model)
+                    sizes = [image.size]
+                text, state, timing = runner.generate(model, tok, ids, pixels, sizes, args, logs.profiling)
+                answers.write(runner.answer_record(q["id"], shown, text, name))
+                logs.write(q["id"], state, timing)
 
 
 def build_parser() -> argparse.ArgumentParser:
