@@ -27,7 +27,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 bench: $(STAMP)
-	$(PY) -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --pio-layers 1,10,15 --pio-tokens 92,54,22
+	$(PY) -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --methods pio,fastv,pdrop,sparsevlm,dart,random --budget 64
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

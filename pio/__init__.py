@@ -1,12 +1,30 @@
-"""PIO-FVLM: training-free visual-token selection inside the language model (arXiv 2602.04657).
+"""Training-free visual-token reduction inside (and before) the language model of a VLM.
 
-The package depends on torch only. A model calls :func:`pio.select.select_visual_tokens` after configured
-decoder layers during prefill, and :mod:`pio.gather` to shorten the sequence; :mod:`pio.schedule` says where
-and how much, :mod:`pio.flops` accounts for the cost.
+The package depends on torch only. Every method (:mod:`pio.methods`: PIO-FVLM and the comparison methods) is a
+small class behind one interface (:mod:`pio.base`), registered by name (:mod:`pio.registry`). A model hands a
+method what it declared it needs at each of its stages and applies the kept positions with :mod:`pio.gather`;
+:mod:`pio.schedule` and :mod:`pio.budget` say where and how much, :mod:`pio.cli` builds a method from runner
+flags, :mod:`pio.flops` accounts for the cost.
 """
 
-from .schedule import Schedule, preset, schedule_from_args
-from .select import PIOConfig, select_visual_tokens
+from .base import ReductionMethod, Selection, StageInputs
+from .budget import Anchors
+from .methods import PIO
+from .registry import get_method, make_method, method_names, register
+from .schedule import PAPER_N0, Schedule
 from .state import PruneState
 
-__all__ = ["PIOConfig", "PruneState", "Schedule", "preset", "schedule_from_args", "select_visual_tokens"]
+__all__ = [
+    "PAPER_N0",
+    "PIO",
+    "Anchors",
+    "PruneState",
+    "ReductionMethod",
+    "Schedule",
+    "Selection",
+    "StageInputs",
+    "get_method",
+    "make_method",
+    "method_names",
+    "register",
+]

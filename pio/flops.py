@@ -46,6 +46,8 @@ __all__ = [
     "measured_kv_bytes",
     "projector_flops",
     "proxy_flops",
+    "row_attention_flops",
+    "selection_flops",
     "seq_lens_per_layer",
 ]
 
@@ -295,6 +297,34 @@ def proxy_flops(seq_len: int, rows: int, dims: LMDims, sliced: bool) -> dict[str
     out["backward"] = out["layer_backward"] + out["head_backward"]
     out["total"] = out["forward"] + out["backward"]
     return out
+
+
+def row_attention_flops(seq_len: int, rows: int, dims: LMDims) -> int:
+    """FLOPs of one explicit attention-row computation (:func:`pio.proxy.row_attention`): keys for all
+    ``seq_len`` positions (``2*S*d*kv``), queries for ``rows`` rows (``2*R*d*q``) and their scores over every key
+    (``2*H*R*S*head_dim``); softmax and RoPE ignored."""
+    d = dims.hidden_size
+    q = dims.num_heads * dims.head_dim
+    kv = dims.num_kv_heads * dims.head_dim
+    return 2 * seq_len * d * kv + 2 * rows * d * q + 2 * dims.num_heads * rows * seq_len * dims.head_dim
+
+
+def selection_flops(events: Iterable[Any], dims: LMDims) -> int:
+    """FLOPs of what a reduction method computed for its selection, from the prune state's events
+    (:class:`pio.state.SelectionEvent`): PIO's proxy passes (:func:`proxy_flops`), attention rows
+    (:func:`row_attention_flops`) and keys (``2*S*d*kv``). Per sample (batch size 1)."""
+    total = 0
+    kv = dims.num_kv_heads * dims.head_dim
+    for ev in events:
+        if ev.kind == "proxy":
+            total += proxy_flops(ev.seq_len, ev.rows, dims, sliced=ev.impl == "sliced")["total"]
+        elif ev.kind == "attention":
+            total += row_attention_flops(ev.seq_len, ev.rows, dims)
+        elif ev.kind == "keys":
+            total += 2 * ev.seq_len * dims.hidden_size * kv
+        else:
+            raise ValueError(f"unknown selection event kind {ev.kind!r}")
+    return total
 
 
 # --------------------------------------------------------------------------------------------------------

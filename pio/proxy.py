@@ -59,6 +59,54 @@ def causal_padding_bias(key_mask: torch.Tensor, query_pos: torch.Tensor, dtype: 
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _grouped_scores(attn: Any, h: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """Masked attention scores (B, Hkv, G*R, S) float32 of the query rows ``rows`` (B, R) over every key.
+
+    ``h`` (B, S, D) is the layer's normalised input; query heads are grouped by their key/value head (head
+    ``kv * G + g``, row ``g * R + r``), so grouped-query attention needs no copy of the keys.
+    """
+    B, S, _ = h.shape
+    R = rows.shape[1]
+    hd = attn.head_dim
+    k = attn.k_proj(h).view(B, S, -1, hd)  # (B, S, Hkv, hd): rotated in the projection's own layout
+    k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+    q = attn.q_proj(_rows(h, rows)).view(B, R, -1, hd).transpose(1, 2)  # (B, H, R, hd)
+    q = q * _rows(cos, rows)[:, None] + _rotate_half(q) * _rows(sin, rows)[:, None]
+    n_kv = k.shape[2]
+    groups = q.shape[1] // n_kv
+    q = q.reshape(B, n_kv, groups * R, hd)  # query heads grouped by their key/value head
+    bias = causal_padding_bias(key_mask, rows, torch.float32).repeat(1, 1, groups, 1)
+    return (q @ k.permute(0, 2, 3, 1)).float() * attn.scaling + bias  # (B, Hkv, G*R, S)
+
+
+def layer_keys(layer: Any, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotated keys (B, S, H_kv * head_dim) of decoder layer ``layer`` on its input ``x`` (B, S, D)."""
+    attn = layer.self_attn
+    cos, sin = position_embeddings
+    B, S, _ = x.shape
+    k = attn.k_proj(layer.input_layernorm(x)).view(B, S, -1, attn.head_dim)
+    return (k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]).flatten(2)
+
+
+def row_attention(
+    layer: Any, x: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Softmax attention (B, H, R, S) float32 of decoder layer ``layer`` for the query rows ``rows`` (B, R).
+
+    Recomputed explicitly from the layer's own normalised input ``x`` (B, S, D), queries, keys and rotary
+    ``position_embeddings`` with a causal + padding mask, for just those rows, so the model's attention backend
+    is never switched (what FastV, PDrop and SparseVLM need). Rows that are padding see every key.
+    """
+    with torch.no_grad():
+        cos, sin = position_embeddings
+        scores = _grouped_scores(layer.self_attn, layer.input_layernorm(x), rows, key_mask.bool(), cos, sin)
+        B, n_kv, GR, S = scores.shape
+        R = rows.shape[1]
+        return scores.softmax(dim=-1).view(B, n_kv, GR // R, R, S).reshape(B, -1, R, S)
+
+
 def sliced_proxy(
     layer: Any,
     norm: torch.nn.Module,
@@ -87,15 +135,9 @@ def sliced_proxy(
         K = rows.shape[1]
         hd = attn.head_dim
         h = layer.input_layernorm(x)  # (B, S, D)
-        k = attn.k_proj(h).view(B, S, -1, hd)  # (B, S, Hkv, hd): rotated in the projection's own layout
-        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
-        q = attn.q_proj(_rows(h, rows)).view(B, K, -1, hd).transpose(1, 2)  # (B, H, K, hd)
-        q = q * _rows(cos, rows)[:, None] + _rotate_half(q) * _rows(sin, rows)[:, None]
-        n_kv = k.shape[2]
-        groups = q.shape[1] // n_kv
-        q = q.reshape(B, n_kv, groups * K, hd)  # query heads grouped by their key/value head
-        bias = causal_padding_bias(_usable(key_mask), rows, torch.float32).repeat(1, 1, groups, 1)
-        scores = (q @ k.permute(0, 2, 3, 1)).float() * attn.scaling + bias  # (B, Hkv, G*K, S)
+        scores = _grouped_scores(attn, h, rows, _usable(key_mask), cos, sin)  # (B, Hkv, G*K, S)
+        n_kv = scores.shape[1]
+        groups = scores.shape[2] // K
         p = scores.softmax(dim=-1).to(h.dtype)
         # attention-weighted normalised inputs, one matmul over all heads: (B, Hkv*G*K, S) @ (B, S, D)
         mixed = (p.reshape(B, -1, S) @ h).view(B, n_kv, groups * K, D)

@@ -1,6 +1,4 @@
-"""Pruning schedules: which decoder layers prune, and to how many visual tokens.
-
-Paper reference: PIO-FVLM / TRIO, §3 of ``docs/method.md`` (schedules and budget accounting).
+"""Pruning schedules: which decoder layers prune, and to how many visual tokens (``docs/method.md`` §3).
 
 A schedule is a strictly increasing tuple of 1-based layers ``l_1 < ... < l_K``. Pruning at ``l`` happens in
 prefill right after decoder layer ``l`` (0-based index ``l-1``) has run, and shortens the sequence seen by the
@@ -12,11 +10,13 @@ prefill right after decoder layer ``l`` (0-based index ``l-1``) has run, and sho
 ``ratios``
     fractions in ``(0, 1]``. With ``ratio_mode="initial"`` (default) stage ``j`` keeps ``int(ratio_j * n0)``;
     with ``ratio_mode="current"`` it keeps ``int(ratio_j * c_{j-1})`` (multiplicative; the semantics of the
-    authors' Qwen2.5-VL code, §3.3).
+    authors' Qwen2.5-VL code and of PDrop's ratio lists).
 ``budget``
-    an *average* number of visual tokens per decoder layer (absolute), solved per sample (below).
+    an *average* number of visual tokens per decoder layer (absolute), solved per sample by
+    :func:`pio.budget.budget_counts` with the schedule's ``anchors`` (the method's published shape).
 ``budget_ratio``
-    the same average, as a fraction of each sample's ``n0`` (LLaVA-NeXT, where ``n0`` varies per image).
+    the same average, as a fraction of each sample's ``n0`` (LLaVA-NeXT, where ``n0`` varies per image). The
+    paper's budget labels 64 / 128 / 192 are fractions of LLaVA-1.5's 576 tokens (:data:`PAPER_N0`).
 
 Every count is at least 1 when ``n0 >= 1``; a sample with ``n0 == 0`` (text only) gets zeros.
 
@@ -26,92 +26,24 @@ Average visual tokens per layer (the paper's accounting, §3.1), with ``c_0 = n0
     avg = (1/L) * sum_{j=0..K} c_j * (l_{j+1} - l_j)
 
 e.g. layers (1, 10, 15), n0 = 576, counts (218, 128, 54), L = 32 gives (576 + 9*218 + 5*128 + 17*54)/32 = 128.
-
-Budget solving
---------------
-The only budgeted schedules the authors published are for LLaVA-1.5-7B (L = 32, n0 = 576) with layers
-(1, 10, 15): budget 64 -> (92, 54, 22) and budget 128 -> (218, 128, 54), both taken from the authors' scripts
-(``docs/method.md`` §3.2). The 192-token schedule is not in their code; (344, 202, 86) is the linear
-extrapolation of the 64 -> 128 step and averages exactly 192.0 (§3.2, "candidates ... not confirmed"). These
-three *anchor schedules* define, as a function of the budget fraction ``r = budget / n0``, the per-stage count
-fractions ``f(r) = counts / 576``, with the extra anchors ``f(0) = 0`` and ``f(1) = 1`` and linear interpolation
-in ``r`` in between. A budget is turned into counts for any layers, depth and ``n0`` as follows:
-
-1. Stage fractions. Each stage ``j`` is placed at depth ``t_j = l_j / L``; the anchor stages sit at depths
-   1/32, 10/32 and 15/32. ``f_j`` is the anchor fraction at that depth, linearly interpolated between anchor
-   stages and held constant before the first and after the last. For layers (1, 10, 15) and L = 32 this is
-   exactly ``f(r)``.
-2. One scale factor. Find ``s`` (closed form) such that
-   ``l_1 + sum_j (l_{j+1} - l_j) * min(1, s * f_j) = r * L``; for (1, 10, 15) / L = 32 and the anchor budgets
-   ``s`` is exactly 1. The real-valued targets are ``x_j = n0 * min(1, s * f_j)``.
-3. Rounding. ``c_j = clamp(round_half_up(x_j), 1, n0)`` (non-increasing because ``x`` is).
-4. Residual correction, deterministic. With the residual ``e = budget*L - (n0*l_1 + sum_j c_j w_j)`` in
-   token-layers (``w_j = l_{j+1} - l_j``): first a greedy pass over the stages in order of decreasing ``w_j``
-   (ties: earlier stage first) adds ``round_half_up(e / w_j)`` to ``c_j`` within the bounds that keep the counts
-   non-increasing and >= 1; then, for K <= 5, an exhaustive search over changes of at most +-2 per stage picks
-   the one minimising ``|e|``, then the total change, then the first in lexicographic order. The greedy pass
-   alone guarantees ``|e| <= min_j w_j / 2`` when no bound is hit; the search usually brings it to
-   ``|e| <= 1/2`` (one token-layer), i.e. the realised average is within ``1/(2L)`` of the budget.
-
-For n0 = 576 the three presets therefore reproduce (92, 54, 22), (218, 128, 54) and (344, 202, 86) exactly,
-and for LLaVA-NeXT (n0 ~ 1700 ... 2880) a ``budget_ratio`` gives the same fractions times n0 (e.g. n0 = 2880,
-r = 1/9 -> (460, 270, 110)). Budgets outside the achievable range ``[(n0*l_1 + (L - l_1)) / L, n0]`` raise.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import itertools
-import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from .budget import Anchors, budget_counts
 
-__all__ = [
-    "ANCHOR_COUNTS",
-    "ANCHOR_LAYERS",
-    "ANCHOR_N0",
-    "ANCHOR_NUM_LAYERS",
-    "PRESETS",
-    "PROXY_MODES",
-    "RATIO_MODES",
-    "EncoderReductionNotImplementedError",
-    "Schedule",
-    "average_visual_tokens",
-    "budget_counts",
-    "parse_counts",
-    "parse_layers",
-    "parse_ratios",
-    "preset",
-    "realised_average",
-    "schedule_from_args",
-]
+__all__ = ["PAPER_N0", "RATIO_MODES", "Schedule", "average_visual_tokens", "realised_average"]
 
-PROXY_MODES = ("next", "current")
 RATIO_MODES = ("initial", "current")
+PAPER_N0 = 576
+"""Visual tokens of one LLaVA-1.5 image: the papers' budgets 64 / 128 / 192 are fractions of it."""
 
-# Anchor schedules (authors' scripts for 64/128; linear extrapolation for 192, see the module docstring).
-ANCHOR_LAYERS: tuple[int, ...] = (1, 10, 15)
-ANCHOR_NUM_LAYERS = 32
-ANCHOR_N0 = 576
-ANCHOR_COUNTS: dict[int, tuple[int, ...]] = {
-    64: (92, 54, 22),
-    128: (218, 128, 54),
-    192: (344, 202, 86),
-}
-
-_REFINE_MAX_STAGES = 5
-_REFINE_RADIUS = 2
 _TOL = 1e-9
-
-
-class EncoderReductionNotImplementedError(NotImplementedError, ValueError):
-    """Raised for ``--visual_token_num`` other than 576 (encoder-side reduction is not implemented yet)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -150,137 +82,6 @@ def realised_average(n0: int, layers: Sequence[int], kept_counts: Sequence[int],
 
 
 # --------------------------------------------------------------------------------------------------------
-# Budget solving
-# --------------------------------------------------------------------------------------------------------
-
-
-def _anchor_fractions(r: float) -> list[float]:
-    """Anchor stage fractions ``f(r)`` for the anchor layers, piecewise linear in ``r`` (module docstring)."""
-    k = len(ANCHOR_LAYERS)
-    points: list[tuple[float, list[float]]] = [(0.0, [0.0] * k)]
-    for budget in sorted(ANCHOR_COUNTS):
-        points.append((budget / ANCHOR_N0, [c / ANCHOR_N0 for c in ANCHOR_COUNTS[budget]]))
-    points.append((1.0, [1.0] * k))
-    r = min(max(r, 0.0), 1.0)
-    for (r_a, f_a), (r_b, f_b) in zip(points[:-1], points[1:]):
-        if r <= r_b:
-            if r == r_b:
-                return list(f_b)
-            w = (r - r_a) / (r_b - r_a)
-            return [a + w * (b - a) for a, b in zip(f_a, f_b)]
-    return [1.0] * k
-
-
-def _stage_fractions(r: float, layers: Sequence[int], num_layers: int) -> list[float]:
-    """Per-stage fractions for arbitrary layers: anchor fractions interpolated in depth ``l / L``."""
-    anchor_f = _anchor_fractions(r)
-    anchor_t = [a / ANCHOR_NUM_LAYERS for a in ANCHOR_LAYERS]
-    out = []
-    for layer in layers:
-        t = layer / num_layers
-        if t <= anchor_t[0]:
-            out.append(anchor_f[0])
-        elif t >= anchor_t[-1]:
-            out.append(anchor_f[-1])
-        else:
-            i = max(j for j in range(len(anchor_t)) if anchor_t[j] <= t)
-            if t == anchor_t[i]:
-                out.append(anchor_f[i])
-            else:
-                w = (t - anchor_t[i]) / (anchor_t[i + 1] - anchor_t[i])
-                out.append(anchor_f[i] + w * (anchor_f[i + 1] - anchor_f[i]))
-    return out
-
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5 + _TOL))
-
-
-def _solve_scale(fracs: Sequence[float], widths: Sequence[int], head: int, target: float) -> float:
-    """Closed-form ``s`` with ``head + sum_j w_j * min(1, s * f_j) == target`` (``f`` non-increasing, > 0)."""
-    k = len(fracs)
-    for c in range(k + 1):  # c = number of leading stages clipped at 1
-        rest = sum(w * f for w, f in zip(widths[c:], fracs[c:]))
-        if rest <= 0:
-            return math.inf
-        s = (target - head - sum(widths[:c])) / rest
-        if (c == k or s * fracs[c] <= 1.0 + _TOL) and (c == 0 or s * fracs[c - 1] >= 1.0 - _TOL):
-            return s
-    return math.inf
-
-
-def budget_counts(n0: int, layers: Sequence[int], num_layers: int, budget: float) -> list[int]:
-    """Per-stage visual counts whose average over ``num_layers`` layers is as close as possible to ``budget``.
-
-    The rule (anchor schedules, one scale factor, rounding, deterministic residual correction) is described in
-    the module docstring. ``budget`` is absolute (visual tokens per layer, averaged); ``layers`` are 1-based.
-
-    Raises:
-        ValueError: if ``budget`` is outside ``[(n0*l_1 + (L - l_1)) / L, n0]``, the range achievable with
-            counts in ``1..n0`` for this ``n0`` and depth.
-    """
-    return list(_budget_counts_cached(int(n0), tuple(int(x) for x in layers), int(num_layers), float(budget)))
-
-
-@functools.lru_cache(maxsize=4096)
-def _budget_counts_cached(
-    n0: int, layers: tuple[int, ...], num_layers: int, budget: float
-) -> tuple[int, ...]:
-    """Cached core of :func:`budget_counts` (called once per sample and stage during generation)."""
-    if n0 < 0:
-        raise ValueError(f"n0 must be >= 0, got {n0}")
-    if n0 == 0:
-        return (0,) * len(layers)
-    k = len(layers)
-    head = layers[0]
-    widths = [b - a for a, b in zip(layers, (*layers[1:], num_layers))]
-    lo = (n0 * head + sum(widths)) / num_layers
-    hi = float(n0)
-    if not (lo - _TOL <= budget <= hi + _TOL):
-        raise ValueError(
-            f"budget {budget:g} visual tokens per layer is not achievable for n0={n0}, layers={list(layers)}, "
-            f"L={num_layers}: the achievable range is [{lo:.4g}, {hi:g}] (the first {head} layer(s) always see "
-            f"all n0 tokens and every later stage keeps at least 1)"
-        )
-    target_total = budget * num_layers  # token-layers
-    r = budget / n0
-    fracs = _stage_fractions(r, layers, num_layers)
-    s = _solve_scale(fracs, widths, head, r * num_layers)
-    counts = [min(n0, max(1, _round_half_up(n0 * min(1.0, s * f)))) for f in fracs]
-    for j in range(1, k):  # rounding is monotone, this only guards against float noise
-        counts[j] = min(counts[j], counts[j - 1])
-
-    def residual(cs: Sequence[int]) -> float:
-        return target_total - (n0 * head + sum(c * w for c, w in zip(cs, widths)))
-
-    def bounds(cs: Sequence[int], j: int) -> tuple[int, int]:
-        upper = n0 if j == 0 else cs[j - 1]
-        lower = 1 if j == k - 1 else cs[j + 1]
-        return lower, upper
-
-    # Greedy pass: widest stage first.
-    for j in sorted(range(k), key=lambda i: (-widths[i], i)):
-        lower, upper = bounds(counts, j)
-        delta = _round_half_up(residual(counts) / widths[j])
-        counts[j] = min(upper, max(lower, counts[j] + delta))
-
-    # Exhaustive refinement over small changes.
-    if k <= _REFINE_MAX_STAGES:
-        best_key: tuple[float, int] | None = None
-        best = list(counts)
-        span = range(-_REFINE_RADIUS, _REFINE_RADIUS + 1)
-        for deltas in itertools.product(span, repeat=k):
-            cand = [c + d for c, d in zip(counts, deltas)]
-            if any(c < 1 or c > n0 for c in cand) or any(b > a for a, b in zip(cand[:-1], cand[1:])):
-                continue
-            key = (round(abs(residual(cand)), 6), sum(abs(d) for d in deltas))
-            if best_key is None or key < best_key:
-                best_key, best = key, cand
-        counts = best
-    return tuple(counts)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Schedule
 # --------------------------------------------------------------------------------------------------------
 
@@ -290,15 +91,17 @@ class Schedule:
     """Which decoder layers prune, and to how many visual tokens (``docs/method.md`` §1, §3).
 
     Attributes:
-        layers: strictly increasing 1-based layers; pruning after layer ``l`` (0-based ``l-1``) shortens the
-            sequence for 0-based layers ``l .. L-1``. With the "next" proxy (LLaVA, default) each must be in
-            ``1..L-1``; with the "current" proxy (Qwen fidelity) in ``1..L``.
+        layers: strictly increasing 1-based layers in ``1..L``; pruning after layer ``l`` (0-based ``l-1``)
+            shortens the sequence for 0-based layers ``l .. L-1``. A method may narrow the range (PIO's "next"
+            proxy needs a layer after the pruning point).
         tokens: absolute targets per layer (non-increasing, >= 1), clipped to each sample's ``n0``.
         ratios: fractions in ``(0, 1]`` per layer, of ``n0`` (``ratio_mode="initial"``, non-increasing) or of
             the previous stage's count (``ratio_mode="current"``, authors' Qwen semantics).
         ratio_mode: "initial" or "current"; only used with ``ratios``.
         budget: average visual tokens per decoder layer (absolute), solved per sample.
         budget_ratio: average visual tokens per layer as a fraction of each sample's ``n0``, in ``(0, 1]``.
+        anchors: the shape a budget is solved with (:class:`pio.budget.Anchors`, the method's published
+            schedules); None: every stage the same count.
 
     Exactly one of ``tokens``, ``ratios``, ``budget``, ``budget_ratio`` must be given. Structural checks run
     at construction; :meth:`validate` adds the depth-dependent ones.
@@ -310,6 +113,7 @@ class Schedule:
     budget: float | None = None
     budget_ratio: float | None = None
     ratio_mode: str = "initial"
+    anchors: Anchors | None = None
 
     def __post_init__(self) -> None:
         # Normalise lists to tuples so schedules stay hashable and comparable.
@@ -381,39 +185,28 @@ class Schedule:
         if self.budget_ratio is not None and not (0.0 < self.budget_ratio <= 1.0):
             raise ValueError(f"budget_ratio must be in (0, 1], got {self.budget_ratio}")
 
-    def validate(self, num_layers: int, proxy: str = "next") -> None:
+    def validate(self, num_layers: int) -> None:
         """Check the schedule against a decoder of ``num_layers`` layers.
-
-        Args:
-            num_layers: decoder depth L.
-            proxy: "next" (the proxy runs 0-based layer ``l`` after layer ``l-1``, so ``l`` must be in
-                ``1..L-1``) or "current" (the proxy re-runs the layer that just ran; ``1..L``).
 
         Raises:
             ValueError: saying what is wrong and what is allowed.
         """
-        if proxy not in PROXY_MODES:
-            raise ValueError(f"unknown proxy {proxy!r}; allowed: {', '.join(PROXY_MODES)}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self._check_structure()
-        top = num_layers - 1 if proxy == "next" else num_layers
-        bad = [x for x in self.layers if not (1 <= x <= top)]
+        bad = [x for x in self.layers if not (1 <= x <= num_layers)]
         if bad:
-            why = (
-                "the 'next' proxy runs 0-based layer l after layer l-1"
-                if proxy == "next"
-                else "pruning happens after one of the L layers"
-            )
             raise ValueError(
-                f"layers {bad} out of range for a {num_layers}-layer decoder with proxy={proxy!r}: allowed "
-                f"1..{top} ({why})"
+                f"layers {bad} out of range for a {num_layers}-layer decoder: allowed 1..{num_layers} (pruning "
+                "happens after one of the L layers)"
             )
         if self.budget_ratio is not None and self.budget_ratio * num_layers <= self.layers[0] + _TOL:
+            floor = self.layers[0] / num_layers
             raise ValueError(
-                f"budget_ratio {self.budget_ratio:g} is not achievable with first pruning layer {self.layers[0]} "
-                f"of {num_layers}: the first {self.layers[0]} layer(s) alone already average "
-                f"{self.layers[0] / num_layers:.4g} of n0; allowed ({self.layers[0] / num_layers:.4g}, 1]"
+                f"budget {self.budget_ratio * PAPER_N0:.4g} of {PAPER_N0} (budget_ratio {self.budget_ratio:.4g}) is not "
+                f"achievable with first pruning layer {self.layers[0]} of {num_layers}: the first "
+                f"{self.layers[0]} layer(s) alone already average {floor:.4g} of the visual tokens "
+                f"({floor * PAPER_N0:.4g} of {PAPER_N0}); give a larger budget or prune earlier (--layers)"
             )
 
     # -- counts -------------------------------------------------------------------------------------------
@@ -426,7 +219,7 @@ class Schedule:
         Raises:
             ValueError: invalid schedule for this depth, or a budget not achievable for this ``n0``.
         """
-        self.validate(num_layers, proxy="current")
+        self.validate(num_layers)
         n0 = int(n0)
         k = len(self.layers)
         if n0 < 0:
@@ -444,8 +237,10 @@ class Schedule:
                 out.append(c)
                 prev = c
             return out
+        if self.budget_ratio is not None and self.anchors is not None and self.anchors.mode == "counts":
+            return self.anchors.published_counts(n0, self.layers, num_layers, self.budget_ratio)
         budget = self.budget if self.budget is not None else self.budget_ratio * n0
-        return budget_counts(n0, self.layers, num_layers, budget)
+        return budget_counts(n0, self.layers, num_layers, budget, self.anchors)
 
     def average(self, n0: int, num_layers: int) -> float:
         """Average visual tokens per layer realised by :meth:`counts` for this ``n0`` (§3.1)."""
@@ -466,7 +261,7 @@ class Schedule:
         r = self.budget_ratio
         return (
             f"{where}, average budget {100 * r:.2f}% of each sample's visual tokens per layer "
-            f"({r * ANCHOR_N0:.4g} of {ANCHOR_N0})"
+            f"({r * PAPER_N0:.4g} of {PAPER_N0})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -478,6 +273,11 @@ class Schedule:
             "ratio_mode": self.ratio_mode,
             "budget": self.budget,
             "budget_ratio": self.budget_ratio,
+            "anchors": None if self.anchors is None else {
+                "layers": list(self.anchors.layers), "num_layers": self.anchors.num_layers, "n0": self.anchors.n0,
+                "schedules": {str(b): list(c) for b, c in self.anchors.schedules}, "source": self.anchors.source,
+                "mode": self.anchors.mode,
+            },
         }
 
     @classmethod
@@ -490,176 +290,12 @@ class Schedule:
             budget=data.get("budget"),
             budget_ratio=data.get("budget_ratio"),
             ratio_mode=data.get("ratio_mode", "initial"),
+            anchors=None if data.get("anchors") is None else Anchors(
+                layers=tuple(data["anchors"]["layers"]), num_layers=data["anchors"]["num_layers"],
+                n0=data["anchors"]["n0"], source=data["anchors"].get("source", ""),
+                mode=data["anchors"].get("mode", "average"),
+                schedules=tuple((int(b), tuple(c)) for b, c in data["anchors"]["schedules"].items()),
+            ),
         )
 
 
-# --------------------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------------------
-
-PRESETS: dict[str, Schedule] = {
-    str(b): Schedule(layers=ANCHOR_LAYERS, budget_ratio=b / ANCHOR_N0) for b in sorted(ANCHOR_COUNTS)
-}
-
-
-def preset(name: str | int) -> Schedule:
-    """The paper's LLaVA-1.5 budget presets "64", "128", "192" (layers (1, 10, 15), budget as a fraction of 576).
-
-    For n0 = 576 they give (92, 54, 22), (218, 128, 54), (344, 202, 86); for other n0 the same fractions.
-    """
-    return _lookup_preset(name)
-
-
-def _lookup_preset(name: str | int) -> Schedule:
-    key = str(name).strip()
-    if key not in PRESETS:
-        raise ValueError(f"unknown schedule preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return PRESETS[key]
-
-
-# --------------------------------------------------------------------------------------------------------
-# CLI parsing
-# --------------------------------------------------------------------------------------------------------
-
-
-def _split(text: Any, what: str) -> list[Any]:
-    """Items of a CLI list: "1,10,15", "1 10 15", the Python-literal "[1, 10, 15]", or a sequence."""
-    if isinstance(text, (list, tuple)):
-        return list(text)
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return [text]
-    if not isinstance(text, str):
-        raise ValueError(f"cannot parse {what} from {text!r}; use a comma-separated list such as '1,10,15'")
-    s = text.strip()
-    if not s:
-        raise ValueError(f"empty {what}; use a comma-separated list such as '1,10,15'")
-    if s[0] in "[(":
-        try:
-            value = ast.literal_eval(s)  # literals only, never eval()
-        except (ValueError, SyntaxError) as err:
-            raise ValueError(f"cannot parse {what} from {text!r}: {err}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{what} must be a list, got {text!r}")
-        return list(value)
-    return [p for p in re.split(r"[,\s]+", s) if p]
-
-
-def _to_int(x: Any, what: str, text: Any) -> int:
-    if isinstance(x, bool):
-        raise ValueError(f"{what} must be integers, got {text!r}")
-    if isinstance(x, int):
-        return x
-    if isinstance(x, float):
-        if x.is_integer():
-            return int(x)
-        raise ValueError(f"{what} must be integers, got {text!r}")
-    try:
-        return int(str(x))
-    except ValueError:
-        raise ValueError(f"{what} must be integers, got {text!r}") from None
-
-
-def _to_float(x: Any, what: str, text: Any) -> float:
-    if isinstance(x, bool):
-        raise ValueError(f"{what} must be numbers, got {text!r}")
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be numbers, got {text!r}") from None
-
-
-def parse_layers(text: str | Sequence[int]) -> tuple[int, ...]:
-    """Parse 1-based pruning layers: "1,10,15", "1 10 15" or the authors' "[1,10,15]" (``ast.literal_eval``)."""
-    items = _split(text, "layers")
-    if not items:
-        raise ValueError(f"empty layers {text!r}; use e.g. '1,10,15'")
-    return tuple(_to_int(x, "layers", text) for x in items)
-
-
-def parse_counts(text: str | Sequence[int]) -> tuple[int, ...]:
-    """Parse absolute visual-token counts: "218,128,54" or the authors' "[218, 128, 54]"."""
-    items = _split(text, "token counts")
-    if not items:
-        raise ValueError(f"empty token counts {text!r}; use e.g. '218,128,54'")
-    return tuple(_to_int(x, "token counts", text) for x in items)
-
-
-def parse_ratios(text: str | Sequence[float]) -> tuple[float, ...]:
-    """Parse ratios: "0.6,0.35,0.14" or "[0.6003, 0.3519, 0.1436]"."""
-    items = _split(text, "ratios")
-    if not items:
-        raise ValueError(f"empty ratios {text!r}; use e.g. '0.6,0.35,0.14'")
-    return tuple(_to_float(x, "ratios", text) for x in items)
-
-
-def schedule_from_args(
-    layers: str | Sequence[int] | None = None,
-    tokens: str | Sequence[int] | None = None,
-    ratios: str | Sequence[float] | None = None,
-    budget: float | str | None = None,
-    budget_ratio: float | str | None = None,
-    preset: str | int | None = None,
-    visual_token_num: int | str | None = None,
-    ratio_mode: str = "initial",
-) -> Schedule | None:
-    """Build a :class:`Schedule` from runner flags; ``None`` (no pruning) when nothing is given.
-
-    Args:
-        layers: 1-based pruning layers (``--pio-layers`` / the authors' ``--layer_list``).
-        tokens: absolute counts (the authors' ``--image_token_list``).
-        ratios: per-stage ratios, interpreted by ``ratio_mode``.
-        budget: average visual tokens per layer.
-        budget_ratio: average as a fraction of each sample's n0.
-        preset: "64", "128" or "192"; excludes every other schedule argument.
-        visual_token_num: the authors' ``--visual_token_num``; only 576 (no encoder-side reduction) is
-            supported.
-
-    Raises:
-        ValueError: inconsistent or malformed flags.
-        EncoderReductionNotImplementedError: ``visual_token_num`` other than 576 (also a ValueError).
-    """
-    if visual_token_num is not None:
-        vtn = _to_int(visual_token_num, "visual_token_num", visual_token_num)
-        if vtn != ANCHOR_N0:
-            raise EncoderReductionNotImplementedError(
-                f"visual_token_num={vtn}: encoder-side reduction (the 'w/ VE' mode) is not implemented yet; "
-                f"only {ANCHOR_N0} (keep every encoder token) is accepted"
-            )
-    explicit = {
-        "layers": layers,
-        "tokens": tokens,
-        "ratios": ratios,
-        "budget": budget,
-        "budget_ratio": budget_ratio,
-    }
-    given = [k for k, v in explicit.items() if v is not None]
-    if preset is not None:
-        if given:
-            raise ValueError(
-                f"schedule preset {preset!r} cannot be combined with explicit {', '.join(given)}; give either a "
-                f"preset or layers plus one target"
-            )
-        return _lookup_preset(preset)
-    if not given:
-        return None
-    if layers is None:
-        raise ValueError(
-            f"{', '.join(given)} given without pruning layers; add layers such as '1,10,15' (or use a preset: "
-            f"{', '.join(PRESETS)})"
-        )
-    targets = [k for k in given if k != "layers"]
-    if not targets:
-        raise ValueError(
-            "pruning layers given without a target; add exactly one of tokens, ratios, budget, budget_ratio "
-            f"(or use a preset: {', '.join(PRESETS)})"
-        )
-    return Schedule(
-        layers=parse_layers(layers),
-        tokens=None if tokens is None else parse_counts(tokens),
-        ratios=None if ratios is None else parse_ratios(ratios),
-        budget=None if budget is None else _to_float(budget, "budget", budget),
-        budget_ratio=None if budget_ratio is None else _to_float(budget_ratio, "budget_ratio", budget_ratio),
-        ratio_mode=ratio_mode,
-    )

@@ -2,22 +2,26 @@
 
 A :class:`PruneState` is created for each ``generate``/``forward`` call and never parked on the model. The
 prefill fills it; cached decoding reads the per-stage masks from it, so positions continue from the counts
-that were really kept.
+that were really kept. Per-layer sequence lengths, what the selection computed (proxy passes, attention rows)
+and its phase timings are read from it by the profiler.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .gather import KeepIndex, Span
 from .schedule import realised_average
+
+if TYPE_CHECKING:
+    from .base import Selection
 
 
 @dataclass
@@ -25,7 +29,8 @@ class StageRecord:
     layer: int
     before: int
     after: int
-    kept: list[int]  # positions in the sample's original visual span
+    kept: list[int]  # positions in the sample's original visual span; -1 marks a merged token
+    merged: int = 0  # merged tokens created at this stage (included in ``after``)
 
 
 @dataclass
@@ -34,30 +39,48 @@ class SampleRecord:
     stages: list[StageRecord] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SelectionEvent:
+    """Extra work the selection did at one stage, for the FLOPs accounting.
+
+    ``kind`` is ``"proxy"`` (one PIO proxy pass: ``rows`` supervised rows, ``impl`` sliced or full) or
+    ``"attention"`` (``rows`` query rows of one layer over ``seq_len`` keys, per sample, summed over the batch).
+    """
+
+    kind: str
+    layer: int
+    seq_len: int
+    rows: int
+    impl: str = ""
+
+
 class PruneState:
     """What one call's prefill decided, for its own decoding steps and for logging.
 
     Args:
-        forced_keep: optional ``{layer: [kept local indices per sample or None]}``; when given, those layers
-            apply these indices instead of selecting (used to replay a prefill's decisions, e.g. to check
-            cached decoding against recomputation).
+        forced: optional ``{layer: Selection}``; those layers apply these selections instead of selecting (used
+            to replay a prefill's decisions, e.g. to check cached decoding against recomputation).
         profile: when True, time the selection phases (synchronising CUDA around each).
     """
 
-    def __init__(self, forced_keep: dict[int, Sequence[torch.Tensor | None]] | None = None, profile: bool = False):
-        self.forced_keep = dict(forced_keep or {})
+    def __init__(self, forced: dict[int, Selection] | None = None, profile: bool = False):
+        self.forced = dict(forced or {})
         self.profile = profile
         self.padding_side = "right"
         self.spans: list[Span | None] = []
+        self.initial_spans: list[Span | None] = []
+        self.positions = "renumber"
         self.prefill_len: int | None = None
+        self.num_layers: int | None = None
+        self.method_layers: tuple[int, ...] = ()
         self.stage_masks: dict[int, torch.Tensor] = {}
-        self.keep_indices: dict[int, list[torch.Tensor | None]] = {}
+        self.selections: dict[int, Selection] = {}
+        self.stage_widths: dict[int, int] = {}
         self.origin: torch.Tensor | None = None
         self.samples: list[SampleRecord] = []
         self.targets: list[list[int]] = []
         self.timings: dict[str, float] = defaultdict(float)
-        self.layer_lengths: list[int] = []  # prefill input length of every decoder layer
-        self.proxy_events: list[tuple[int, int]] = []  # (layer, sequence length) of every proxy pass
+        self.events: list[SelectionEvent] = []
         self.kv_bytes: int | None = None  # measured after prefill when profiling
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
@@ -68,8 +91,10 @@ class PruneState:
         self._visual_spans = [list(s) for s in spans]
         self.padding_side = padding_side
 
-    def begin_prefill(self, mask: torch.Tensor, counts_fn: Any | None) -> None:
-        """Reset for a prefill over ``mask`` (B, S); ``counts_fn(n0) -> per-stage targets``."""
+    def begin_prefill(self, mask: torch.Tensor, num_layers: int, layers: Sequence[int] = (),
+                      counts_fn: Callable[[int], Sequence[int]] | None = None, positions: str = "renumber") -> None:
+        """Reset for a prefill over ``mask`` (B, S) of a ``num_layers``-layer decoder; a method acting after
+        ``layers`` keeps ``counts_fn(n0)`` visual tokens per stage, with ``positions`` renumbered or original."""
         B, S = mask.shape
         spans = self._visual_spans if self._visual_spans is not None else [[] for _ in range(B)]
         if len(spans) != B:
@@ -77,39 +102,54 @@ class PruneState:
                 raise ValueError(f"prune state has spans for {len(spans)} samples but the batch has {B} rows")
             reps = B // len(spans)  # generate() expanded the batch (beams / num_return_sequences)
             spans = [s for s in spans for _ in range(reps)]
-        for b, s in enumerate(spans):
-            if len(s) > 1:
-                raise ValueError(
-                    f"sample {b} has {len(s)} images; PIO prunes one visual span per sample "
-                    "(multi-image samples are not supported yet: run them without --pio-layers)"
-                )
+        if layers:
+            for b, s in enumerate(spans):
+                if len(s) > 1:
+                    raise ValueError(
+                        f"sample {b} has {len(s)} images; visual-token reduction prunes one visual span per "
+                        "sample (multi-image samples are not supported yet: run them without --method)"
+                    )
         self.spans = [s[0] if s else None for s in spans]
+        self.initial_spans = list(self.spans)
+        self.positions = positions
         self.prefill_len = S
+        self.num_layers = num_layers
+        self.method_layers = tuple(layers)
         self.stage_masks.clear()
-        self.keep_indices.clear()
+        self.selections.clear()
+        self.stage_widths.clear()
         self.origin = torch.arange(S, device=mask.device).expand(B, S)
         self.samples = [SampleRecord(n_visual=s[1] if s else 0) for s in self.spans]
         self._orig_local = [torch.arange(s[1], device=mask.device) if s else None for s in self.spans]
         self.targets = [list(counts_fn(r.n_visual)) if counts_fn else [] for r in self.samples]
-        self.layer_lengths = []
-        self.proxy_events = []
+        self.events = []
         self.kv_bytes = None
 
-    def record_prune(self, layer: int, keep: KeepIndex | None, keep_local: Sequence[torch.Tensor | None]) -> None:
+    def record(self, layer: int, selection: Selection, keep: KeepIndex | None) -> None:
         """Bookkeeping after the prune at 1-based ``layer``; ``keep`` is None when no sample was pruned."""
+        self.selections[layer] = selection
+        merged = selection.merged or [None] * len(selection.keep)
         if keep is not None:
             self.stage_masks[layer] = keep.mask
-            self.keep_indices[layer] = list(keep_local)
+            self.stage_widths[layer] = keep.index.shape[1]
             assert self.origin is not None
-            self.origin = torch.gather(self.origin, 1, keep.index)
-        for b, k in enumerate(keep_local):
+            origin = self.origin
+            if keep.n_merged:  # merged tokens have no origin: point them at the span start (a visual position)
+                starts = torch.tensor([s[0] if s else 0 for s in self.spans], device=origin.device)
+                origin = torch.cat([origin, starts[:, None].expand(-1, keep.n_merged)], dim=1)
+            self.origin = torch.gather(origin, 1, keep.index)
+        for b, k in enumerate(selection.keep):
             if self.spans[b] is None:
                 continue
             before = int(self._orig_local[b].numel())
+            m = 0 if merged[b] is None else int(merged[b].shape[0])
             if k is not None:
-                self._orig_local[b] = self._orig_local[b][k.to(self._orig_local[b].device)]
+                cur = self._orig_local[b]
+                new = cur[k.to(cur.device)]
+                self._orig_local[b] = torch.cat([new, torch.full((m,), -1, dtype=new.dtype, device=new.device)])
             kept = self._orig_local[b].tolist()
-            self.samples[b].stages.append(StageRecord(layer=layer, before=before, after=len(kept), kept=kept))
+            self.samples[b].stages.append(StageRecord(layer=layer, before=before, after=len(kept), kept=kept,
+                                                      merged=m))
         if keep is not None:
             self.spans = list(keep.spans)
 
@@ -132,25 +172,31 @@ class PruneState:
         return torch.gather(labels, 1, self.origin).masked_fill(~last, ignore_index)
 
     # ------------------------------------------------------------------ reporting
-    def report(self, num_layers: int, layers: Sequence[int] | None) -> list[dict[str, Any]]:
+    @property
+    def layer_lengths(self) -> list[int]:
+        """Prefill input length (padded width) of every decoder layer, from the stage records."""
+        if self.prefill_len is None or self.num_layers is None:
+            return []
+        out, cur = [], self.prefill_len
+        for i in range(self.num_layers):
+            cur = self.stage_widths.get(i, cur)  # a prune after 1-based layer i shortens 0-based layer i
+            out.append(cur)
+        return out
+
+    def report(self) -> list[dict[str, Any]]:
         """One dict per sample: initial visual count, per-stage counts and kept positions, realised average."""
         out = []
         for rec in self.samples:
             counts = {st.layer: st.after for st in rec.stages}
-            sched_layers = list(layers or [])
             kept_counts = []
             cur = rec.n_visual
-            for lay in sched_layers:
+            for lay in self.method_layers:
                 cur = counts.get(lay, cur)
                 kept_counts.append(cur)
-            avg = realised_average(rec.n_visual, sched_layers, kept_counts, num_layers)
-            out.append(
-                {
-                    "n_visual": rec.n_visual,
-                    "stages": [vars(st) for st in rec.stages],
-                    "avg_visual_tokens": avg,
-                }
-            )
+            avg = (realised_average(rec.n_visual, self.method_layers, kept_counts, self.num_layers)
+                   if self.num_layers else float(rec.n_visual))
+            out.append({"n_visual": rec.n_visual, "stages": [vars(st) for st in rec.stages],
+                        "avg_visual_tokens": avg})
         return out
 
     @contextmanager

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from llava.eval import bench, summarize
-from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes
+from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, proxy_flops
 from tests.test_runners import questions, run_loader  # noqa: F401 (fixture)
 
 
@@ -29,14 +30,15 @@ def test_profiled_runs_and_efficiency_table(tiny_v15, questions, capsys):  # noq
         n = r["seq_len_per_layer"]
         assert len(set(n)) == 1 and n[0] > 576
         assert r["kv_bytes"]["measured"] == r["kv_bytes"]["analytic"] == kv_cache_bytes(n, dims, 4)
-        assert r["flops"]["proxy"] == 0 and r["flops"]["fastv"] == fastv_prefill_flops(n, dims)
+        assert r["flops"]["selection"] == 0 and r["flops"]["fastv"] == fastv_prefill_flops(n, dims)
     for r in recs_p:
         n = r["seq_len_per_layer"]
         text = n[0] - 576
         assert n == [576 + text, 92 + text, 22 + text, 22 + text]
         assert r["kv_bytes"]["measured"] == r["kv_bytes"]["analytic"] == kv_cache_bytes(n, dims, 4)
         assert r["flops"]["exact"] == exact_prefill_flops(n, dims)["total"]
-        assert r["flops"]["proxy"] > 0
+        assert r["flops"]["selection"] == 2 * proxy_flops(n[0], 4, dims, sliced=True)["total"] or \
+            r["flops"]["selection"] == proxy_flops(n[0], 4, dims, True)["total"] + proxy_flops(n[1], 4, dims, True)["total"]
         assert set(r["selection_s"]) == {"proxy_forward", "proxy_backward", "nms", "gather"}
         assert r["prefill_s"] > 0 and r["decode_s"] >= 0 and r["new_tokens"] >= 1
     summarize.main(["--profile", f"base={base}", "--profile", f"pio={pio}"])
@@ -58,5 +60,37 @@ def test_bench_tiny_writes_json(tmp_path, capsys):
     assert pruned["ideal_speedup"] == pytest.approx(saved["rows"][0]["flops_exact"] / pruned["flops_exact"])
     assert pruned["selection_s"] == pytest.approx(sum(pruned["selection_split_s"].values()), rel=1e-6)
     assert pruned["selection_split_s"]["proxy_backward"] > 0 == saved["rows"][0]["selection_s"]
-    assert "machine" in saved and "measured/ideal" in capsys.readouterr().out
+    # the calibrated ideal: the unpruned layer's time at each realised length, summed over the run's layers
+    layer_s = {int(n): t for n, t in saved["layer_time_s"].items()}
+    assert set(layer_s) == set(pruned["seq_len_per_layer"]) | set(saved["rows"][0]["seq_len_per_layer"])
+    assert pruned["calibrated_prefill_s"] == pytest.approx(sum(layer_s[n] for n in pruned["seq_len_per_layer"]))
+    assert pruned["ideal_speedup_calibrated"] == pytest.approx(
+        saved["rows"][0]["calibrated_prefill_s"] / pruned["calibrated_prefill_s"])
+    assert "machine" in saved and "measured/calibrated" in capsys.readouterr().out
     assert result["rows"][1]["kv_mb"] < result["rows"][0]["kv_mb"]
+
+
+def test_bench_every_method_side_by_side(capsys):
+    """--methods runs each method at one budget in one alternating run (the 4-layer shape: every method after
+    layer 2, at a budget that depth can reach)."""
+    result = bench.main(["--shape", "tiny", "--methods", "fastv,dart,random", "--budget", "384", "--layers", "2",
+                         "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
+                         "--no-calibrate"])
+    runs = [r["run"] for r in result["rows"]]
+    assert runs[0] == "unpruned" and [r.split(":")[0] for r in runs[1:]] == ["fastv", "dart", "random"]
+    for r in result["rows"][1:]:
+        assert r["seq_len_per_layer"][2] < r["seq_len_per_layer"][0]
+    fastv, dart = result["rows"][1], result["rows"][2]
+    assert fastv["flops_selection"] > 0 and dart["flops_selection"] > 0  # attention rows, keys
+    assert "ideal (calibrated)" not in capsys.readouterr().out
+
+
+def test_fast_random_weights_are_generic(tmp_path):
+    model, _ = bench.build_shape("tiny", torch.device("cpu"), torch.float32, tmp_path)
+    w = model.get_model().layers[0].self_attn.q_proj.weight
+    assert w.std().item() == pytest.approx(0.02, rel=0.1) and len(set(w[:, 0].tolist())) > w.shape[0] // 2
+    assert torch.equal(model.get_model().norm.weight, torch.ones_like(model.get_model().norm.weight))
+    rope = model.get_model().rotary_emb
+    assert torch.allclose(rope.inv_freq, rope.rope_init_fn(rope.config, "cpu")[0])
+    emb = model.get_vision_tower().vision_tower.vision_model.embeddings
+    assert emb.position_ids.tolist() == [list(range(emb.num_positions))]

@@ -1,4 +1,4 @@
-"""Tests for pio.schedule: accounting, paper schedules, budget solving, validation, presets, CLI parsing."""
+"""pio.schedule, pio.budget and pio.cli: accounting, the paper's schedules, budget solving, validation, flags."""
 
 from __future__ import annotations
 
@@ -6,19 +6,20 @@ import itertools
 
 import pytest
 
-from pio.schedule import (
-    PRESETS,
-    EncoderReductionNotImplementedError,
-    Schedule,
-    average_visual_tokens,
-    budget_counts,
-    parse_counts,
-    parse_layers,
-    parse_ratios,
-    preset,
-    realised_average,
-    schedule_from_args,
-)
+from pio import PIO, get_method, method_names
+from pio.budget import budget_counts as _budget_counts
+from pio.cli import parse_counts, parse_layers, parse_ratios
+from pio.methods.pio import ANCHORS
+from pio.schedule import Schedule, average_visual_tokens, realised_average
+
+
+def preset(budget) -> Schedule:
+    """PIO's schedule for the paper budget label (``--method pio --budget B``)."""
+    return PIO.schedule_for(budget=float(budget))
+
+
+def budget_counts(n0, layers, num_layers, budget):
+    return _budget_counts(n0, layers, num_layers, budget, ANCHORS)
 
 L = 32
 PAPER = {64: [92, 54, 22], 128: [218, 128, 54], 192: [344, 202, 86]}
@@ -63,8 +64,8 @@ def test_realised_average_matches_hand():
 
 @pytest.mark.parametrize("budget", [64, 128, 192])
 def test_paper_schedules_from_budget(budget):
-    assert Schedule((1, 10, 15), budget=budget).counts(576, L) == PAPER[budget]
-    assert Schedule((1, 10, 15), budget_ratio=budget / 576).counts(576, L) == PAPER[budget]
+    assert Schedule((1, 10, 15), budget=budget, anchors=ANCHORS).counts(576, L) == PAPER[budget]
+    assert Schedule((1, 10, 15), budget_ratio=budget / 576, anchors=ANCHORS).counts(576, L) == PAPER[budget]
     assert preset(str(budget)).counts(576, L) == PAPER[budget]
     assert preset(budget).average(576, L) == float(budget)
 
@@ -117,18 +118,19 @@ def test_budget_other_depths(layers, num_layers, budget, n0):
 def test_budget_out_of_range():
     # first layer share: (576*1 + 31*1)/32 = 18.97 is the minimum for (1,10,15)
     with pytest.raises(ValueError, match=r"achievable range is \[18.97, 576\]"):
-        Schedule((1, 10, 15), budget=10).counts(576, L)
+        Schedule((1, 10, 15), budget=10, anchors=ANCHORS).counts(576, L)
     with pytest.raises(ValueError, match="achievable range"):
-        Schedule((1, 10, 15), budget=600).counts(576, L)
+        Schedule((1, 10, 15), budget=600, anchors=ANCHORS).counts(576, L)
     with pytest.raises(ValueError, match="achievable range"):
         Schedule((16,), budget=64).counts(576, L)
     # budget_ratio lower bound is depth-only: checked in validate
-    with pytest.raises(ValueError, match="budget_ratio 0.5 is not achievable with first pruning layer 16"):
+    with pytest.raises(ValueError, match=r"budget 288 of 576 \(budget_ratio 0.5\) is not achievable with first "
+                                         r"pruning layer 16 of 32.*prune earlier"):
         Schedule((16,), budget_ratio=0.5).validate(L)
 
 
 def test_budget_full_and_zero():
-    assert Schedule((1, 10, 15), budget_ratio=1.0).counts(576, L) == [576, 576, 576]
+    assert Schedule((1, 10, 15), budget_ratio=1.0, anchors=ANCHORS).counts(576, L) == [576, 576, 576]
     assert preset("64").counts(0, L) == [0, 0, 0]
     assert Schedule((1,), budget=1).counts(1, L) == [1]
 
@@ -163,42 +165,34 @@ def test_ratios_initial_and_current():
 
 
 @pytest.mark.parametrize(
-    "kwargs,num_layers,proxy,match",
+    "kwargs,num_layers,match",
     [
-        (dict(layers=(), tokens=()), 32, "next", "no pruning layers"),
-        (dict(layers=(10, 5), tokens=(5, 4)), 32, "next", "strictly increasing"),
-        (dict(layers=(5, 5), tokens=(5, 4)), 32, "next", "strictly increasing"),
-        (dict(layers=(0, 5), tokens=(5, 4)), 32, "next", "1-based"),
-        (dict(layers=(1, 32), tokens=(5, 4)), 32, "next", r"\[32\] out of range .* allowed 1\.\.31"),
-        (dict(layers=(1, 33), tokens=(5, 4)), 32, "current", r"\[33\] out of range .* allowed 1\.\.32"),
-        (dict(layers=(1, 10), tokens=(5,)), 32, "next", "1 token counts for 2 layers"),
-        (dict(layers=(1, 10), tokens=(5, 6)), 32, "next", "non-increasing"),
-        (dict(layers=(1, 10), tokens=(5, 0)), 32, "next", ">= 1"),
-        (dict(layers=(1, 10), ratios=(0.5,)), 32, "next", "1 ratios for 2 layers"),
-        (dict(layers=(1, 10), ratios=(0.5, 0.0)), 32, "next", r"ratios must be in \(0, 1\]"),
-        (dict(layers=(1, 10), ratios=(1.5, 0.2)), 32, "next", r"ratios must be in \(0, 1\]"),
-        (dict(layers=(1, 10), ratios=(0.2, 0.5)), 32, "next", "must be non-increasing"),
-        (dict(layers=(1, 10), ratios=(0.5, 0.2), ratio_mode="cumulative"), 32, "next", "unknown ratio_mode"),
-        (
-            dict(layers=(1, 10), tokens=(5, 4), budget=3.0),
-            32,
-            "next",
-            "exactly one target kind .* tokens and budget",
-        ),
-        (dict(layers=(1, 10)), 32, "next", "exactly one target kind .* got none"),
-        (dict(layers=(1,), budget=-1.0), 32, "next", "budget .* must be > 0"),
-        (dict(layers=(1,), budget_ratio=1.5), 32, "next", r"budget_ratio must be in \(0, 1\]"),
-        (dict(layers=(1,), tokens=(5,)), 32, "previous", "unknown proxy 'previous'; allowed: next, current"),
+        (dict(layers=(), tokens=()), 32, "no pruning layers"),
+        (dict(layers=(10, 5), tokens=(5, 4)), 32, "strictly increasing"),
+        (dict(layers=(5, 5), tokens=(5, 4)), 32, "strictly increasing"),
+        (dict(layers=(0, 5), tokens=(5, 4)), 32, "1-based"),
+        (dict(layers=(1, 33), tokens=(5, 4)), 32, r"\[33\] out of range .* allowed 1\.\.32"),
+        (dict(layers=(1, 10), tokens=(5,)), 32, "1 token counts for 2 layers"),
+        (dict(layers=(1, 10), tokens=(5, 6)), 32, "non-increasing"),
+        (dict(layers=(1, 10), tokens=(5, 0)), 32, ">= 1"),
+        (dict(layers=(1, 10), ratios=(0.5,)), 32, "1 ratios for 2 layers"),
+        (dict(layers=(1, 10), ratios=(0.5, 0.0)), 32, r"ratios must be in \(0, 1\]"),
+        (dict(layers=(1, 10), ratios=(1.5, 0.2)), 32, r"ratios must be in \(0, 1\]"),
+        (dict(layers=(1, 10), ratios=(0.2, 0.5)), 32, "must be non-increasing"),
+        (dict(layers=(1, 10), ratios=(0.5, 0.2), ratio_mode="cumulative"), 32, "unknown ratio_mode"),
+        (dict(layers=(1, 10), tokens=(5, 4), budget=3.0), 32, "exactly one target kind .* tokens and budget"),
+        (dict(layers=(1, 10)), 32, "exactly one target kind .* got none"),
+        (dict(layers=(1,), budget=-1.0), 32, "budget .* must be > 0"),
+        (dict(layers=(1,), budget_ratio=1.5), 32, r"budget_ratio must be in \(0, 1\]"),
     ],
 )
-def test_invalid_schedules(kwargs, num_layers, proxy, match):
+def test_invalid_schedules(kwargs, num_layers, match):
     with pytest.raises(ValueError, match=match):
-        Schedule(**kwargs).validate(num_layers, proxy=proxy)
+        Schedule(**kwargs).validate(num_layers)
 
 
 def test_valid_edges():
-    Schedule((1, 31), tokens=(5, 4)).validate(32, "next")
-    Schedule((1, 32), tokens=(5, 4)).validate(32, "current")
+    Schedule((1, 32), tokens=(5, 4)).validate(32)  # after the last layer (PIO's next proxy narrows this)
     Schedule((1, 10), tokens=(5, 5)).validate(32)  # equal counts allowed
     Schedule([1, 10], tokens=[5, 4])  # lists normalised
     assert Schedule([1, 10], tokens=[5, 4]) == Schedule((1, 10), tokens=(5, 4))
@@ -210,23 +204,61 @@ def test_describe_and_dict_roundtrip():
         Schedule((1, 8, 14), ratios=(0.6, 0.35, 0.14), ratio_mode="current"),
         Schedule((1, 10, 15), budget=64.0),
         preset("64"),
+        get_method("sparsevlm").schedule_for(budget=128.0),
     ]:
-        assert "1,10,15" in sch.describe() or "1,8,14" in sch.describe()
+        assert any(x in sch.describe() for x in ("1,10,15", "1,8,14", "3,7,16"))
         assert Schedule.from_dict(sch.to_dict()) == sch
     assert "218,128,54" in Schedule((1, 10, 15), tokens=(218, 128, 54)).describe()
     assert "11.11%" in preset("64").describe()
 
 
-# ---------------------------------------------------------------------------------------------- presets
+# ---------------------------------------------------------------------------------------------- paper budgets
 
 
-def test_presets():
-    assert set(PRESETS) == {"64", "128", "192"}
-    for name, sch in PRESETS.items():
-        assert sch.layers == (1, 10, 15)
-        assert sch.budget_ratio == int(name) / 576
-    with pytest.raises(ValueError, match="unknown schedule preset '96'; allowed: 64, 128, 192"):
-        preset("96")
+def test_paper_budget_labels():
+    for budget in (64, 128, 192):
+        sch = preset(budget)
+        assert sch.layers == (1, 10, 15) and sch.budget_ratio == budget / 576
+    with pytest.raises(ValueError, match=r"budget 600 must be in \(0, 576\]"):
+        preset(600)
+
+
+@pytest.mark.parametrize("budget,fastv,pdrop,sparsevlm,dart", [
+    (64, [30], [112, 22, 4, 1], [66, 30, 17], [68]),
+    (128, [98], [251, 110, 48, 21], [303, 110, 36], [132]),
+    (192, [166], [334, 194, 112, 65], [300, 200, 110], [196]),
+])
+def test_each_methods_budget_mapping(budget, fastv, pdrop, sparsevlm, dart):
+    """docs/methods.md: FastV the layer average after layer 2, PDrop lambda^k after 2, 8, 16, 24, SparseVLM's and
+    DART's published counts; PIO and Random PIO's schedules."""
+    counts = {n: get_method(n).from_budget(budget).counts(576, L) for n in method_names()}
+    assert counts["pio"] == counts["random"] == PAPER[budget]
+    assert counts["fastv"] == fastv and counts["dart"] == dart and counts["sparsevlm"] == sparsevlm
+    assert counts["pdrop"] == pdrop
+    # FastV: the count nearest to the average; PDrop: lambda solved for it (int(576 lambda^k) truncates)
+    for n, layers in (("fastv", (2,)), ("pdrop", (2, 8, 16, 24))):
+        avg = hand_average(576, layers, counts[n], L)
+        assert abs(avg - budget) <= (1.0 if n == "pdrop" else 30 / 64)
+    # SparseVLM's and DART's published configurations average more than their label in this accounting
+    assert hand_average(576, (3, 7, 16), counts["sparsevlm"], L) > budget
+    assert hand_average(576, (2,), counts["dart"], L) == (2 * 576 + 30 * dart[0]) / 32
+
+
+def test_published_counts_scale_with_n0_and_interpolate():
+    sv = get_method("sparsevlm").from_budget(64)
+    assert sv.counts(2880, L) == [330, 150, 85]  # 5x the published 66, 30, 17
+    assert get_method("sparsevlm").from_budget(96).counts(576, L) == [238, 48, 26]
+    mid = get_method("dart").from_budget(96).counts(576, L)  # between 64 -> 68 and 128 -> 132
+    assert mid == [100]
+
+
+def test_pdrop_lambda_matches_the_third_party_table():
+    from pio.methods.pdrop import solve_lambda
+
+    for budget, lam in ((192, 0.581), (128, 0.437), (64, 0.196)):
+        assert solve_lambda((2, 8, 16, 24), 32, budget / 576) == pytest.approx(lam, abs=1e-3)
+    with pytest.raises(ValueError, match=r"not reachable after layers \[8, 16, 24\].*alone average 144"):
+        solve_lambda((8, 16, 24), 32, 128 / 576)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -257,33 +289,6 @@ def test_parse_single_and_errors():
         parse_layers("[__import__('os').getcwd()]")  # never evaluated
     with pytest.raises(ValueError, match="numbers"):
         parse_ratios("0.5,x")
-
-
-def test_schedule_from_args():
-    assert schedule_from_args() is None
-    assert schedule_from_args(visual_token_num=576) is None
-    assert schedule_from_args(
-        layers="[1,10,15]", tokens="[218, 128, 54]", visual_token_num="576"
-    ) == Schedule((1, 10, 15), tokens=(218, 128, 54))
-    assert schedule_from_args(layers="1,10,15", budget="64").counts(576, L) == [92, 54, 22]
-    assert schedule_from_args(layers="1,10,15", budget_ratio=1 / 9).counts(2880, L) == [460, 270, 110]
-    assert schedule_from_args(preset="128") == preset("128")
-    sch = schedule_from_args(layers="1,8,14", ratios="0.6,0.35,0.14", ratio_mode="current")
-    assert sch.ratio_mode == "current"
-    with pytest.raises(ValueError, match="layers given without a target"):
-        schedule_from_args(layers="1,10,15")
-    with pytest.raises(ValueError, match="without pruning layers"):
-        schedule_from_args(tokens="1,2")
-    with pytest.raises(ValueError, match="cannot be combined with explicit layers"):
-        schedule_from_args(preset="64", layers="1,10,15")
-    with pytest.raises(ValueError, match="exactly one target kind"):
-        schedule_from_args(layers="1,10,15", tokens="3,2,1", budget=64)
-    with pytest.raises(EncoderReductionNotImplementedError, match="not implemented yet"):
-        schedule_from_args(layers="16", tokens="32", visual_token_num=96)
-    with pytest.raises(ValueError, match="encoder-side reduction"):
-        schedule_from_args(visual_token_num=96)
-    with pytest.raises(NotImplementedError):
-        schedule_from_args(visual_token_num=192)
 
 
 def test_budget_counts_exhaustive_small_is_optimal():

@@ -1,13 +1,20 @@
-"""Prefill/decode benchmark of the unpruned model against PIO schedules, run alternately (ABAB...).
+"""Prefill/decode benchmark of the unpruned model against reduction methods, run alternately (ABC...ABC...).
 
+    python -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --methods pio,fastv,pdrop,sparsevlm,dart,random \
+        --budget 64
     python -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --pio-layers 1,10,15 --pio-tokens 92,54,22
-    python -m llava.eval.bench --model-path liuhaotian/llava-v1.5-7b --pio-preset 64 --repeats 5 --json out.json
+    python -m llava.eval.bench --model-path liuhaotian/llava-v1.5-7b --method fastv --budget 128 --json out.json
 
 A model comes from ``--model-path`` or from a named shape with random weights (same compute, no download).
 One synthetic input (an image and ~60 text tokens, like a benchmark prompt) is answered by every run for
-``--repeats`` rounds; the table gives medians, the measured prefill speedup next to the ideal one from the
-exact FLOPs ratio, decode time per token, FLOPs (exact and FastV's convention), KV cache and the selection
-overhead (proxy forward + backward + NMS + gather).
+``--repeats`` rounds; the table gives medians: the measured prefill speedup, two ideals, decode time per token,
+FLOPs (exact and FastV's convention), KV cache and the selection overhead (everything the method computes to
+choose, plus the gather).
+
+The ideals: from FLOPs (exact model FLOPs ratio), and *calibrated*: the unpruned model's own decoder layer
+timed on this machine at every sequence length a run realises, summed over that run's layers. The FLOPs ideal
+assumes every length runs at the same rate; the calibrated one does not, so measured / calibrated isolates the
+method's own overheads (selection, gather, masks) from the hardware's lower rate on short sequences.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval import runner
 from llava.eval.profiling import profile_record
 from llava.mm_utils import process_images
-from pio import PIOConfig
+from llava.model.pruning import backend_mask
+from pio import ReductionMethod, get_method, method_names
+from pio.cli import add_method_args, method_from_args, parse_layers
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +55,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Path):
-    """A random-weight LLaVA of a named shape (vision tower included) and its image processor."""
+    """A random-weight LLaVA of a named shape (vision tower included) and its image processor.
+
+    Built on the meta device and filled from one random block (:func:`fill_random`), so a 7B shape takes
+    seconds, not the minutes of a per-tensor random initialisation; the values only need to be generic.
+    """
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
     from llava.model.tiny import tiny_config, vision_config, write_vision_configs
 
@@ -61,11 +74,40 @@ def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Pa
         initializer_range=0.02, unfreeze_mm_vision_tower=True,  # build the tower inside the model, randomly
     ))
     cfg.mm_vision_tower = str(workdir / "vision_tower")
-    torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("meta"):
         model = LlavaLlamaForCausalLM._from_config(cfg, dtype=dtype)
+    model.to_empty(device=device)
+    fill_random(model, std=cfg.initializer_range, seed=0)
     model.requires_grad_(False).eval()
     return model, model.get_vision_tower().image_processor
+
+
+BLOCK = 1_000_003  # a prime: rows of any power-of-two width start at different offsets of the block
+
+
+def fill_random(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Fill a model materialised with ``to_empty``: weights tile one N(0, std) block (each at its own offset),
+    norm weights are 1, biases 0; the two non-persistent buffers (rotary frequencies, CLIP position ids) are
+    recomputed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                block = (torch.randn(BLOCK, generator=gen) * std).to(p.device, p.dtype)
+                flat, n = p.view(-1), p.numel()
+                reps = -(-n // BLOCK)
+                flat.copy_(block.roll(i * 7919).repeat(reps)[:n])
+        for module in model.modules():
+            if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
+                inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq = module.inv_freq.clone()
+            if hasattr(module, "position_ids") and hasattr(module, "num_positions"):
+                module.position_ids.copy_(torch.arange(module.num_positions, device=module.position_ids.device)[None])
 
 
 def synthetic_input(vocab: int, size: tuple[int, int], n_text: int = 60, seed: int = 0):
@@ -91,9 +133,49 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
+    """``--methods a,b --budget B`` (each method at the paper budget B), or one method from the method flags."""
+    single = method_from_args(args) if not args.methods else None
+    if args.methods:
+        if args.budget is None:
+            raise SystemExit("--methods needs --budget (the paper's 64, 128 or 192)")
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if names == ["all"]:
+            names = method_names()
+        layers = parse_layers(args.layers) if args.layers is not None else None
+        return [get_method(n).from_budget(float(args.budget), layers) for n in names]
+    if single is None:
+        raise SystemExit("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
+                         "(--method fastv --budget 64, --pio-layers 1,10,15 --pio-tokens 92,54,22, ...)")
+    return [single]
+
+
+def time_layer(model, n: int, repeats: int) -> float:
+    """Median seconds of the model's first decoder layer on ``n`` tokens (prefill, causal, no cache)."""
+    lm = model.get_model()
+    layer = lm.layers[0]
+    dev, dtype = model.device, model.dtype
+    h = torch.randn(1, n, model.config.hidden_size, generator=torch.Generator().manual_seed(n)).to(dev, dtype)
+    pos = torch.arange(n, device=dev)[None]
+    pe = lm.rotary_emb(h, pos)
+    mask = backend_mask(model.config._attn_implementation, torch.ones(1, n, dtype=torch.bool, device=dev), n, dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])  # the first call warms up
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
 
+    methods = methods_from_args(args)  # fail on bad flags before building the model
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -106,32 +188,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model, proc = build_shape(args.shape, device, dtype, Path(tmp))
             model.config._attn_implementation = args.attn_implementation
             size = SHAPES[args.shape]["image"]
-    logger.info("model ready in %.1f s", time.perf_counter() - t0)
+    build_s = time.perf_counter() - t0
+    logger.info("model ready in %.1f s", build_s)
+    for m in methods:
+        m.validate(model.config.num_hidden_layers)
     ids, img = synthetic_input(model.config.vocab_size, size)
     pixels = process_images([img], proc, model.config).to(device, dtype)
-    runs: list[tuple[str, PIOConfig | None]] = [("unpruned", None)]
-    pio = runner.pio_config_from_args(args)
-    if pio is None:
-        raise SystemExit("give a schedule to compare with: --pio-layers/--pio-tokens, --pio-budget or --pio-preset")
-    runs.append((pio.schedule.describe(), pio))
+    runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
+    runs += [(f"{m.name}: {m.schedule.describe()}", m) for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                use_cache=True, pad_token_id=0)
     samples: dict[str, list[dict]] = {name: [] for name, _ in runs}
     for rnd in range(args.warmup + args.repeats):
-        for name, cfg in runs:  # alternate, so drift affects every run alike
-            if cfg is None:
-                model.disable_pio()
-            else:
-                model.enable_pio(cfg)
-            _, state, timing = runner.timed_generate(model, ids, pixels, [img.size], gen, profile=True)
+        for name, method in runs:  # alternate, so drift affects every run alike
+            _, state, timing = runner.timed_generate(model, ids, pixels, [img.size], gen, method, profile=True)
             if rnd >= args.warmup:
                 samples[name].append(profile_record(model, state, timing))
         logger.info("round %d/%d done", rnd + 1, args.warmup + args.repeats)
-    model.disable_pio()
-    return summarise(samples, machine(), args, str(dtype).replace("torch.", ""))
+    layer_s: dict[int, float] = {}
+    if args.calibrate:
+        lengths = sorted({n for recs in samples.values() for n in recs[0]["seq_len_per_layer"]})
+        for n in lengths:
+            layer_s[n] = time_layer(model, n, args.repeats)
+        logger.info("decoder layer timed at %d lengths", len(lengths))
+    return summarise(samples, machine(), args, str(dtype).replace("torch.", ""), layer_s, build_s)
 
 
-def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespace, dtype: str) -> dict[str, Any]:
+def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespace, dtype: str,
+              layer_s: dict[int, float] | None = None, build_s: float | None = None) -> dict[str, Any]:
     rows = []
     base = None
     for name, recs in samples.items():
@@ -140,52 +224,69 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
             return statistics.median(r[key] for r in recs)
 
         sel = statistics.median(sum(r["selection_s"].values()) for r in recs)
+        phases = sorted({k for r in recs for k in r["selection_s"]})
+        lengths = recs[0]["seq_len_per_layer"]
         row = {
             "run": name,
             "prefill_s": med("prefill_s"),
             "vision_s": med("vision_s"),
             "decode_s_per_token": statistics.median(r["decode_s"] / max(r["new_tokens"] - 1, 1) for r in recs),
             "flops_exact": recs[0]["flops"]["exact"],
-            "flops_proxy": recs[0]["flops"]["proxy"],
+            "flops_selection": recs[0]["flops"]["selection"],
             "flops_fastv_visual": recs[0]["flops"]["fastv_visual"],
             "kv_mb": (recs[0]["kv_bytes"]["measured"] or 0) / 2**20,
             "selection_s": sel,
-            "selection_split_s": {k: statistics.median(r["selection_s"][k] for r in recs) for k in recs[0]["selection_s"]},
+            "selection_split_s": {k: statistics.median(r["selection_s"].get(k, 0.0) for r in recs) for k in phases},
             "selection_pct_of_prefill": 100 * sel / med("prefill_s"),
-            "seq_len_per_layer": recs[0]["seq_len_per_layer"],
+            "seq_len_per_layer": lengths,
             "prefill_all_s": [r["prefill_s"] for r in recs],
         }
+        if layer_s:
+            row["calibrated_prefill_s"] = sum(layer_s[n] for n in lengths)
         if base is None:
             base = row
         row["speedup"] = base["prefill_s"] / row["prefill_s"]
         row["ideal_speedup"] = base["flops_exact"] / row["flops_exact"]
         row["speedup_vs_ideal"] = row["speedup"] / row["ideal_speedup"]
-        # the same ratio counting the selection's own FLOPs (proxy forward + backward) as pruned-run work
-        row["ideal_speedup_with_proxy"] = base["flops_exact"] / (row["flops_exact"] + row["flops_proxy"])
-        row["speedup_vs_ideal_with_proxy"] = row["speedup"] / row["ideal_speedup_with_proxy"]
+        # the same ratio counting the selection's own FLOPs (proxy passes, attention rows) as pruned-run work
+        row["ideal_speedup_with_selection"] = base["flops_exact"] / (row["flops_exact"] + row["flops_selection"])
+        row["speedup_vs_ideal_with_selection"] = row["speedup"] / row["ideal_speedup_with_selection"]
+        if layer_s:
+            row["ideal_speedup_calibrated"] = base["calibrated_prefill_s"] / row["calibrated_prefill_s"]
+            row["speedup_vs_calibrated"] = row["speedup"] / row["ideal_speedup_calibrated"]
         rows.append(row)
     return {"machine": info, "shape": args.shape, "model_path": args.model_path, "dtype": dtype,
-            "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "rows": rows}
+            "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "build_s": build_s,
+            "layer_time_s": {str(n): t for n, t in sorted((layer_s or {}).items())}, "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = ["run", "prefill (s)", "speedup", "ideal (FLOPs)", "measured/ideal", "ideal incl. proxy",
-            "measured/ideal incl. proxy", "decode (ms/tok)",
-            "FLOPs exact (T)", "FLOPs FastV (T)", "KV (MB)", "selection (s)", "selection % of prefill"]
+    calibrated = any("ideal_speedup_calibrated" in r for r in result["rows"])
+    head = ["run", "prefill (s)", "speedup", "ideal (FLOPs)", "measured/ideal", "ideal incl. selection",
+            "measured/ideal incl. selection"]
+    if calibrated:
+        head += ["ideal (calibrated)", "measured/calibrated"]
+    head += ["decode (ms/tok)", "FLOPs exact (T)", "FLOPs selection (T)", "FLOPs FastV (T)", "KV (MB)",
+             "selection (s)", "selection % of prefill"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in result["rows"]:
-        lines.append("| " + " | ".join([
-            r["run"], f"{r['prefill_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-            f"{r['speedup_vs_ideal']:.2f}", f"{r['ideal_speedup_with_proxy']:.2f}x",
-            f"{r['speedup_vs_ideal_with_proxy']:.2f}", f"{1000 * r['decode_s_per_token']:.1f}", f"{r['flops_exact'] / 1e12:.3f}",
-            f"{r['flops_fastv_visual'] / 1e12:.3f}", f"{r['kv_mb']:.1f}", f"{r['selection_s']:.3f}",
-            f"{r['selection_pct_of_prefill']:.1f}",
-        ]) + " |")
+        cells = [r["run"], f"{r['prefill_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+                 f"{r['speedup_vs_ideal']:.2f}", f"{r['ideal_speedup_with_selection']:.2f}x",
+                 f"{r['speedup_vs_ideal_with_selection']:.2f}"]
+        if calibrated:
+            cells += [f"{r['ideal_speedup_calibrated']:.2f}x", f"{r['speedup_vs_calibrated']:.2f}"]
+        cells += [f"{1000 * r['decode_s_per_token']:.1f}", f"{r['flops_exact'] / 1e12:.3f}",
+                  f"{r['flops_selection'] / 1e12:.3f}", f"{r['flops_fastv_visual'] / 1e12:.3f}", f"{r['kv_mb']:.1f}",
+                  f"{r['selection_s']:.3f}", f"{r['selection_pct_of_prefill']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]
     where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"
     lines.append("")
     lines.append(f"{result['shape'] or result['model_path']}, {result['dtype']}, {where}, torch {m['torch']}, "
                  f"median of {result['repeats']} alternating rounds, {result['max_new_tokens']} new tokens")
+    for r in result["rows"][1:]:
+        split = ", ".join(f"{k} {v:.3f}" for k, v in r["selection_split_s"].items())
+        lines.append(f"- {r['run']}: selection split (s): {split or 'none'}")
     return "\n".join(lines) + "\n"
 
 
@@ -201,7 +302,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--json", default=None, help="write all figures and the machine description here")
-    runner.add_pio_args(p)
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all); "
+                        "--layers, if given, moves every method's stages")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip timing the decoder layer at each realised length (the calibrated ideal)")
+    add_method_args(p)
     args = p.parse_args(argv)
     runner.setup_logging()
     if bool(args.shape) == bool(args.model_path):

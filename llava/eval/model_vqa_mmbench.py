@@ -1,8 +1,9 @@
-"""Answer MMBench / MMBench-CN (a TSV with base64 images): upstream's ``model_vqa_mmbench`` with PIO flags.
+"""Answer MMBench / MMBench-CN (a TSV with base64 images): upstream's ``model_vqa_mmbench`` plus the
+reduction flags.
 
     python -m llava.eval.model_vqa_mmbench --model-path liuhaotian/llava-v1.5-7b \\
         --question-file mmbench/mmbench_dev_20230712.tsv --answers-file mmbench/answers/SPLIT/CKPT.jsonl \\
-        --single-pred-prompt --lang en --temperature 0 --conv-mode vicuna_v1 [--pio-preset 64] [--resume]
+        --single-pred-prompt --lang en --temperature 0 --conv-mode vicuna_v1 [--method pio --budget 64] [--resume]
 
 The TSV (tab-separated, header row; read with the csv module) needs the columns ``index, question, hint,
 A, B, image``; ``C, D`` (and further letters) are used when present, everything else (answer, category,
@@ -31,15 +32,12 @@ import argparse
 import base64
 import binascii
 import csv
+import functools
 import io
-import json
 import logging
 import os
 import sys
-from contextlib import closing
 from dataclasses import dataclass
-
-from tqdm import tqdm
 
 from llava.eval import runner
 from llava.eval.eval_mmbench import MISSING_VALUES  # pandas' default NaN strings, as the scorer reads them
@@ -197,54 +195,38 @@ def rounds(q: MMBQuestion, all_rounds: bool) -> list[tuple[int, list[str], list[
     return [(r, q.options[r:] + q.options[:r], chars[r:] + chars[:r]) for r in range(n)]
 
 
-def done_rounds(path: str | os.PathLike | None) -> set[tuple[str, int]]:
-    """``(question_id, round_id)`` pairs already in an answers file (after JsonlWriter dropped a torn line)."""
-    done: set[tuple[str, int]] = set()
-    if path is None or not os.path.exists(path):
-        return done
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                done.add((str(rec.get("question_id")), int(rec.get("round_id") or 0)))
-    return done
+def answer_key(rec: dict) -> tuple[str, int]:
+    """Resume key of an answer line: ``(question_id, round_id)``."""
+    return str(rec.get("question_id")), int(rec.get("round_id") or 0)
 
 
 # --------------------------------------------------------------------------- run
+def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processor, config) -> runner.Prepared:
+    """Prompt, image and pixels of one round (in a DataLoader worker)."""
+    q, (round_id, options, option_char) = item.data
+    prompt = build_prompt(question_text(q, options), args.conv_mode, bool(getattr(config, "mm_use_im_start_end", False)),
+                          args.single_pred_prompt, args.lang)
+    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
+    image = decode_image(q.image)
+    return ids, process_images([image], processor, config), [image.size]
+
+
+def record(item: runner.Question, text: str, model_name: str) -> dict:
+    q, (round_id, options, option_char) = item.data
+    return runner.answer_record(q.index, question_text(q, options), text, model_name, round_id=round_id,
+                                options=options, option_char=option_char)
+
+
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
-    runner.check_conv_mode(args.conv_mode)
-    runner.pio_config_from_args(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    questions = read_questions(args.question_file)
-    questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
-    with closing(runner.JsonlWriter(args.answers_file, args.resume)) as answers:  # drops a truncated last line
-        done = done_rounds(args.answers_file) if args.resume else set()
-        todo = [(q, r) for q in questions for r in rounds(q, args.all_rounds) if (str(q.index), r[0]) not in done]
-        total = sum(len(rounds(q, args.all_rounds)) for q in questions)
-        if len(todo) < total:
-            logger.info("resuming: %d of %d rounds already answered", total - len(todo), total)
-        if not todo:
-            logger.info("nothing to do: every question of this chunk is answered")
-            return
-        tok, model, proc, name = runner.load_from_args(args, loaded)
-        im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
-        with closing(runner.SampleLogs(args, model)) as logs:
-            for q, (round_id, options, option_char) in tqdm(todo, desc="questions", unit="q"):
-                text_in = question_text(q, options)
-                prompt = build_prompt(text_in, args.conv_mode, im_start_end, args.single_pred_prompt, args.lang)
-                ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
-                image = decode_image(q.image)
-                pixels = runner.to_model(process_images([image], proc, model.config), model)
-                text, state, timing = runner.generate(model, tok, ids, pixels, [image.size], args, logs.profiling)
-                answers.write(runner.answer_record(q.index, text_in, text, name, round_id=round_id, options=options,
-                                                   option_char=option_char))
-                logs.write(q.index, state, timing, round_id=round_id)
+    questions = runner.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    items = [runner.Question((str(q.index), r[0]), q.index, (q, r), {"round_id": r[0]})
+             for q in questions for r in rounds(q, args.all_rounds)]
+    runner.run_questions(args, items, functools.partial(prepare, args), record, answer_key, loaded=loaded)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer an MMBench / MMBench-CN TSV with a LLaVA model "
-                                            "(optionally PIO-pruned).")
+                                            "(optionally with visual-token reduction).")
     p.add_argument("--question-file", type=str, default="tables/question.tsv",
                    help="MMBench TSV (index, question, hint, A, B, C, D, ..., image as base64)")
     p.add_argument("--image-folder", type=str, default="", help="unused (images are in the TSV); upstream's flag")

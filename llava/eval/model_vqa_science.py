@@ -1,9 +1,10 @@
-"""Answer ScienceQA (``llava_test_CQM-A.json``): upstream's ``model_vqa_science`` with PIO flags.
+"""Answer ScienceQA (``llava_test_CQM-A.json``): upstream's ``model_vqa_science`` plus the
+reduction flags.
 
     python -m llava.eval.model_vqa_science --model-path liuhaotian/llava-v1.5-7b \\
         --question-file scienceqa/llava_test_CQM-A.json --image-folder scienceqa/images/test \\
         --answers-file scienceqa/answers/CKPT.jsonl --single-pred-prompt --temperature 0 --conv-mode vicuna_v1 \\
-        [--pio-preset 64 --pio-log CKPT.pio.jsonl] [--resume]
+        [--method pio --budget 64 --pio-log CKPT.pio.jsonl] [--resume]
 
 The question file is a JSON array of ``{"id", "image" (optional), "conversations": [{"from": "human",
 "value": ...}, ...]}``. Behaviour (``docs/benchmarks.md`` §9):
@@ -24,12 +25,10 @@ Defaults follow upstream: ``--conv-mode llava_v0`` (the eval scripts pass ``vicu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
-from contextlib import closing
-
-from tqdm import tqdm
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval import runner
@@ -112,49 +111,46 @@ def check_answer_prompter(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- run
-def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
-    check_answer_prompter(args)
-    runner.check_conv_mode(args.conv_mode)
-    runner.pio_config_from_args(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    questions = read_questions(args.question_file)
-    questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
-    for q in questions:  # fail before loading the model, naming the question
+def check_images(args: argparse.Namespace, questions: list[dict]) -> None:
+    """A missing image raises naming the question, before the model is loaded."""
+    for q in questions:
         rel = image_file(q)
         if rel is not None:
             path = os.path.join(args.image_folder, rel)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{args.question_file}: question {q['id']}: image file not found: {path} "
                                         "(--image-folder joined with the entry's 'image')")
-    with closing(runner.JsonlWriter(args.answers_file, args.resume)) as answers:
-        todo = [q for q in questions if str(q["id"]) not in answers.done]
-        if len(todo) < len(questions):
-            logger.info("resuming: %d of %d questions already answered", len(questions) - len(todo), len(questions))
-        if not todo:
-            logger.info("nothing to do: every question of this chunk is answered")
-            return
-        tok, model, proc, name = runner.load_from_args(args, loaded)
-        im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
-        with closing(runner.SampleLogs(args, model)) as logs:
-            for q in tqdm(todo, desc="questions", unit="q"):
-                prompt, shown = build_prompts(q, args.conv_mode, im_start_end, args.single_pred_prompt)
-                ids = tokenizer_image_token(prompt, tok, return_tensors="pt")[None]
-                rel = image_file(q)
-                if rel is None:
-                    pixels, sizes = None, None
-                else:
-                    image = runner.load_image(os.path.join(args.image_folder, rel))
-                    pixels = runner.to_model(process_images([image], proc, model.config), model)
-                    sizes = [image.size]
-                text, state, timing = runner.generate(model, tok, ids, pixels, sizes, args, logs.profiling)
-                answers.write(runner.answer_record(q["id"], shown, text, name))
-                logs.write(q["id"], state, timing)
+
+
+def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processor, config) -> runner.Prepared:
+    """Prompt, and image and pixels for image questions (in a DataLoader worker)."""
+    prompt, _ = build_prompts(item.data, args.conv_mode, bool(getattr(config, "mm_use_im_start_end", False)),
+                              args.single_pred_prompt)
+    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
+    rel = image_file(item.data)
+    if rel is None:
+        return ids, None, None
+    image = runner.load_image(os.path.join(args.image_folder, rel))
+    return ids, process_images([image], processor, config), [image.size]
+
+
+def record(args: argparse.Namespace, item: runner.Question, text: str, model_name: str) -> dict:
+    _, shown = build_prompts(item.data, args.conv_mode, False, args.single_pred_prompt)
+    return runner.answer_record(item.question_id, shown, text, model_name)
+
+
+def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
+    check_answer_prompter(args)
+    questions = runner.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
+    check_images(args, questions)
+    items = [runner.Question(str(q["id"]), q["id"], q) for q in questions]
+    runner.run_questions(args, items, functools.partial(prepare, args), functools.partial(record, args),
+                         loaded=loaded)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer ScienceQA (llava_test_CQM-A.json) with a LLaVA model "
-                                            "(optionally PIO-pruned).")
+                                            "(optionally with visual-token reduction).")
     p.add_argument("--question-file", type=str, default="tables/question.json",
                    help="JSON array of {id, image?, conversations}")
     p.add_argument("--image-folder", type=str, default="", help="folder the entries' 'image' paths are under")

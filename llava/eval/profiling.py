@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pio import PruneState
-from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, proxy_flops
+from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, selection_flops
 
 
 def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:
@@ -17,14 +17,12 @@ def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:
     FLOPs: ``fastv`` is FastV's convention (``4nd^2 + 2n^2d + 2ndm`` per layer on the realised input lengths,
     as the paper reports, here over all tokens); ``fastv_visual`` counts visual tokens only (the paper's
     baseline 32*f(576) = 2.98 T); ``exact`` is the real architecture (SwiGLU, GQA, causal attention, LM head on
-    one row) and ``proxy`` the selection's own forward + backward, computed from the work it really does.
+    one row) and ``selection`` the reduction method's own work (PIO's proxy forward + backward, the attention rows
+    or keys other methods ask for), computed from what it really did (:func:`pio.flops.selection_flops`).
+    ``selection_s`` holds the wall time of each selection phase the method timed, and ``gather``.
     """
     dims = LMDims.from_config(model.config)
     lengths = list(state.layer_lengths)
-    cfg = getattr(model, "pio_config", None)
-    sliced = cfg is None or cfg.proxy_impl == "sliced"
-    k_pos = cfg.k_pos if cfg is not None else 0
-    proxy = [proxy_flops(n, k_pos, dims, sliced=sliced)["total"] for _, n in state.proxy_events]
     n_text = lengths[0] - (state.samples[0].n_visual if state.samples else 0) if lengths else 0
     visual = [n - n_text for n in lengths]
     elem = next(model.parameters()).element_size()
@@ -35,13 +33,13 @@ def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:
             "fastv": fastv_prefill_flops(lengths, dims) if lengths else 0,
             "fastv_visual": fastv_prefill_flops(visual, dims) if lengths else 0,
             "exact": exact_prefill_flops(lengths, dims)["total"] if lengths else 0,
-            "proxy": sum(proxy),
+            "selection": selection_flops(state.events, dims),
         },
         "kv_bytes": {
             "analytic": kv_cache_bytes(lengths, dims, elem) if lengths else 0,
             "measured": state.kv_bytes,
         },
-        "selection_s": {k: state.timings.get(k, 0.0) for k in ("proxy_forward", "proxy_backward", "nms", "gather")},
+        "selection_s": {k: v for k, v in state.timings.items() if k != "vision"},
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
     }

@@ -1,7 +1,7 @@
 """Answer one query about one or more images and print the answer (upstream's ``run_llava``).
 
     python -m llava.eval.run_llava --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg \\
-        --query "What is in the picture?" [--pio-layers 1,10,15 --pio-tokens 92,54,22]
+        --query "What is in the picture?" [--method pio --budget 64]
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.conv_mode is None:
         args.conv_mode = infer_conv_mode(get_model_name_from_path(args.model_path))
+    method = runner.check_args(args)
     images = load_images(args.image_file, args.sep)
-    tok, model, proc, _ = runner.load_from_args(args)
+    tok, model, proc, _ = runner.load_model(args, method)
     image_token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
     query = args.query
     if IMAGE_PLACEHOLDER in query:
@@ -73,10 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         query = "\n".join([image_token] * len(images) + [query])
     ids = tokenizer_image_token(runner.chat_prompt(query, args.conv_mode), tok, return_tensors="pt")[None]
     pixels = runner.to_model(process_images(images, proc, model.config), model)
-    args.pio_log = None
-    text, state, _ = runner.generate(model, tok, ids, pixels, [im.size for im in images], args)
-    if model.pio_config is not None:
-        for rec in state.report(model.config.num_hidden_layers, model.pio_config.schedule.layers):
+    text, state, _ = runner.generate(model, tok, ids, pixels, [im.size for im in images], args, method)
+    if method is not None:
+        for rec in state.report():
             logger.info("visual tokens %d -> %s (average %.1f per layer)", rec["n_visual"],
                         [s["after"] for s in rec["stages"]], rec["avg_visual_tokens"])
     print(text)

@@ -1,5 +1,10 @@
-"""What every inference runner shares: flags, model loading with PIO, chunking, resumable answer files,
-the generation call, PIO logs and per-sample profiles."""
+"""What every inference runner shares: flags, model loading, the reduction method, chunking, resumable answer
+files, the question loop, the generation call, per-sample reduction logs and profiles.
+
+A question runner (``model_vqa_loader``, ``model_vqa_science``, ``model_vqa_mmbench``) keeps only its reader
+(question file -> :class:`Question` items) and its prompt builder (``prepare``: one item -> token ids, pixels,
+image size; run in DataLoader workers) and calls :func:`run_questions`.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,28 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
 from llava.mm_utils import get_model_name_from_path
-from pio import PIOConfig, PruneState, schedule_from_args
+from pio import PruneState, ReductionMethod
+from pio.cli import add_method_args, method_from_args
 
 logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- flags
 def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max_new_tokens: int = 128) -> None:
-    """Upstream LLaVA's runner flags plus device/dtype/attention, resume, profiling and the PIO flags."""
+    """Upstream LLaVA's runner flags plus device/dtype/attention, resume, profiling and the reduction flags."""
     p.add_argument("--model-path", type=str, default="liuhaotian/llava-v1.5-7b")
     p.add_argument("--model-base", type=str, default=None)
     p.add_argument("--answers-file", type=str, default="answer.jsonl")
@@ -39,44 +48,36 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu (default: CUDA if available)")
     p.add_argument("--dtype", type=str, default=None, help="float16, bfloat16, float32 (default: fp16 on CUDA)")
     p.add_argument("--attn-implementation", type=str, default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--resume", action="store_true", help="skip question ids already in --answers-file")
+    p.add_argument("--resume", action="store_true", help="skip questions already in --answers-file")
     p.add_argument("--profile", type=str, default=None, help="write one JSON line of timings/FLOPs/KV per sample")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers preparing images and prompts (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    add_pio_args(p)
+    add_method_args(p)
 
 
-def add_pio_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("PIO visual-token pruning (omit all to run the unpruned model)")
-    g.add_argument("--pio-layers", "--layer_list", dest="pio_layers", default=None,
-                   help="1-based layers after which to prune, e.g. 1,10,15 (or the authors' '[1,10,15]')")
-    g.add_argument("--pio-tokens", "--image_token_list", dest="pio_tokens", default=None,
-                   help="visual tokens kept after each layer, e.g. 92,54,22")
-    g.add_argument("--pio-ratios", default=None, help="fractions of each sample's visual tokens, e.g. 0.5,0.25")
-    g.add_argument("--pio-ratio-mode", default="initial", choices=["initial", "current"])
-    g.add_argument("--pio-budget", default=None, help="average visual tokens per decoder layer, e.g. 64")
-    g.add_argument("--pio-budget-ratio", default=None, help="average budget as a fraction of each sample's count")
-    g.add_argument("--pio-preset", default=None, help="the paper's schedules: 64, 128 or 192 (layers 1,10,15)")
-    g.add_argument("--visual_token_num", dest="pio_visual_token_num", default=None,
-                   help="authors' alias; only 576 (no encoder-side reduction) is supported")
-    g.add_argument("--pio-tau", type=float, default=0.8, help="NMS cosine threshold")
-    g.add_argument("--pio-kpos", type=int, default=4, help="supervised rows of the proxy loss")
-    g.add_argument("--pio-proxy", default="next", choices=["next", "current"], help="proxy decoder layer")
-    g.add_argument("--pio-proxy-impl", default="sliced", choices=["sliced", "full"])
-    g.add_argument("--pio-include-last", action="store_true", help="also supervise the last position")
-    g.add_argument("--pio-no-nms", action="store_true", help="plain top-k by saliency (ablation)")
-    g.add_argument("--pio-log", default=None, help="one JSON line per sample with the realised visual counts")
+def check_args(args: argparse.Namespace) -> ReductionMethod | None:
+    """Validate the flags that need no model (conversation template, decoding, reduction method) and return
+    the method they describe; raises ValueError naming what is wrong."""
+    check_conv_mode(args.conv_mode)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    method = method_from_args(args)
+    depth = _checkpoint_depth(args.model_path)
+    if method is not None and depth is not None:
+        method.validate(depth)  # layers and budgets against the checkpoint before the slow load
+    return method
 
 
-def pio_config_from_args(args: argparse.Namespace) -> PIOConfig | None:
-    schedule = schedule_from_args(
-        layers=args.pio_layers, tokens=args.pio_tokens, ratios=args.pio_ratios, budget=args.pio_budget,
-        budget_ratio=args.pio_budget_ratio, preset=args.pio_preset, visual_token_num=args.pio_visual_token_num,
-        ratio_mode=args.pio_ratio_mode,
-    )
-    if schedule is None:
+def _checkpoint_depth(model_path: str) -> int | None:
+    """``num_hidden_layers`` of a local checkpoint's config.json (None when it cannot be read cheaply)."""
+    cfg = os.path.join(os.path.expanduser(model_path), "config.json")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            value = json.load(f).get("num_hidden_layers")
+    except (OSError, ValueError):
         return None
-    return PIOConfig(schedule, tau=args.pio_tau, k_pos=args.pio_kpos, proxy=args.pio_proxy,
-                     include_last=args.pio_include_last, proxy_impl=args.pio_proxy_impl, nms=not args.pio_no_nms)
+    return int(value) if isinstance(value, int) else None
 
 
 def image_token(im_start_end: bool) -> str:
@@ -97,16 +98,11 @@ def check_conv_mode(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-def load_from_args(args: argparse.Namespace, loaded: tuple | None = None):
-    """``(tokenizer, model, image_processor, model_name)`` with PIO switched on or off as the flags say.
-
-    ``loaded`` reuses an already loaded ``(tokenizer, model, image_processor, model_name)`` (tests load a
-    checkpoint once for many runs).
-    """
+def load_model(args: argparse.Namespace, method: ReductionMethod | None = None, loaded: tuple | None = None):
+    """``(tokenizer, model, image_processor, model_name)`` from the flags; ``method`` is checked against the
+    loaded model. ``loaded`` reuses an already loaded tuple (tests load a checkpoint once for many runs)."""
     from llava.model.builder import load_pretrained_model
 
-    check_conv_mode(args.conv_mode)
-    pio = pio_config_from_args(args)  # validate flags before the (slow) load
     torch.manual_seed(args.seed)
     if loaded is not None:
         tok, model, proc, name = loaded
@@ -117,11 +113,9 @@ def load_from_args(args: argparse.Namespace, loaded: tuple | None = None):
             model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
             attn_implementation=args.attn_implementation,
         )
-    if pio is not None:
-        model.enable_pio(pio)
-        logger.info("PIO on: %s", pio.schedule.describe())
-    else:
-        model.disable_pio()
+    if method is not None:
+        method.validate(model.config.num_hidden_layers)
+        logger.info("reduction on: %s", method.describe())
     return tok, model, proc, name
 
 
@@ -170,12 +164,18 @@ def load_image(path: str | os.PathLike):
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-class JsonlWriter:
-    """Line-by-line JSONL output; ``resume`` appends and reports ids already present."""
+def question_key(rec: dict) -> Hashable:
+    """Resume key of an answer line: its question id (as a string)."""
+    return str(rec.get("question_id"))
 
-    def __init__(self, path: str | os.PathLike | None, resume: bool, key: str = "question_id"):
+
+class JsonlWriter:
+    """Line-by-line JSONL output; ``resume`` appends and reports the keys (``key(record)``) already present."""
+
+    def __init__(self, path: str | os.PathLike | None, resume: bool,
+                 key: Callable[[dict], Hashable] = question_key):
         self.path = path
-        self.done: set[str] = set()
+        self.done: set[Hashable] = set()
         self._f = None
         if path is None:
             return
@@ -191,7 +191,7 @@ class JsonlWriter:
                     logger.warning("%s: dropping a truncated last line from an interrupted run", path)
                     continue
                 good.append(line)
-                self.done.add(str(rec.get(key)))
+                self.done.add(key(rec))
             with open(path, "w", encoding="utf-8") as f:
                 f.write("".join(g + "\n" for g in good))
         self._f = open(path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
@@ -204,6 +204,41 @@ class JsonlWriter:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+def run_info_path(answers_file: str | os.PathLike) -> str:
+    """The run description written next to an answers file: ``X.jsonl`` -> ``X.run.json``."""
+    root, ext = os.path.splitext(str(answers_file))
+    return (root if ext == ".jsonl" else str(answers_file)) + ".run.json"
+
+
+def write_run_info(args: argparse.Namespace, method: ReductionMethod | None) -> None:
+    """What produced the answers (model, decoding, reduction method and its full configuration), for the scorers'
+    result files; rewritten by every run."""
+    info = {
+        "model_path": args.model_path,
+        "method": method.name if method is not None else "none",
+        "budget": _budget_label(args, method),
+        "method_config": method.config() if method is not None else None,
+        "conv_mode": args.conv_mode, "temperature": args.temperature, "top_p": args.top_p,
+        "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+        "question_file": getattr(args, "question_file", None),
+    }
+    path = run_info_path(args.answers_file)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> float | None:
+    """The paper budget the run was asked for (``--budget`` / ``--pio-preset``), else None."""
+    if method is None:
+        return None
+    for value in (getattr(args, "budget", None), getattr(args, "pio_alias__budget", None)):
+        if value is not None:
+            return float(value)
+    return None
 
 
 # --------------------------------------------------------------------------- generation
@@ -222,8 +257,9 @@ class _StepClock(StoppingCriteria):
 
 
 def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any, gen_kwargs: dict[str, Any],
-                   profile: bool = False) -> tuple[torch.Tensor, PruneState, dict | None]:
-    """``model.generate`` with a fresh :class:`PruneState`; with ``profile``, per-phase wall times.
+                   method: ReductionMethod | None = None, profile: bool = False
+                   ) -> tuple[torch.Tensor, PruneState, dict | None]:
+    """``model.generate`` with ``method`` and a fresh :class:`PruneState`; with ``profile``, per-phase wall times.
 
     Timing: ``vision_s`` (image encoding and splicing), ``prefill_s`` (language-model prefill up to the first
     token, selection included), ``decode_s`` (the remaining tokens), ``total_s``; CUDA is synchronised.
@@ -238,7 +274,7 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
             torch.cuda.synchronize(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes,
+        out = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes, reducer=method,
                              prune_state=state, **kw)
     t_end = time.perf_counter()
     timing = None
@@ -251,7 +287,7 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes: Any, args: argparse.Namespace,
-             profile: bool = False) -> tuple[str, PruneState, dict | None]:
+             method: ReductionMethod | None = None, profile: bool = False) -> tuple[str, PruneState, dict | None]:
     """Answer one prompt with the runner flags. Returns ``(text, prune_state, timing)``."""
     kw: dict[str, Any] = dict(
         do_sample=args.temperature > 0, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
@@ -259,7 +295,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes
     )
     if args.temperature > 0:
         kw.update(temperature=args.temperature, top_p=args.top_p)
-    out, state, timing = timed_generate(model, input_ids, images, image_sizes, kw, profile)
+    out, state, timing = timed_generate(model, input_ids, images, image_sizes, kw, method, profile)
     return tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip(), state, timing
 
 
@@ -281,7 +317,7 @@ def answer_record(question_id: Any, prompt: str, text: str, model_name: str, **e
 
 
 class SampleLogs:
-    """The optional PIO log and profile of a run, written line by line next to the answers."""
+    """The optional reduction log and profile of a run, written line by line next to the answers."""
 
     def __init__(self, args: argparse.Namespace, model):
         self.model = model
@@ -294,11 +330,8 @@ class SampleLogs:
 
     def write(self, question_id: Any, state: PruneState, timing: dict | None, **extra: Any) -> None:
         """Log one sample; ``extra`` fields (e.g. ``round_id``) go into both records."""
-        cfg = self.model.pio_config
-        L = self.model.config.num_hidden_layers
-        layers = cfg.schedule.layers if cfg is not None else ()
-        report = state.report(L, layers)
         if self.pio_log is not None:
+            report = state.report()
             rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
             self.pio_log.write({"question_id": question_id, **extra, **rec})
         if self.profile is not None:
@@ -310,6 +343,82 @@ class SampleLogs:
         for w in (self.pio_log, self.profile):
             if w is not None:
                 w.close()
+
+
+# --------------------------------------------------------------------------- the question loop
+@dataclass
+class Question:
+    """One question of a benchmark file, as a runner's reader makes it.
+
+    Attributes:
+        key: resume key, equal to ``answer_key`` of the answer line this question writes.
+        question_id: the id written to the answer, log and profile lines.
+        data: whatever the runner's ``prepare`` and ``record`` need (the raw entry, options, ...).
+        log_extra: extra fields of the log and profile lines (e.g. MMBench's ``round_id``).
+    """
+
+    key: Hashable
+    question_id: Any
+    data: Any
+    log_extra: dict = field(default_factory=dict)
+
+
+Prepared = tuple[torch.Tensor, Any, Any]  # (input_ids (1, T), pixels or None, image sizes or None)
+
+
+class _PreparedQuestions(torch.utils.data.Dataset):
+    """Runs the runner's ``prepare`` (image loading, prompt building, preprocessing) in DataLoader workers."""
+
+    def __init__(self, items: list[Question], prepare: Callable[..., Prepared], tokenizer, processor, config):
+        self.items, self.prepare = items, prepare
+        self.tokenizer, self.processor, self.config = tokenizer, processor, config
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        return (i, *self.prepare(item, self.tokenizer, self.processor, self.config))
+
+
+def run_questions(
+    args: argparse.Namespace,
+    items: list[Question],
+    prepare: Callable[[Question, Any, Any, Any], Prepared],
+    record: Callable[[Question, str, str], dict],
+    answer_key: Callable[[dict], Hashable] = question_key,
+    loaded: tuple | None = None,
+) -> None:
+    """Answer ``items`` into ``--answers-file`` (resumable), with the reduction log and profile.
+
+    Args:
+        items: the chunk's questions, already checked by the runner's reader.
+        prepare: ``prepare(item, tokenizer, image_processor, model_config) -> (input_ids (1, T), pixels or None,
+            image sizes or None)``; runs in ``--num-workers`` DataLoader workers.
+        record: ``record(item, answer_text, model_name) -> answer line``.
+        answer_key: the resume key of an answer line (equal to the item's ``key``).
+        loaded: an already loaded ``(tokenizer, model, image_processor, model_name)`` to reuse.
+    """
+    method = check_args(args)  # before the answers file is opened and the model loaded
+    with closing(JsonlWriter(args.answers_file, args.resume, answer_key)) as answers:
+        todo = [q for q in items if q.key not in answers.done]
+        if len(todo) < len(items):
+            logger.info("resuming: %d of %d questions already answered", len(items) - len(todo), len(items))
+        if not todo:
+            logger.info("nothing to do: every question of this chunk is answered")
+            return
+        tok, model, proc, name = load_model(args, method, loaded)
+        write_run_info(args, method)
+        workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
+        data = _PreparedQuestions(todo, prepare, tok, proc, model.config)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
+        with closing(SampleLogs(args, model)) as logs:
+            for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
+                q = todo[i]
+                pixels = to_model(pixels, model) if pixels is not None else None
+                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, logs.profiling)
+                answers.write(record(q, text, name))
+                logs.write(q.question_id, state, timing, **q.log_extra)
 
 
 def setup_logging() -> None:

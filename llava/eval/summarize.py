@@ -159,7 +159,8 @@ EFFICIENCY_COLUMNS = (
     ("Prefill (s)", lambda recs: sum(r.get("prefill_s", 0.0) + r.get("vision_s", 0.0) for r in recs), 1.0, 4),
     ("Total (s)", lambda recs: sum(r.get("total_s", 0.0) for r in recs), 1.0, 4),
     ("FLOPs FastV (T)", lambda recs: _mean([r["flops"]["fastv_visual"] for r in recs]), 1e-12, 4),
-    ("FLOPs exact+proxy (T)", lambda recs: _mean([r["flops"]["exact"] + r["flops"]["proxy"] for r in recs]), 1e-12, 4),
+    ("FLOPs exact+selection (T)", lambda recs: _mean([r["flops"]["exact"] + r["flops"]["selection"] for r in recs]),
+     1e-12, 4),
     ("KV cache (MB)", lambda recs: _mean([r["kv_bytes"]["measured"] or r["kv_bytes"]["analytic"] for r in recs]),
      1 / 2**20, 4),
 )
@@ -174,7 +175,8 @@ def build_efficiency_table(profiles: dict[str, list[dict[str, Any]]], baseline: 
     sample for FLOPs and KV cache, each with its ratio to ``baseline`` (baseline / run: "x faster/fewer").
 
     FLOPs FastV is the paper's convention (visual tokens only, ``4nd^2 + 2n^2d + 2ndm`` per layer); the
-    exact column counts the real architecture over all tokens plus the PIO proxy's forward and backward.
+    exact column counts the real architecture over all tokens plus the selection's own work (PIO's proxy
+    forward and backward, other methods' attention rows).
     """
     if baseline not in profiles:
         raise ValueError(f"baseline {baseline!r} is not among the profiles ({', '.join(profiles)})")

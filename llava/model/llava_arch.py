@@ -11,13 +11,13 @@ from torch import nn
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
+from pio.gather import Span, contiguous_positions
 
 from .multimodal_encoder.clip_encoder import CLIPVisionTower, build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
 
 logger = logging.getLogger(__name__)
 
-Span = tuple[int, int]
 
 
 @dataclass
@@ -191,7 +191,7 @@ class LlavaMetaForCausalLM:
             mask[b, lo : lo + n] = 1
             lab_out[b, lo : lo + n] = labs[b]
             spans[b] = [(st + lo, ln) for st, ln in spans[b]]
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        pos = contiguous_positions(mask)
         return MultimodalInputs(emb, mask, pos, lab_out if labels is not None else None, spans, side)
 
     def _check_length(self, n: int) -> None:

@@ -1,13 +1,13 @@
-"""LLaVA on LLaMA/Vicuna: transformers' decoder layers, our decoder loop with the PIO seam.
+"""LLaVA on LLaMA/Vicuna: transformers' decoder layers, our decoder loop with the reduction seam.
 
 Only ``LlavaLlamaModel.forward`` is ours; layers, rotary embedding, norm and head are transformers' modules,
-so the official weights load unchanged. After each configured layer, during prefill, the loop asks ``pio``
-which visual tokens to keep and shortens the sequence (and every later layer's KV cache) accordingly.
+so the official weights load unchanged. After each layer a reduction method acts at, the loop calls the one
+prune step (:mod:`llava.model.pruning`), which selects visual tokens during prefill and shortens the sequence
+(and every later layer's KV cache) accordingly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,28 +15,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from pio.base import ReductionMethod
 from pio.flops import measured_kv_bytes
-from pio.gather import build_keep_index, contiguous_positions, gather_rows
-from pio.proxy import causal_padding_bias, full_proxy, sliced_proxy
-from pio.select import PIOConfig, select_visual_tokens
 from pio.state import PruneState
 
 from ..llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from ..pruning import LlamaAdapter, PruneStep, warn_if_parameters_need_grad
 
 
 class LlavaConfig(LlamaConfig):
     model_type = "llava_llama"
-
-
-@dataclass
-class _Segment:
-    """Attention inputs shared by consecutive layers that see the same sequence."""
-
-    key_mask: torch.Tensor  # (B, past + q) bool
-    position_ids: torch.Tensor  # (B, q)
-    attention_mask: torch.Tensor | None  # what the backend gets
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    cache_position: torch.Tensor  # (q,)
 
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
@@ -45,38 +33,6 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
 
-    # -- attention inputs --------------------------------------------------------------------------------
-    def _backend_mask(self, key_mask: torch.Tensor, q: int, dtype: torch.dtype, explicit: bool = False):
-        """Causal + padding mask for ``q`` queries at the end of ``key_mask`` (B, K), in the backend's form.
-
-        FlashAttention-2 takes the 2D padding mask (causality is its own); eager and SDPA take an additive
-        (B, 1, q, K) mask. ``None`` is returned only where it means the same thing (no padding and SDPA's
-        is_causal for a fresh sequence, or a single query) unless ``explicit`` is set.
-        """
-        impl = self.config._attn_implementation
-        all_valid = bool(key_mask.all())
-        if impl == "flash_attention_2":
-            return None if all_valid else key_mask.long()
-        K = key_mask.shape[1]
-        if all_valid and not explicit and (q == 1 or (q == K and impl == "sdpa")):
-            return None
-        query_pos = torch.arange(K - q, K, device=key_mask.device).expand(key_mask.shape[0], q)
-        return causal_padding_bias(key_mask, query_pos, dtype)
-
-    def _segment(self, h: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor | None) -> _Segment:
-        q = h.shape[1]
-        past = key_mask.shape[1] - q
-        if position_ids is None:
-            position_ids = contiguous_positions(key_mask)[:, past:]
-        return _Segment(
-            key_mask=key_mask,
-            position_ids=position_ids,
-            attention_mask=self._backend_mask(key_mask, q, h.dtype),
-            position_embeddings=self.rotary_emb(h, position_ids),
-            cache_position=torch.arange(past, past + q, device=h.device),
-        )
-
-    # -- the decoder loop --------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -87,12 +43,13 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
         use_cache: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        pio: PIOConfig | None = None,
+        reducer: ReductionMethod | None = None,
         prune_state: PruneState | None = None,
         lm_head: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """The decoder loop. ``pio`` + ``lm_head`` switch pruning on; ``prune_state`` is this call's state."""
+        """The decoder loop. ``reducer`` prunes visual tokens (``lm_head`` for PIO's proxy); ``prune_state``
+        is this call's state (a fresh one when not given)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, q, D)
@@ -107,40 +64,16 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
         key_mask = (
             attention_mask.bool() if attention_mask is not None else torch.ones(B, past + q, dtype=torch.bool, device=h.device)
         )
-        prefill = past == 0
-        layers_to_prune = set(pio.schedule.layers) if pio is not None else set()
-        if prefill and pio is not None and lm_head is None:
-            raise ValueError("PIO needs the LM head for its proxy loss: pass lm_head=")
-        if prefill and prune_state is not None:
-            counts = (lambda n0: pio.schedule.counts(n0, self.config.num_hidden_layers)) if pio is not None else None
-            prune_state.begin_prefill(key_mask, counts)
-        seg = self._segment(h, key_mask, position_ids)
+        state = prune_state if prune_state is not None else PruneState()
+        step = PruneStep.begin(LlamaAdapter(self, lm_head), reducer, state, key_mask, attention_mask, h)
+        seg = step.segment(h, key_mask, position_ids)
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            if prefill and prune_state is not None:
-                prune_state.layer_lengths.append(h.shape[1])
-            h = layer(
-                h,
-                attention_mask=seg.attention_mask,
-                position_ids=seg.position_ids,
-                past_key_values=cache,
-                use_cache=use_cache,
-                cache_position=seg.cache_position,
-                position_embeddings=seg.position_embeddings,
-                **kwargs,
-            )
-            rank = i + 1
-            if rank in layers_to_prune and prune_state is not None:
-                if prefill and q > 1:
-                    h, key_mask = self._prune(rank, h, seg, pio, prune_state, lm_head)
-                    seg = self._segment(h, key_mask, None)
-                elif rank in prune_state.stage_masks:
-                    key_mask = prune_state.decode_mask(rank, attention_mask, past + q)
-                    seg = self._segment(h, key_mask, None)
+            h_in, h = h, layer(h, past_key_values=cache, use_cache=use_cache, **seg.layer_kwargs(), **kwargs)
+            if i + 1 in step.layers:
+                h, seg = step(i + 1, h_in, h, seg)
             if hidden_states is not None:
                 hidden_states.append(h)
-        if prefill and prune_state is not None and prune_state.profile and cache is not None:
-            prune_state.kv_bytes = measured_kv_bytes(cache)
         h = self.norm(h)
         return BaseModelOutputWithPast(
             last_hidden_state=h,
@@ -148,37 +81,13 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         )
 
-    def _prune(
-        self, rank: int, h: torch.Tensor, seg: _Segment, pio: PIOConfig, state: PruneState, head: torch.nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select and drop visual tokens after 1-based layer ``rank`` (prefill only)."""
-        stage = pio.schedule.layers.index(rank)
-        targets = [t[stage] if t else 0 for t in state.targets]
-        key_mask = seg.key_mask
-        if rank in state.forced_keep:
-            keep_local = list(state.forced_keep[rank])
-        else:
-            proxy_layer = self.layers[rank if pio.proxy == "next" else rank - 1]
-            if pio.proxy_impl == "sliced":
-                proxy = sliced_proxy(proxy_layer, self.norm, head, key_mask, seg.position_embeddings)
-            else:
-                mask = self._backend_mask(key_mask, h.shape[1], h.dtype, explicit=True)
-                proxy = full_proxy(proxy_layer, self.norm, head, mask, seg.position_embeddings, seg.position_ids)
-            keep_local = select_visual_tokens(h, key_mask, state.spans, targets, proxy, pio, state)
-            if any(k is not None for k in keep_local):
-                state.proxy_events.append((rank, h.shape[1]))
-        if all(k is None for k in keep_local):
-            state.record_prune(rank, None, keep_local)
-            return h, key_mask
-        with state.timed("gather", h.device):
-            keep = build_keep_index(key_mask, state.spans, keep_local, state.padding_side)
-            h = gather_rows(h, keep)
-            state.record_prune(rank, keep, keep_local)
-        return h, keep.mask
-
 
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
-    """LLaVA-1.5 / LLaVA-NeXT (Vicuna) with optional PIO pruning inside the language model."""
+    """LLaVA-1.5 / LLaVA-NeXT (Vicuna) with optional visual-token reduction inside the language model.
+
+    The method is chosen per call: ``generate(..., reducer=make_method("pio", budget=64))``; nothing about it
+    is stored on the model.
+    """
 
     config_class = LlavaConfig
 
@@ -187,19 +96,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         self.model = LlavaLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.pio_config: PIOConfig | None = None
         self.post_init()
-
-    # -- PIO switch ---------------------------------------------------------------------------------------
-    def enable_pio(self, config: PIOConfig) -> None:
-        """Prune visual tokens with ``config`` in every later prefill (see :class:`pio.select.PIOConfig`)."""
-        config.validate(self.config.num_hidden_layers)
-        self.requires_grad_(False)  # only the probe gets a gradient
-        self.pio_config = config
-
-    def disable_pio(self) -> None:
-        """Run the unpruned model again."""
-        self.pio_config = None
 
     # -- forward / generate -------------------------------------------------------------------------------
     def forward(
@@ -217,17 +114,22 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        reducer: ReductionMethod | None = None,
         prune_state: PruneState | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """Upstream's forward plus ``reducer`` (a :class:`pio.base.ReductionMethod`, prefill only) and
+        ``prune_state`` (this call's :class:`pio.PruneState`, to read what was kept)."""
+        prune_state = prune_state if prune_state is not None else PruneState()
         if inputs_embeds is None and images is not None:
             mm = self.prepare_multimodal_inputs(input_ids, attention_mask, images, image_sizes, labels)
             input_ids, inputs_embeds, attention_mask, labels = None, mm.inputs_embeds, mm.attention_mask, mm.labels
             position_ids = mm.position_ids
-            prune_state = prune_state or PruneState()
             prune_state.set_inputs(mm.spans, mm.padding_side)
-        if prune_state is None and self.pio_config is not None:
-            prune_state = PruneState()
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if prefill and reducer is not None:
+            reducer.validate(self.config.num_hidden_layers)
+            warn_if_parameters_need_grad(self, reducer)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -237,17 +139,19 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             use_cache=use_cache,
             cache_position=cache_position,
             output_hidden_states=output_hidden_states,
-            pio=self.pio_config,
+            reducer=reducer,
             prune_state=prune_state,
             lm_head=self.lm_head,
             **{k: v for k, v in kwargs.items() if k not in ("output_attentions", "return_dict")},
         )
+        if prefill and prune_state.profile and out.past_key_values is not None:
+            prune_state.kv_bytes = measured_kv_bytes(out.past_key_values)
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep, :])
         loss = None
         if labels is not None:
-            if prune_state is not None and prune_state.stage_masks:
+            if prune_state.stage_masks:
                 labels = prune_state.gather_labels(labels)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(
@@ -261,12 +165,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         images: Any | None = None,
         image_sizes: Any | None = None,
         attention_mask: torch.Tensor | None = None,
+        reducer: ReductionMethod | None = None,
         prune_state: PruneState | None = None,
         **kwargs: Any,
     ):
         """Upstream LLaVA's ``generate(input_ids, images=..., image_sizes=..., ...)``; returns new tokens only.
 
-        Pass ``prune_state=PruneState()`` to read what the prefill kept afterwards (``prune_state.report``).
+        ``reducer`` prunes visual tokens during prefill (e.g. ``make_method("pio", budget=64)``); pass
+        ``prune_state=PruneState()`` to read what the prefill kept afterwards (``prune_state.report()``).
         """
         if "inputs_embeds" in kwargs:
             raise ValueError("pass input_ids (with <image> placeholders) and images, not inputs_embeds")
@@ -284,7 +190,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             embeds = self.get_model().embed_tokens(inputs)
             prune_state.set_inputs([[] for _ in range(inputs.shape[0])], "left")
         return super().generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, prune_state=prune_state, **kwargs
+            inputs_embeds=embeds, attention_mask=attention_mask, reducer=reducer, prune_state=prune_state, **kwargs
         )
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):

@@ -1,4 +1,4 @@
-"""PIO token selection: proxy-loss gradient saliency, then feature-space NMS (docs/method.md §2).
+"""PIO-FVLM / TRIO (arXiv 2602.04657): proxy-loss gradient saliency, then feature-space NMS (docs/method.md §2).
 
 At a pruning layer, for every sample whose visual span is longer than its target:
 
@@ -10,37 +10,44 @@ At a pruning layer, for every sample whose visual span is longer than its target
    probe of the hidden states at the pruning point.
 4. Greedy NMS on cosine similarity of the raw hidden states (``tau``), with fill-up by score; kept indices
    in ascending order.
+
+Schedules: the authors published 64 -> (92, 54, 22) and 128 -> (218, 128, 54) after layers 1, 10, 15 of
+LLaVA-1.5-7B (their scripts); 192 -> (344, 202, 86) is our linear extrapolation (exactly 192.0). These are
+the budget solver's anchors (:mod:`pio.budget`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .gather import Span
-from .nms import greedy_nms, topk_indices
-from .proxy import ProxyFn
-
-if TYPE_CHECKING:
-    from .schedule import Schedule
-    from .state import PruneState
+from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..budget import Anchors
+from ..nms import greedy_nms, topk_indices
+from ..proxy import ProxyFn
+from ..schedule import Schedule
 
 PROXY_LAYERS = ("next", "current")
 PROXY_IMPLS = ("sliced", "full")
 
+ANCHORS = Anchors(
+    layers=(1, 10, 15), num_layers=32, n0=576,
+    schedules=((64, (92, 54, 22)), (128, (218, 128, 54)), (192, (344, 202, 86))),
+    source="authors' scripts (64, 128: scripts/v1_5/eval/*.sh, textvqa_set*.sh); 192: linear extrapolation",
+)
+
 
 @dataclass(frozen=True)
-class PIOConfig:
-    """Settings of the PIO selector.
+class PIO(ReductionMethod):
+    """PIO-FVLM's selector.
 
     Attributes:
         schedule: pruning layers (1-based) and per-layer visual-token targets.
-        tau: NMS cosine threshold (0.8 in the paper's code).
+        tau: NMS cosine threshold (0.8 in the authors' code).
         k_pos: number of supervised rows of the proxy loss (4).
         proxy: ``next`` runs decoder layer l (0-based) after pruning point l (the authors' LLaVA code);
             ``current`` re-applies layer l-1 (their Qwen code).
@@ -49,7 +56,24 @@ class PIOConfig:
         nms: False gives plain top-k by saliency (ablation).
     """
 
+    name = "pio"
+    needs = frozenset({"hidden", "proxy"})
+    default_layers = ANCHORS.layers
+    anchors = ANCHORS
+    source = "PIO-FVLM / TRIO, arXiv 2602.04657; github.com/ocy1/TRIO (docs/method.md)"
+    flags = (
+        Flag("tau", "pio-tau", float, "NMS cosine threshold (0.8)"),
+        Flag("k_pos", "pio-kpos", int, "supervised rows of the proxy loss (4)"),
+        Flag("proxy", "pio-proxy", str, "proxy decoder layer: next (authors' LLaVA) or current (their Qwen)",
+             choices=PROXY_LAYERS),
+        Flag("proxy_impl", "pio-proxy-impl", str, "sliced (supervised rows only) or full; same result",
+             choices=PROXY_IMPLS),
+        Flag("include_last", "pio-include-last", None, "also supervise the last position", const=True),
+        Flag("nms", "pio-no-nms", None, "plain top-k by saliency (ablation)", const=False),
+    )
+
     schedule: Schedule
+    positions: str = "renumber"
     tau: float = 0.8
     k_pos: int = 4
     proxy: str = "next"
@@ -58,26 +82,43 @@ class PIOConfig:
     nms: bool = True
 
     def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
         if self.proxy not in PROXY_LAYERS:
             raise ValueError(f"--pio-proxy must be one of {PROXY_LAYERS}, got {self.proxy!r}")
         if self.proxy_impl not in PROXY_IMPLS:
-            raise ValueError(f"proxy_impl must be one of {PROXY_IMPLS}, got {self.proxy_impl!r}")
+            raise ValueError(f"--pio-proxy-impl must be one of {PROXY_IMPLS}, got {self.proxy_impl!r}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"--pio-tau must be in (0, 1], got {self.tau}")
         if self.k_pos < 1:
             raise ValueError(f"--pio-kpos must be >= 1, got {self.k_pos}")
-        self.schedule.validate(num_layers, proxy=self.proxy)
+        if self.proxy == "next" and self.layers[-1] >= num_layers:
+            raise ValueError(
+                f"layers {[x for x in self.layers if x >= num_layers]} out of range for a {num_layers}-layer "
+                f"decoder with the 'next' proxy: allowed 1..{num_layers - 1} (the proxy runs the layer after "
+                "the pruning point; use --pio-proxy current to prune after the last layer)"
+            )
 
-    def to_dict(self) -> dict:
-        return {
-            "schedule": self.schedule.to_dict(),
-            "tau": self.tau,
-            "k_pos": self.k_pos,
-            "proxy": self.proxy,
-            "include_last": self.include_last,
-            "proxy_impl": self.proxy_impl,
-            "nms": self.nms,
-        }
+    def select(self, inputs: StageInputs) -> Selection:
+        active = active_samples(inputs)
+        if not any(active):
+            return Selection([None] * len(active))
+        hidden = inputs.hidden
+        act = torch.tensor(active, device=hidden.device)
+        proxy = inputs.proxy(self.proxy, self.proxy_impl)
+        scores = saliency(hidden, inputs.mask, act, proxy, self.k_pos, self.include_last, inputs.timed)
+        keep: list[torch.Tensor | None] = []
+        with inputs.timed("nms"):
+            for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
+                if not active[b]:
+                    keep.append(None)
+                    continue
+                start, length = span
+                s = scores[b, start : start + length]
+                if self.nms:
+                    keep.append(greedy_nms(s, hidden[b, start : start + length].detach(), k, self.tau))
+                else:
+                    keep.append(topk_indices(s, k))
+        return Selection(keep)
 
 
 def supervised_rows(mask: torch.Tensor, k_pos: int, include_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,71 +148,26 @@ def saliency(
     proxy: ProxyFn,
     k_pos: int = 4,
     include_last: bool = False,
-    state: PruneState | None = None,
+    timed: Callable[[str], AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """Gradient saliency (B, S) float32 of every position for the samples in ``active`` (B,) bool.
 
     ``hidden`` (B, S, D) is the residual stream at the pruning point. Only the probe gets a gradient; the
-    model's parameters must have ``requires_grad=False`` (the model guarantees it).
+    model's parameters should have ``requires_grad=False`` (the loader sets it), or autograd also builds their
+    part of the graph (same result, more memory).
     """
-    timed = state.timed if state is not None else _untimed
+    timed = timed or (lambda name: nullcontext())
     with torch.inference_mode(False), torch.enable_grad():  # tensors made here are usable by autograd
         rows, weights = supervised_rows(mask.clone(), k_pos, include_last)
         weights = weights * active[:, None].to(weights)
         x = hidden.detach().clone().requires_grad_(True)
-        with timed("proxy_forward", hidden.device):
+        with timed("proxy_forward"):
             logits = proxy(x, rows).float()  # (B, K, V)
             target = logits.detach().argmax(dim=-1)
             ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(weights)
             loss = ((ce * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)).sum()
             if x.dtype == torch.float16:
                 loss = loss * 1024.0  # keeps small fp16 gradients from underflowing; ranking is scale-free
-        with timed("proxy_backward", hidden.device):
+        with timed("proxy_backward"):
             (grad,) = torch.autograd.grad(loss, x)
     return grad.float().norm(dim=-1)
-
-
-def select_visual_tokens(
-    hidden: torch.Tensor,
-    mask: torch.Tensor,
-    spans: Sequence[Span | None],
-    targets: Sequence[int],
-    proxy: ProxyFn,
-    cfg: PIOConfig,
-    state: PruneState | None = None,
-) -> list[torch.Tensor | None]:
-    """Kept visual indices, local to each span and ascending, for one pruning layer.
-
-    Args:
-        hidden: (B, S, D) hidden states at the pruning point.
-        mask: (B, S) bool, valid tokens.
-        spans: per sample (start, length) of its current visual span, or None (text-only).
-        targets: per sample the number of visual tokens to keep at this layer.
-        proxy: the layer-local proxy, see :mod:`pio.proxy`.
-    Returns:
-        per sample a LongTensor of kept local indices, or None where nothing is pruned (no image, or the
-        span is already within its target).
-    """
-    active = [s is not None and 0 <= t < s[1] for s, t in zip(spans, targets)]
-    if not any(active):
-        return [None] * len(spans)
-    act = torch.tensor(active, device=hidden.device)
-    scores = saliency(hidden, mask, act, proxy, cfg.k_pos, cfg.include_last, state)
-    timed = state.timed if state is not None else _untimed
-    out: list[torch.Tensor | None] = []
-    with timed("nms", hidden.device):
-        for b, (span, k) in enumerate(zip(spans, targets)):
-            if not active[b]:
-                out.append(None)
-                continue
-            start, length = span
-            s = scores[b, start : start + length]
-            if cfg.nms:
-                out.append(greedy_nms(s, hidden[b, start : start + length].detach(), k, cfg.tau))
-            else:
-                out.append(topk_indices(s, k))
-    return out
-
-
-def _untimed(name: str, device: torch.device) -> nullcontext:
-    return nullcontext()

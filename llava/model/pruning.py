@@ -1,0 +1,284 @@
+"""The one prune step every model family calls, over a small decoder adapter (DESIGN.md §1).
+
+A decoder forward builds a :class:`PruneStep` for the call and, after each layer the method acts at, hands it
+the layer's input and output::
+
+    step = PruneStep.begin(adapter, reducer, state, key_mask, attention_mask, h)
+    seg = step.segment(h, key_mask, position_ids)
+    for i, layer in enumerate(layers):
+        h_in, h = h, layer(h, **seg.layer_kwargs())
+        if i + 1 in step.layers:
+            h, seg = step(i + 1, h_in, h, seg)
+
+In prefill the step supplies what the method declared it needs (:class:`pio.base.StageInputs`), applies its
+selection with :mod:`pio.gather` (the one place kept positions are applied) and records it in the call's
+:class:`pio.PruneState`; in cached decoding it switches the layers after a stage to that stage's key mask, so
+positions continue from what was really kept. The family-specific parts (rotary embedding, how positions
+follow from a mask) are the adapter's: LLaVA renumbers positions contiguously over the kept tokens; an M-RoPE
+family gathers its original 3-D positions with the kept tokens (``origin``).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pio.base import LAYER_CHOICES, ReductionMethod
+from pio.gather import Span, build_keep_index, contiguous_positions, gather_rows
+from pio.proxy import ProxyFn, causal_padding_bias, full_proxy, layer_keys, row_attention, sliced_proxy
+from pio.state import PruneState, SelectionEvent
+
+logger = logging.getLogger(__name__)
+
+
+def backend_mask(impl: str, key_mask: torch.Tensor, q: int, dtype: torch.dtype, explicit: bool = False):
+    """Causal + padding mask for ``q`` queries at the end of ``key_mask`` (B, K), in the backend's form.
+
+    FlashAttention-2 takes the 2D padding mask (causality is its own); eager and SDPA take an additive
+    (B, 1, q, K) mask. ``None`` is returned only where it means the same thing (no padding and SDPA's
+    is_causal for a fresh sequence, or a single query) unless ``explicit`` is set.
+    """
+    all_valid = bool(key_mask.all())
+    if impl == "flash_attention_2":
+        return None if all_valid else key_mask.long()
+    K = key_mask.shape[1]
+    if all_valid and not explicit and (q == 1 or (q == K and impl == "sdpa")):
+        return None
+    query_pos = torch.arange(K - q, K, device=key_mask.device).expand(key_mask.shape[0], q)
+    return causal_padding_bias(key_mask, query_pos, dtype)
+
+
+@dataclass
+class Segment:
+    """Attention inputs shared by consecutive layers that see the same sequence."""
+
+    key_mask: torch.Tensor  # (B, past + q) bool
+    position_ids: torch.Tensor  # (B, q), or what the family's rotary embedding takes
+    attention_mask: torch.Tensor | None  # what the backend gets
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (B, q, head_dim)
+    cache_position: torch.Tensor  # (q,)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids,
+                "cache_position": self.cache_position, "position_embeddings": self.position_embeddings}
+
+
+class DecoderAdapter(ABC):
+    """What the prune step needs to know about a decoder: its layers, final norm, LM head, attention backend,
+    rotary embedding, and how positions follow from a key mask."""
+
+    layers: Sequence[nn.Module]
+    norm: nn.Module
+    head: nn.Module | None
+    attn_implementation: str
+
+    @abstractmethod
+    def positions(self, key_mask: torch.Tensor, q: int) -> torch.Tensor:
+        """Position ids of the last ``q`` columns of ``key_mask`` (B, K), renumbered over its valid tokens."""
+
+    def gather_positions(self, position_ids: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        """The prefill's ``position_ids`` of the tokens ``origin`` (B, S') points at (kept tokens keep their
+        original positions)."""
+        return torch.gather(position_ids, 1, origin)
+
+    @abstractmethod
+    def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin), each (B, q, head_dim), in the standard rotate-half layout."""
+
+
+class LlamaAdapter(DecoderAdapter):
+    """LLaVA's language model: LLaMA layers, positions renumbered contiguously over the valid tokens."""
+
+    def __init__(self, model: Any, head: nn.Module | None):
+        self.layers, self.norm, self.head, self._rotary = model.layers, model.norm, head, model.rotary_emb
+        self.attn_implementation = model.config._attn_implementation
+
+    def positions(self, key_mask: torch.Tensor, q: int) -> torch.Tensor:
+        return contiguous_positions(key_mask)[:, key_mask.shape[1] - q:]
+
+    def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rotary(h, position_ids)
+
+
+class _Stage:
+    """:class:`pio.base.StageInputs` for one stage: supplies only what the method declared it needs."""
+
+    def __init__(self, step: PruneStep, layer: int, stage: int, h_in: torch.Tensor, h: torch.Tensor,
+                 seg: Segment, targets: list[int]):
+        self._step, self._h_in, self._seg = step, h_in, seg
+        self.layer, self.stage, self.hidden, self.mask = layer, stage, h, seg.key_mask
+        self.spans, self.targets = step.state.spans, targets
+
+    def _need(self, what: str) -> None:
+        if what not in self._step.method.needs:
+            raise RuntimeError(f"method {self._step.method.name} asked for {what!r} without declaring it in its "
+                               f"needs ({', '.join(sorted(self._step.method.needs))})")
+
+    def _decoder_layer(self, which: str) -> nn.Module:
+        if which not in LAYER_CHOICES:
+            raise ValueError(f"which must be one of {LAYER_CHOICES}, got {which!r}")
+        index = self.layer - 1 if which == "current" else self.layer
+        layers = self._step.adapter.layers
+        if index >= len(layers):
+            raise ValueError(f"{self._step.method.name} at layer {self.layer} asks for the next layer's "
+                             f"{which!r} view, but the decoder has only {len(layers)} layers")
+        return layers[index]
+
+    def attention(self, rows: torch.Tensor, which: str = "current") -> torch.Tensor:
+        self._need("attention")
+        module = self._decoder_layer(which)
+        x = self._h_in if which == "current" else self.hidden
+        with self.timed("attention"):
+            probs = row_attention(module, x, rows.to(x.device), self.mask, self._seg.position_embeddings)
+        self._step.state.events.append(SelectionEvent("attention", self.layer, x.shape[1], int(rows.shape[1])))
+        return probs
+
+    def keys(self, which: str = "current") -> torch.Tensor:
+        self._need("keys")
+        module = self._decoder_layer(which)
+        x = self._h_in if which == "current" else self.hidden
+        with torch.no_grad(), self.timed("keys"):
+            keys = layer_keys(module, x, self._seg.position_embeddings)
+        self._step.state.events.append(SelectionEvent("keys", self.layer, x.shape[1], 0))
+        return keys
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        self._need("norm")
+        with torch.no_grad():
+            return self._step.adapter.norm(x)
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor, Sequence[Span | None]]:
+        self._need("embeddings")
+        step = self._step
+        return step.embeds, step.embeds_mask, step.state.initial_spans
+
+    def proxy(self, which: str = "next", impl: str = "sliced") -> ProxyFn:
+        self._need("proxy")
+        adapter, seg = self._step.adapter, self._seg
+        if adapter.head is None:
+            raise ValueError("the proxy needs the LM head: the decoder was called without lm_head")
+        module = self._decoder_layer(which)
+        if impl == "sliced":
+            fn = sliced_proxy(module, adapter.norm, adapter.head, seg.key_mask, seg.position_embeddings)
+        else:
+            mask = backend_mask(adapter.attn_implementation, seg.key_mask, self.hidden.shape[1], self.hidden.dtype,
+                                explicit=True)
+            fn = full_proxy(module, adapter.norm, adapter.head, mask, seg.position_embeddings, seg.position_ids)
+        events, layer = self._step.state.events, self.layer
+
+        def recorded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            events.append(SelectionEvent("proxy", layer, x.shape[1], int(rows.shape[1]), impl))
+            return fn(x, rows)
+
+        return recorded
+
+    def timed(self, name: str) -> AbstractContextManager:
+        return self._step.state.timed(name, self.hidden.device)
+
+
+class PruneStep:
+    """One call's reduction: where the method acts, and the step run after each of those layers."""
+
+    def __init__(self, adapter: DecoderAdapter, method: ReductionMethod | None, state: PruneState, prefill: bool,
+                 attention_mask: torch.Tensor | None, total_len: int, embeds: torch.Tensor, key_mask: torch.Tensor):
+        self.adapter, self.method, self.state, self.prefill = adapter, method, state, prefill
+        self._attention_mask, self._total_len = attention_mask, total_len
+        self.embeds, self.embeds_mask = embeds, key_mask  # the prefill's decoder input (SparseVLM's raters)
+        self.renumber = state.positions == "renumber"
+        self.base: Segment | None = None  # the call's first segment (original positions)
+        self.layers: frozenset[int] = frozenset(method.layers) if method is not None else frozenset()
+        if not prefill:  # decoding: only the stages the prefill really pruned change the key mask
+            self.layers = frozenset(state.stage_masks)
+
+    @classmethod
+    def begin(cls, adapter: DecoderAdapter, method: ReductionMethod | None, state: PruneState,
+              key_mask: torch.Tensor, attention_mask: torch.Tensor | None, h: torch.Tensor) -> PruneStep:
+        """The step for a call of ``h`` (B, q, D) over ``key_mask`` (B, past + q); a prefill resets ``state``."""
+        q = h.shape[1]
+        prefill = key_mask.shape[1] == q
+        if prefill:
+            L = len(adapter.layers)
+            counts = (lambda n0: method.counts(n0, L)) if method is not None else None
+            state.begin_prefill(key_mask, L, method.layers if method is not None else (), counts,
+                                method.positions if method is not None else "renumber")
+            if method is not None and q == 1:
+                method = None  # nothing to select from a single token
+        return cls(adapter, method, state, prefill, attention_mask, key_mask.shape[1], h, key_mask)
+
+    def segment(self, h: torch.Tensor, key_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> Segment:
+        """Attention inputs for ``h`` (B, q, D) at the end of ``key_mask`` (B, past + q). Positions: as given,
+        renumbered over ``key_mask``, or (``positions="original"``) the first segment's, gathered with the
+        kept tokens."""
+        q = h.shape[1]
+        past = key_mask.shape[1] - q
+        embeddings = None
+        if position_ids is None and self.base is not None and not self.renumber:
+            if self.prefill:
+                position_ids = self.adapter.gather_positions(self.base.position_ids, self.state.origin)
+            else:  # a new token keeps its unpruned position in every layer
+                position_ids, embeddings = self.base.position_ids, self.base.position_embeddings
+        if position_ids is None:
+            position_ids = self.adapter.positions(key_mask, q)
+        seg = Segment(
+            key_mask=key_mask,
+            position_ids=position_ids,
+            attention_mask=backend_mask(self.adapter.attn_implementation, key_mask, q, h.dtype),
+            position_embeddings=embeddings or self.adapter.rotary(h, position_ids),
+            cache_position=torch.arange(past, past + q, device=h.device),
+        )
+        if self.base is None:
+            self.base = seg
+        return seg
+
+    def __call__(self, layer: int, h_in: torch.Tensor, h: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, Segment]:
+        """After 1-based ``layer``: prune in prefill, or switch to the stage's key mask when decoding."""
+        state = self.state
+        if not self.prefill:
+            return h, self.segment(h, state.decode_mask(layer, self._attention_mask, self._total_len))
+        if self.method is None:
+            return h, seg
+        stage = self.method.layers.index(layer)
+        targets = [t[stage] if t else 0 for t in state.targets]
+        if layer in state.forced:
+            selection = state.forced[layer]
+        else:
+            selection = self.method.select(_Stage(self, layer, stage, h_in, h, seg, targets))
+        if all(k is None for k in selection.keep):
+            state.record(layer, selection, None)
+            return h, seg
+        with state.timed("gather", h.device):
+            merged = selection.merged or [None] * len(selection.keep)
+            counts = [0 if m is None else int(m.shape[0]) for m in merged]
+            keep = build_keep_index(seg.key_mask, state.spans, selection.keep, state.padding_side, counts)
+            extra = _stack(merged, h) if keep.n_merged else None
+            h = gather_rows(h, keep, merged=extra)
+            state.record(layer, selection, keep)
+        return h, self.segment(h, keep.mask)
+
+
+def _stack(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """Per-sample (m_b, D) tensors as one zero-padded (B, max m_b, D) tensor."""
+    width = max(0 if r is None else r.shape[0] for r in rows)
+    out = like.new_zeros(len(rows), width, like.shape[-1])
+    for b, r in enumerate(rows):
+        if r is not None:
+            out[b, : r.shape[0]] = r.to(like.dtype)
+    return out
+
+
+def warn_if_parameters_need_grad(model: nn.Module, method: ReductionMethod | None) -> None:
+    """The proxy differentiates only the probe; parameters with ``requires_grad`` also get a graph (same result,
+    more memory). The loader sets ``requires_grad=False``; say so once if a caller's model has not."""
+    if method is None or "proxy" not in method.needs or getattr(model, "_warned_grad", False):
+        return
+    if any(p.requires_grad for p in model.parameters()):
+        logger.warning("model parameters require grad: PIO's proxy then also builds their graph (same result, more "
+                       "memory); call model.requires_grad_(False) as load_pretrained_model does")
+        model._warned_grad = True

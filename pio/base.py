@@ -1,0 +1,247 @@
+"""The method interface: every visual-token reduction method is a small class behind it (DESIGN.md §2.4).
+
+A method is a frozen dataclass whose fields are its hyper-parameters; its first field is the
+:class:`~pio.schedule.Schedule` (after which decoder layers it acts, and how many visual tokens each stage
+keeps). It declares what it needs from the model in :attr:`ReductionMethod.needs`:
+
+``"hidden"``
+    the hidden states at the pruning point, the valid-token mask and each sample's visual span (always given);
+``"attention"``
+    softmax attention probabilities of chosen query rows over all keys, computed explicitly for just those
+    rows from a decoder layer's own queries and keys (:meth:`StageInputs.attention`), so the model keeps its
+    attention backend (SDPA, eager, FlashAttention-2);
+``"keys"``
+    a decoder layer's rotated keys for every position (:meth:`StageInputs.keys`, DART's pivots);
+``"norm"``
+    the model's final norm (:meth:`StageInputs.final_norm`, DART's similarity features);
+``"embeddings"``
+    the prefill's input embeddings and visual spans (:meth:`StageInputs.embeddings`, SparseVLM's raters);
+``"proxy"``
+    PIO's layer-local proxy (:meth:`StageInputs.proxy`).
+
+At each of its stages, in prefill, the model adapter hands the method a :class:`StageInputs` and the method
+returns a :class:`Selection`: per sample the kept positions local to its visual span (ascending), and
+optionally new merged tokens that follow them. Methods never touch the model; the adapter supplies only what
+was declared, and :func:`pio.gather.build_keep_index` is the one place kept positions are applied.
+
+Adding a method touches three places: its class (``pio/methods/<name>.py``), its registry entry (the list in
+``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from .budget import Anchors
+from .gather import Span
+from .proxy import ProxyFn
+from .schedule import PAPER_N0, Schedule
+
+__all__ = ["NEEDS", "Flag", "ReductionMethod", "Selection", "StageInputs"]
+
+NEEDS = ("hidden", "attention", "keys", "norm", "embeddings", "proxy")
+POSITIONS = ("renumber", "original")
+LAYER_CHOICES = ("current", "next")
+
+
+class StageInputs(Protocol):
+    """What the model adapter hands a method at one pruning stage (prefill only).
+
+    Attributes:
+        layer: the 1-based decoder layer that just ran (pruning happens after it).
+        stage: index of this stage in the method's schedule.
+        hidden: (B, S, D) output of that layer, the residual stream at the pruning point.
+        mask: (B, S) bool, valid (non-padding) tokens.
+        spans: per sample ``(start, length)`` of its current visual span, or None (text only).
+        targets: per sample the number of visual tokens to keep at this stage.
+    """
+
+    layer: int
+    stage: int
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    spans: Sequence[Span | None]
+    targets: Sequence[int]
+
+    def attention(self, rows: torch.Tensor, which: str = "current") -> torch.Tensor:
+        """Attention probabilities (B, H, R, S) float32 of the query rows ``rows`` (B, R) over all keys.
+
+        ``which="current"``: the decoder layer that just ran (0-based ``layer-1``, on its input), as FastV
+        reads it; ``"next"``: the first layer that will see the pruned sequence (0-based ``layer``, on
+        ``hidden``), as PDrop recomputes it. Causal and padding-masked; rows of padding give a uniform row.
+        Needs ``"attention"``.
+        """
+        ...
+
+    def keys(self, which: str = "current") -> torch.Tensor:
+        """Rotated keys (B, S, H_kv * head_dim) of the ``which`` decoder layer at every position. Needs
+        ``"keys"``."""
+        ...
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's final norm applied to ``x`` (B, S, D). Needs ``"norm"``."""
+        ...
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor, Sequence[Span | None]]:
+        """The prefill's decoder input (B, S0, D), its valid mask (B, S0) and each sample's visual span in it.
+        Needs ``"embeddings"``."""
+        ...
+
+    def proxy(self, which: str = "next", impl: str = "sliced") -> ProxyFn:
+        """PIO's proxy (:mod:`pio.proxy`) through the ``which`` decoder layer. Needs ``"proxy"``."""
+        ...
+
+    def timed(self, name: str) -> AbstractContextManager:
+        """Accumulate the wall time of a phase of the selection under ``name`` when profiling."""
+        ...
+
+
+@dataclass
+class Selection:
+    """A method's decision at one stage.
+
+    Attributes:
+        keep: per sample the kept indices local to its visual span (LongTensor, ascending), or None where the
+            sample is left whole (no image, or already within its target).
+        merged: optional, per sample a (m, D) tensor of new tokens (e.g. recycled ones) placed right after the
+            kept visual tokens, or None.
+    """
+
+    keep: list[torch.Tensor | None]
+    merged: list[torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A method-specific command-line flag for one field (``--<method>-<name>``)."""
+
+    field: str
+    name: str
+    type: Any = None  # argparse type; None with ``const`` for a switch
+    help: str = ""
+    const: Any = None  # switches: the value stored when the flag is given
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class ReductionMethod(ABC):
+    """Base of every method. Subclasses are frozen dataclasses; every field after these two has a default.
+
+    Fields:
+        schedule: after which decoder layers the method acts and how many visual tokens each stage keeps.
+        positions: ``renumber`` (positions contiguous over the kept tokens, as PIO's, PDrop's and SparseVLM's
+            LLaVA code does) or ``original`` (kept tokens keep their positions, with gaps, as FastV and DART
+            do); each method defaults to its authors' choice.
+
+    Class attributes:
+        name: registry name (``--method NAME``).
+        needs: what the method asks the model for, a subset of :data:`NEEDS`.
+        default_layers: the layers of the method's published configuration.
+        default_ratio_mode: how its ``--ratios`` are read (``initial`` or ``current``, :class:`Schedule`).
+        anchors: the published schedules that give the budget solver its shape (:mod:`pio.budget`);
+            None: every stage keeps the same count.
+        flags: method-specific command-line flags.
+        source: where the defaults come from (paper, repository), for the docs and result files.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset({"hidden"})
+    where: ClassVar[str] = "llm"
+    default_layers: ClassVar[tuple[int, ...]]
+    default_ratio_mode: ClassVar[str] = "initial"
+    anchors: ClassVar[Anchors | None] = None
+    flags: ClassVar[tuple[Flag, ...]] = ()
+    source: ClassVar[str] = ""
+
+    schedule: Schedule
+    positions: str = "renumber"
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def schedule_for(
+        cls,
+        layers: Sequence[int] | None = None,
+        *,
+        budget: float | None = None,
+        budget_ratio: float | None = None,
+        budget_tokens: float | None = None,
+        tokens: Sequence[int] | None = None,
+        ratios: Sequence[float] | None = None,
+        ratio_mode: str = "initial",
+    ) -> Schedule:
+        """The method's schedule for one target: a paper budget label ``budget`` (64, 128, 192: the average
+        visual tokens per layer as a fraction of 576, so exactly that on LLaVA-1.5 and the same share of each
+        image's tokens on LLaVA-NeXT), ``budget_ratio``, an absolute average ``budget_tokens``, or explicit
+        ``tokens`` / ``ratios``. ``layers`` defaults to the method's published layers."""
+        given = {k: v for k, v in dict(budget=budget, budget_ratio=budget_ratio, budget_tokens=budget_tokens,
+                                       tokens=tokens, ratios=ratios).items() if v is not None}
+        if len(given) != 1:
+            what = " and ".join(given) if given else "none"
+            raise ValueError(f"{cls.name}: give exactly one of budget, budget_ratio, budget_tokens, tokens, "
+                             f"ratios; got {what}")
+        if budget is not None:
+            if not 0 < budget <= PAPER_N0:
+                raise ValueError(f"budget {budget:g} must be in (0, {PAPER_N0}]: the paper's average visual tokens "
+                                 f"per layer out of LLaVA-1.5's {PAPER_N0} (e.g. 64, 128, 192)")
+            budget_ratio = budget / PAPER_N0
+        return Schedule(
+            layers=tuple(layers) if layers is not None else cls.default_layers,
+            tokens=None if tokens is None else tuple(tokens),
+            ratios=None if ratios is None else tuple(ratios),
+            budget=budget_tokens,
+            budget_ratio=budget_ratio,
+            ratio_mode=ratio_mode,
+            anchors=cls.anchors,
+        )
+
+    @classmethod
+    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, **options: Any) -> ReductionMethod:
+        """The method at a paper budget label (64, 128, 192; see :meth:`schedule_for`)."""
+        return cls(cls.schedule_for(layers, budget=budget), **options)
+
+    # -- what the model asks ----------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """1-based decoder layers after which the method acts."""
+        return self.schedule.layers
+
+    def counts(self, n0: int, num_layers: int) -> list[int]:
+        """Visual tokens to keep after each stage for a sample with ``n0`` visual tokens."""
+        return self.schedule.counts(n0, num_layers)
+
+    def validate(self, num_layers: int) -> None:
+        """Check the configuration against a ``num_layers``-layer decoder (raises ValueError)."""
+        self.schedule.validate(num_layers)
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        unknown = set(self.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown needs {sorted(unknown)}; allowed: {', '.join(NEEDS)}")
+
+    @abstractmethod
+    def select(self, inputs: StageInputs) -> Selection:
+        """Kept visual positions per sample at one stage (see :class:`Selection`)."""
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """The hyper-parameters other than the schedule."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "schedule"}
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration as JSON-serialisable data (method, schedule, hyper-parameters)."""
+        return {"method": self.name, "schedule": self.schedule.to_dict(), **self.options()}
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}: {self.schedule.describe()}" + (f" ({opts})" if opts else "")
+
+
+def active_samples(inputs: StageInputs) -> list[bool]:
+    """Samples pruned at this stage: an image whose span is longer than its target."""
+    return [s is not None and 0 <= t < s[1] for s, t in zip(inputs.spans, inputs.targets)]

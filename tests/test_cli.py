@@ -1,0 +1,88 @@
+"""pio.cli: the reduction flags every runner shares, and the errors for bad ones."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import pytest
+
+from pio import PIO, Schedule, get_method, make_method, method_names
+from pio.cli import EncoderReductionNotImplementedError, add_method_args, method_from_args
+from pio.registry import register
+
+
+def parse(line: str):
+    p = argparse.ArgumentParser()
+    add_method_args(p)
+    return method_from_args(p.parse_args(shlex.split(line)))
+
+
+def test_nothing_given_is_unpruned():
+    assert parse("") is None
+    assert parse("--method none") is None
+    assert parse("--visual_token_num 576") is None
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_method_and_budget(name):
+    m = parse(f"--method {name} --budget 64")
+    assert m == get_method(name).from_budget(64) and m.name == name
+    assert m.config()["method"] == name and m.config()["schedule"]["budget_ratio"] == pytest.approx(64 / 576)
+
+
+def test_pio_spellings_and_authors_aliases():
+    explicit = PIO(PIO.schedule_for((1, 10, 15), tokens=(92, 54, 22)))
+    assert parse("--pio-layers 1,10,15 --pio-tokens 92,54,22") == explicit
+    assert parse("--layer_list '[1,10,15]' --image_token_list '[92, 54, 22]' --visual_token_num 576") == explicit
+    assert parse("--pio-preset 128") == PIO.from_budget(128)
+    assert parse("--pio-layers 1,10,15 --pio-budget 64").counts(576, 32) == [92, 54, 22]
+    assert parse("--method pio --budget 64 --pio-tau 0.5 --pio-no-nms --pio-include-last") == PIO(
+        PIO.schedule_for(budget=64), tau=0.5, nms=False, include_last=True)
+    pdrop = parse("--method pdrop --layer_list '[8,16,24]' --image_token_ratio_list '[0.5,0.25,0.125]'")
+    assert pdrop.counts(576, 32) == [288, 144, 72]
+    assert parse("--method dart --budget 64 --dart-pivot-text 2").pivot_text == 2
+    assert parse("--method fastv --budget 64 --layers 3").layers == (3,)
+    assert parse("--method sparsevlm --budget 64 --sparsevlm-no-recycle").recycle is False
+    assert parse("--method fastv --tokens 64 --positions renumber").positions == "renumber"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("--method fastvv --budget 64", r"unknown method 'fastvv'; known methods: pio, fastv, pdrop, sparsevlm, dart, random"),
+    ("--method fastv --budget 64 --pio-tau 0.5", r"--pio-tau is a flag of method pio, but --method is fastv"),
+    ("--method fastv --pio-layers 2 --tokens 64", r"--pio-layers belong\(s\) to method pio but --method is fastv"),
+    ("--dart-pivot-text 2", r"--dart-pivot-text is a flag of method dart; add --method dart"),
+    ("--method fastv", r"--method fastv needs a target: --budget 64\|128\|192"),
+    ("--method fastv --budget 64 --tokens 30", r"give one target, got --budget and --tokens"),
+    ("--method none --budget 64", r"--method none runs the unpruned model"),
+    ("--method pio --budget 700", r"budget 700 must be in \(0, 576\]"),
+    ("--method pio --layers 1,x --tokens 3,2", r"layers must be integers"),
+    ("--method pio --pio-layers 1 --layers 2 --tokens 3", r"both given"),
+])
+def test_bad_flags_are_named(line, message):
+    with pytest.raises(ValueError, match=message):
+        parse(line)
+
+
+def test_unreachable_budget_and_depth_are_named():
+    with pytest.raises(ValueError, match=r"budget 64 of 576 .* first pruning layer 8 of 32"):
+        parse("--method pdrop --budget 64 --layers 8,16,24").validate(32)
+    with pytest.raises(ValueError, match=r"fastv prunes once"):
+        parse("--method fastv --tokens 60,30 --layers 2,4").validate(32)
+    with pytest.raises(ValueError, match=r"layers \[40\] out of range for a 32-layer decoder"):
+        parse("--method dart --tokens 68 --layers 40").validate(32)
+
+
+def test_encoder_side_not_yet():
+    with pytest.raises(EncoderReductionNotImplementedError, match="not implemented yet"):
+        parse("--pio-layers 16 --pio-tokens 32 --visual_token_num 96")
+
+
+def test_registry_refuses_duplicates_and_names_known_methods():
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Other", (PIO,), {"name": "pio"}))
+    with pytest.raises(ValueError, match="reserved"):
+        register(type("NoneMethod", (PIO,), {"name": "none"}))
+    with pytest.raises(ValueError, match="known methods: pio"):
+        make_method("nope", budget=64)
+    assert make_method("pio", schedule=Schedule((1,), tokens=(5,)), tau=0.5).tau == 0.5

@@ -1,0 +1,390 @@
+"""Every registered reduction method, on tiny LLaVA-1.5 and LLaVA-NeXT models, through one parametrised suite.
+
+Per method: kept positions equal a deliberately naive reference of that method (float64; eager attention from
+transformers' own attention module, Python loops, full-vocabulary logits, explicit slicing); a keep-all
+budget equals no pruning; pruned prefill plus cached decoding equals recomputation; a padded batch of three
+different samples (one text-only) equals each sample alone; SDPA, eager and the FlashAttention-2 stand-in keep
+the same positions and generate the same tokens.
+
+Adding a method: give it an entry in ``REFERENCES`` (its naive selection) and ``CASES`` (schedules for a
+4-layer model); ``test_every_method_has_a_test_entry`` fails until it has both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from pio import PruneState, Schedule, get_method, method_names
+from tests.helpers import image, load, pixels, prompt_ids
+
+
+@pytest.fixture(scope="module")
+def models(tiny_v15, tiny_v16):
+    out = {}
+    for name, path in (("v15", tiny_v15), ("v16", tiny_v16)):
+        tok, model, proc, _ = load(path)
+        out[name] = (tok, model, proc)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ naive references
+@dataclass
+class Ctx:
+    """What a naive selection sees at one stage of one unpadded sample."""
+
+    model: object
+    layer: int  # 1-based, just ran
+    h_in: torch.Tensor  # (1, S, D) its input
+    h: torch.Tensor  # (1, S, D) its output
+    pe: tuple
+    mask: torch.Tensor  # (1, 1, S, S) additive causal
+    positions: torch.Tensor  # (1, S)
+    start: int
+    length: int
+    k: int
+    embeds: torch.Tensor  # the prefill input (1, S0, D)
+    span0: tuple[int, int]
+    method: object
+
+
+def causal(S: int, dtype) -> torch.Tensor:
+    return torch.full((S, S), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+
+
+def eager_attention(layer, x, pe, mask) -> torch.Tensor:
+    """transformers' own eager attention weights (1, H, S, S) of ``layer`` on input ``x``."""
+    cfg = layer.self_attn.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = "eager"
+    try:
+        _, weights = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pe, attention_mask=mask)
+    finally:
+        cfg._attn_implementation = old
+    return weights
+
+
+def order_desc(values) -> list[int]:
+    return sorted(range(len(values)), key=lambda j: (-float(values[j]), j))
+
+
+def top_k(values, k: int) -> list[int]:
+    return sorted(order_desc(values)[:k])
+
+
+def naive_pio(c: Ctx):
+    m, lm = c.method, c.model.get_model()
+    proxy = lm.layers[c.layer] if m.proxy == "next" else lm.layers[c.layer - 1]
+    S = c.h.shape[1]
+    with torch.enable_grad():
+        x = c.h.detach().clone().requires_grad_(True)
+        y = proxy(x, attention_mask=c.mask, position_ids=c.positions, position_embeddings=c.pe)
+        logits = c.model.lm_head(lm.norm(y))[0]  # (S, V): every position, full vocabulary
+        if m.include_last:
+            sel = logits[sorted({max(S - 1 - t, 0) for t in range(m.k_pos)})]
+        else:  # the authors' rule on shifted logits
+            sel = logits[:-1][sorted({min(max(S - 2 - t, 0), S - 2) for t in range(m.k_pos)})]
+        loss = F.cross_entropy(sel, sel.argmax(-1).detach())
+        (g,) = torch.autograd.grad(loss, x)
+    score = g[0, c.start : c.start + c.length].norm(dim=-1)
+    order = order_desc(score)
+    if not m.nms:
+        return sorted(order[: c.k]), None
+    f = F.normalize(c.h[0, c.start : c.start + c.length].detach(), dim=-1)
+    chosen, suppressed = [], [False] * c.length
+    for j in order:
+        if len(chosen) == c.k:
+            break
+        if suppressed[j]:
+            continue
+        chosen.append(j)
+        for t in range(c.length):
+            if (f[j] @ f[t]).item() >= m.tau:
+                suppressed[t] = True
+    for j in order:
+        if len(chosen) == c.k:
+            break
+        if j not in chosen:
+            chosen.append(j)
+    return sorted(chosen), None
+
+
+def naive_fastv(c: Ctx):
+    w = eager_attention(c.model.get_model().layers[c.layer - 1], c.h_in, c.pe, c.mask)
+    return top_k(w[0].mean(0)[-1, c.start : c.start + c.length], c.k), None
+
+
+def naive_pdrop(c: Ctx):
+    w = eager_attention(c.model.get_model().layers[c.layer], c.h, c.pe, c.mask)
+    return top_k(w[0].mean(0)[-1, c.start : c.start + c.length], c.k), None
+
+
+def naive_sparsevlm(c: Ctx):
+    s0, n0 = c.span0
+    e = c.embeds[0]
+    V, T = e[s0 : s0 + n0], e[s0 + n0 :]
+    share = torch.stack([torch.softmax(V[i] @ T.T, dim=0) for i in range(n0)]).mean(0)
+    raters = [j for j in range(T.shape[0]) if share[j] > share.mean()] or list(range(T.shape[0]))
+    w = eager_attention(c.model.get_model().layers[c.layer - 1], c.h_in, c.pe, c.mask)[0].mean(0)
+    text_start = c.start + c.length
+    score = torch.stack([w[text_start + r, c.start : c.start + c.length] for r in raters]).mean(0)
+    k = min(c.k, c.length - 1)
+    keep = top_k(score, k)
+    if not c.method.recycle:
+        return keep, None
+    deleted = [j for j in range(c.length) if j not in keep]
+    ranked = sorted(deleted, key=lambda j: (-float(score[j]), j))
+    m = int(c.method.recycle_ratio * len(deleted)) + 1
+    X = c.h[0, [c.start + j for j in ranked[:m]]]
+    n_clusters = min(int(c.method.cluster_ratio * m) + 1, m)
+    D = torch.tensor([[float((X[a] - X[b]).norm()) for b in range(m)] for a in range(m)], dtype=X.dtype)
+    D = D / math.sqrt(X.shape[1])
+    rho = [math.exp(-sum(v**2 for v in sorted(D[a].tolist())[:n_clusters]) / n_clusters) for a in range(m)]
+    dmax = float(D.max())
+    delta = [min([float(D[a, b]) for b in range(m) if rho[b] > rho[a]] or [dmax]) for a in range(m)]
+    centres = sorted(range(m), key=lambda a: (-(delta[a] * rho[a]), a))[:n_clusters]
+    groups = [[] for _ in centres]
+    for a in range(m):
+        nearest = centres.index(a) if a in centres else min(range(n_clusters), key=lambda i: (float(D[centres[i], a]), i))
+        groups[nearest].append(a)
+    merged = torch.stack([X[g].sum(0) / (len(g) + 1e-6) for g in groups])
+    return keep, merged
+
+
+def naive_dart(c: Ctx):
+    lm = c.model.get_model()
+    layer = lm.layers[c.layer - 1]
+    attn = layer.self_attn
+    S = c.h.shape[1]
+    k = attn.k_proj(layer.input_layernorm(c.h_in)).view(1, S, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = c.pe
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)  # (1, Hkv, S, hd)
+    l1 = k[0].abs().sum(dim=(0, 2))  # (S,)
+    text = list(range(c.start + c.length, S))
+    img_piv = sorted(order_desc(l1[c.start : c.start + c.length])[: c.method.pivot_image])
+    txt_piv = [text[j] for j in order_desc(l1[text])[: c.method.pivot_text]]
+    f = F.normalize(lm.norm(c.h)[0], dim=-1)
+    pivots = sorted([c.start + j for j in img_piv] + txt_piv)
+    kept, free = list(img_piv), [j for j in range(c.length) if j not in img_piv]
+    base, extra = divmod(c.k - len(img_piv), len(pivots))
+    for i, p in enumerate(pivots):
+        count = base + (1 if i < extra else 0)
+        sims = [float(f[p] @ f[c.start + j]) for j in free]
+        chosen = [free[j] for j in sorted(range(len(free)), key=lambda j: (sims[j], free[j]))[:count]]
+        kept += chosen
+        free = [j for j in free if j not in chosen]
+    return sorted(kept), None
+
+
+def naive_random(c: Ctx):
+    g = torch.Generator().manual_seed((c.method.seed * 1_000_003 + c.layer) * 1_000_033 + c.length)
+    return sorted(torch.randperm(c.length, generator=g)[: c.k].tolist()), None
+
+
+REFERENCES = {"pio": naive_pio, "fastv": naive_fastv, "pdrop": naive_pdrop, "sparsevlm": naive_sparsevlm,
+              "dart": naive_dart, "random": naive_random}
+
+S = Schedule
+CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
+    "pio": [(S((1, 2), tokens=(128, 32)), {}),
+            (S((1, 3), tokens=(200, 64)), {"proxy": "current", "proxy_impl": "full"}),
+            (S((2,), tokens=(100,)), {"include_last": True, "tau": 0.5})],
+    "fastv": [(S((2,), tokens=(100,)), {}), (S((1,), tokens=(40,)), {}), (S((3,), tokens=(200,)), {})],
+    "pdrop": [(S((1, 2, 3), ratios=(0.5, 0.25, 0.125)), {}), (S((2, 3), tokens=(150, 30)), {})],
+    "sparsevlm": [(S((1, 2, 3), tokens=(200, 100, 30)), {}), (S((2, 3), tokens=(66, 17)), {}),
+                  (S((1,), tokens=(90,)), {"recycle": False})],
+    "dart": [(S((2,), tokens=(68,)), {}), (S((1,), tokens=(37,)), {}), (S((3,), tokens=(132,)), {"pivot_text": 2})],
+    "random": [(S((1, 3), tokens=(100, 20)), {}), (S((2,), tokens=(50,)), {"seed": 3})],
+}
+NAMES = method_names()
+
+
+def make(name: str, case: int = 0):
+    schedule, options = CASES[name][case]
+    return get_method(name)(schedule, **options)
+
+
+def naive_run(model, embeds, span, method) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+    """The method on one unpadded sample, layer by layer, with ``REFERENCES[method.name]`` choosing: the kept
+    original positions per stage (-1: a merged token) and the merged tokens per layer."""
+    select = REFERENCES[method.name]
+    lm = model.get_model()
+    L = model.config.num_hidden_layers
+    start, length = span
+    counts = method.counts(length, L)
+    h, positions = embeds, torch.arange(embeds.shape[1])[None]
+    local, log, merged_at = list(range(length)), [], {}
+    for i, layer in enumerate(lm.layers):
+        S_ = h.shape[1]
+        pe = lm.rotary_emb(h, positions)
+        mask = causal(S_, h.dtype)
+        h_in = h
+        h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe)
+        rank = i + 1
+        if rank not in method.layers:
+            continue
+        k = counts[method.layers.index(rank)]
+        if k >= length:
+            continue
+        ctx = Ctx(model, rank, h_in, h, pe, mask, positions, start, length, k, embeds, span, method)
+        keep, merged = select(ctx)
+        m = 0 if merged is None else merged.shape[0]
+        rows = [start + j for j in keep]
+        parts = [h[:, :start], h[:, rows]] + ([merged[None].to(h.dtype)] if m else []) + [h[:, start + length:]]
+        h = torch.cat(parts, dim=1)
+        if method.positions == "renumber":
+            positions = torch.arange(h.shape[1])[None]
+        else:
+            p = positions[0]
+            positions = torch.cat([p[:start], p[rows], p[start].repeat(m), p[start + length:]])[None]
+        local = [local[j] for j in keep] + [-1] * m
+        log.append(list(local))
+        if m:
+            merged_at[rank] = merged
+        length = len(keep) + m
+    return log, merged_at
+
+
+def single_input(models, arch, seed, question="Is there a red circle in the image? Answer yes or no."):
+    tok, model, proc = models[arch]
+    size = [(640, 427), (500, 500), (333, 700), (800, 300), (640, 480)][seed % 5]
+    img = image(*size, seed=seed)
+    return img, pixels([img], proc, model), prompt_ids(tok, question)[None]
+
+
+# ------------------------------------------------------------------------------------------ the suite
+def test_every_method_has_a_test_entry():
+    assert set(NAMES) == set(REFERENCES) == set(CASES)
+    assert len(NAMES) == len(set(NAMES))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arch", ["v15", "v16"])
+def test_kept_positions_equal_naive_reference(models, name, arch):
+    tok, model, proc = models[arch]
+    model.to(torch.float64)
+    try:
+        cases = range(len(CASES[name])) if arch == "v15" else range(1)
+        for case in cases:
+            method = make(name, case)
+            img, x, ids = single_input(models, arch, seed=case + (5 if arch == "v16" else 0))
+            mm = model.prepare_multimodal_inputs(ids, None, x.to(torch.float64), [img.size])
+            state = PruneState()
+            state.set_inputs(mm.spans, mm.padding_side)
+            model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, reducer=method, prune_state=state)
+            ours = [st.kept for st in state.samples[0].stages]
+            ref, ref_merged = naive_run(model, mm.inputs_embeds, mm.spans[0][0], method)
+            assert len(ref) >= 1, (name, case)
+            assert ours == ref, (name, case)
+            merged = {layer: sel.merged[0] for layer, sel in state.selections.items() if sel.merged is not None}
+            assert set(merged) == set(ref_merged), (name, case)
+            for layer, feats in merged.items():  # recycled tokens: the same features
+                torch.testing.assert_close(feats, ref_merged[layer], atol=1e-9, rtol=1e-9)
+    finally:
+        model.to(torch.float32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keep_all_is_identity(models, name):
+    tok, model, proc = models["v15"]
+    schedule, options = CASES[name][0]
+    method = get_method(name)(Schedule(schedule.layers, tokens=(576,) * len(schedule.layers)), **options)
+    img, x, ids = single_input(models, "v15", seed=1)
+    base = model(ids, images=x).logits
+    st = PruneState()
+    same = model(ids, images=x, reducer=method, prune_state=st).logits
+    assert torch.equal(base, same)
+    assert not st.stage_masks and [s.after for s in st.samples[0].stages] == [576] * len(schedule.layers)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arch", ["v15", "v16"])
+def test_cached_decoding_equals_recomputation(models, name, arch):
+    tok, model, proc = models[arch]
+    method = make(name)
+    img, x, ids = single_input(models, arch, seed=5, question="How many objects are there?")
+    st = PruneState()
+    out = model.generate(ids, images=x, image_sizes=[img.size], do_sample=False, max_new_tokens=5, min_new_tokens=5,
+                         reducer=method, prune_state=st, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0].tolist()
+    assert len(tokens) == 5 and st.stage_masks, "the method pruned nothing"
+    for t in range(5):
+        full = torch.cat([ids, torch.tensor([tokens[:t]], dtype=ids.dtype)], dim=1)
+        replay = PruneState(forced=st.selections)
+        logits = model(full, images=x, image_sizes=[img.size], use_cache=False, reducer=method,
+                       prune_state=replay).logits[0, -1]
+        torch.testing.assert_close(logits, out.logits[t][0], atol=2e-5, rtol=1e-4)
+        assert int(logits.argmax()) == tokens[t]
+
+
+def batch(models, side):
+    tok, model, proc = models["v15"]
+    imgs = [image(640, 427, seed=11), image(300, 500, seed=12)]
+    qs = [("Is there a cat?", 0), ("What is written on the sign in the picture?", None), ("Name the colour.", 1)]
+    seqs = [prompt_ids(tok, q, with_image=im is not None) for q, im in qs]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    return qs, imgs, seqs, ids, mask
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_equals_single(models, name):
+    tok, model, proc = models["v15"]
+    method = make(name)
+    qs, imgs, seqs, ids_l, mask_l = batch(models, "left")
+    single = []
+    for (_, im), s in zip(qs, seqs):
+        kw = {"images": pixels([imgs[im]], proc, model)} if im is not None else {}
+        st = PruneState()
+        logits = model(s[None], reducer=method, prune_state=st, **kw).logits[0, -1]
+        gen = model.generate(s[None], do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=method, **kw)
+        single.append((logits, [t.kept for t in st.samples[0].stages], gen[0].tolist()))
+    x = pixels(imgs, proc, model)
+    for side in ("left", "right"):
+        _, _, _, ids, mask = batch(models, side)
+        mm = model.prepare_multimodal_inputs(ids, mask, x, padding_side=side)
+        st = PruneState()
+        st.set_inputs(mm.spans, side)
+        logits = model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
+                       reducer=method, prune_state=st).logits
+        final = st.stage_masks[max(st.stage_masks)]
+        for b in range(3):
+            last = int(final[b].nonzero().max())
+            torch.testing.assert_close(logits[b, last], single[b][0], atol=1e-4, rtol=1e-4)
+            assert [t.kept for t in st.samples[b].stages] == single[b][1], (side, b)
+    gen = model.generate(ids_l, images=x, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                         reducer=method)
+    assert [g.tolist() for g in gen] == [s[2] for s in single]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backends_keep_the_same_tokens(tiny_v15, fa2_emulated, name):
+    tok, model, proc, _ = load(tiny_v15)
+    model = model.to(torch.float64)
+    method = make(name)
+    imgs = [image(500, 400, seed=21), image(280, 420, seed=22)]
+    seqs = [prompt_ids(tok, "What is in the picture?"), prompt_ids(tok, "Count the red things, please.")]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, s in enumerate(seqs):  # left padding, as generation needs
+        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
+    x = pixels(imgs, proc, model).to(torch.float64)
+    results = {}
+    for impl in ("sdpa", "eager", "flash_attention_2"):
+        model.config._attn_implementation = impl
+        st = PruneState()
+        out = model.generate(ids, images=x, attention_mask=mask, do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                             reducer=method, prune_state=st)
+        results[impl] = (out.tolist(), [[s.kept for s in smp.stages] for smp in st.samples])
+    assert results["sdpa"][1][0], "nothing was pruned"
+    assert results["eager"] == results["sdpa"] == results["flash_attention_2"]
