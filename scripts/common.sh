@@ -2,9 +2,12 @@
 #
 # Environment read by eval_init (every value has a default):
 #   MODEL_PATH   checkpoint dir or hub id           (default: the script's model)
-#   PIO          none | 64 | 128 | 192 | custom      (default none; custom passes PIO_ARGS verbatim)
+#   METHOD       none or a reduction method: pio fastv pdrop sparsevlm dart random (default none)
+#   BUDGET       the paper's budget for METHOD: 64 | 128 | 192 (average visual tokens per layer of 576)
+#   METHOD_ARGS  more reduction flags, e.g. "--layers 3" or "--tokens 68" (instead of or beside BUDGET)
+#   PIO          legacy spelling: none | 64 | 128 | 192 (= METHOD=pio BUDGET=...) | custom (PIO_ARGS)
 #   PIO_ARGS     runner flags for PIO=custom, e.g. "--pio-layers 1,10,15 --pio-tokens 92,54,22"
-#   CKPT         name used in output paths           (default: basename of MODEL_PATH + PIO tag)
+#   CKPT         name used in output paths           (default: basename of MODEL_PATH + method tag)
 #   DATA_ROOT    benchmark root                      (default ./playground/data/eval)
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
 #   CONV_MODE    conversation template               (default vicuna_v1)
@@ -14,44 +17,79 @@
 
 PIO_CHOICES="none 64 128 192 custom"
 
-# pio_resolve PIO [PIO_ARGS] -> PIO_FLAGS (array), PIO_TAG, SCHEDULE_TEXT. Returns 2 on a bad value.
-pio_resolve() {
-    local pio="${1:-none}" args="${2:-}" words w i tag="" sched=""
-    PIO_FLAGS=()
-    case "$pio" in
-        none)
-            PIO_TAG=""
-            SCHEDULE_TEXT="none" ;;
-        64 | 128 | 192)
-            PIO_FLAGS=(--pio-preset "$pio")
-            PIO_TAG="-pio$pio"
-            SCHEDULE_TEXT="preset=$pio" ;;
-        custom)
-            read -r -a words <<< "$args"
-            if (( ${#words[@]} == 0 )); then
-                echo "error: PIO=custom needs PIO_ARGS, e.g." \
-                     "PIO_ARGS=\"--pio-layers 1,10,15 --pio-tokens 92,54,22\"" >&2
-                return 2
-            fi
-            PIO_FLAGS=("${words[@]}")
-            # "--pio-layers 1,10,15 --pio-tokens 92,54,22" -> "layers=1,10,15 tokens=92,54,22"
-            for ((i = 0; i < ${#words[@]}; i++)); do
-                w="${words[i]}"
-                if [[ "$w" == --* && $((i + 1)) -lt ${#words[@]} && "${words[i + 1]}" != --* ]]; then
-                    w="${w#--}"; w="${w#pio-}=${words[i + 1]}"; i=$((i + 1))
-                else
-                    w="${w#--}"; w="${w#pio-}"
+# _tag_of "WORDS": "--layers 1,10,15 --tokens 92,54,22" -> "layers=1,10,15 tokens=92,54,22" (TAG_TEXT) and
+# "layers-1_10_15-tokens-92_54_22" (TAG_NAME); a leading "pio-" of a flag is dropped.
+_tag_of() {
+    local words w i text=""
+    read -r -a words <<< "$1"
+    for ((i = 0; i < ${#words[@]}; i++)); do
+        w="${words[i]}"
+        if [[ "$w" == --* && $((i + 1)) -lt ${#words[@]} && "${words[i + 1]}" != --* ]]; then
+            w="${w#--}"; w="${w#pio-}=${words[i + 1]}"; i=$((i + 1))
+        else
+            w="${w#--}"; w="${w#pio-}"
+        fi
+        text+="${text:+ }$w"
+    done
+    TAG_TEXT="$text"
+    TAG_NAME="${text// /-}"; TAG_NAME="${TAG_NAME//=/-}"; TAG_NAME="${TAG_NAME//,/_}"
+    TAG_NAME="${TAG_NAME//[^A-Za-z0-9._-]/}"
+}
+
+# method_resolve METHOD BUDGET METHOD_ARGS PIO PIO_ARGS -> METHOD_FLAGS (array), METHOD_TAG, SCHEDULE_TEXT.
+# Returns 2 on a bad combination.
+method_resolve() {
+    local method="${1:-none}" budget="${2:-}" margs="${3:-}" pio="${4:-none}" pargs="${5:-}" words
+    METHOD_FLAGS=()
+    METHOD_TAG=""
+    SCHEDULE_TEXT="none"
+    if [[ "$pio" != none ]]; then
+        if [[ "$method" != none || -n "$budget" || -n "$margs" ]]; then
+            echo "error: give METHOD/BUDGET/METHOD_ARGS or the legacy PIO, not both (PIO=$pio METHOD=$method)" >&2
+            return 2
+        fi
+        case "$pio" in
+            64 | 128 | 192) method=pio; budget="$pio" ;;
+            custom)
+                read -r -a words <<< "$pargs"
+                if (( ${#words[@]} == 0 )); then
+                    echo "error: PIO=custom needs PIO_ARGS, e.g." \
+                         "PIO_ARGS=\"--pio-layers 1,10,15 --pio-tokens 92,54,22\"" >&2
+                    return 2
                 fi
-                sched+="${sched:+ }$w"
-            done
-            SCHEDULE_TEXT="$sched"
-            tag="${sched// /-}"; tag="${tag//=/-}"; tag="${tag//,/_}"; tag="${tag//[^A-Za-z0-9._-]/}"
-            PIO_TAG="-pio-$tag" ;;
-        *)
-            echo "error: PIO='$pio' is not one of: $PIO_CHOICES" \
-                 "(64/128/192 are presets; custom uses PIO_ARGS)" >&2
-            return 2 ;;
-    esac
+                method=pio; margs="$pargs" ;;
+            *)
+                echo "error: PIO='$pio' is not one of: $PIO_CHOICES" \
+                     "(64/128/192 are the paper's budgets; custom uses PIO_ARGS; other methods: METHOD=...)" >&2
+                return 2 ;;
+        esac
+    fi
+    if [[ "$method" == none ]]; then
+        if [[ -n "$budget" || -n "$margs" ]]; then
+            echo "error: BUDGET/METHOD_ARGS need METHOD=pio|fastv|pdrop|sparsevlm|dart|random" >&2
+            return 2
+        fi
+        return 0
+    fi
+    if [[ ! "$method" =~ ^[a-z0-9_]+$ ]]; then
+        echo "error: METHOD='$method' is not a method name (pio fastv pdrop sparsevlm dart random, or none)" >&2
+        return 2
+    fi
+    if [[ -z "$budget" && -z "$margs" ]]; then
+        echo "error: METHOD=$method needs BUDGET=64|128|192 (the paper's budgets) or METHOD_ARGS" >&2
+        return 2
+    fi
+    if [[ -n "$budget" && ! "$budget" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+        echo "error: BUDGET='$budget' is not a number (the paper's budgets: 64 128 192)" >&2
+        return 2
+    fi
+    METHOD_FLAGS=(--method "$method")
+    if [[ -n "$budget" ]]; then METHOD_FLAGS+=(--budget "$budget"); fi
+    read -r -a words <<< "$margs"
+    METHOD_FLAGS+=("${words[@]+"${words[@]}"}")
+    _tag_of "$margs"
+    METHOD_TAG="-$method$budget${TAG_NAME:+-$TAG_NAME}"
+    SCHEDULE_TEXT="$method${budget:+ budget=$budget}${TAG_TEXT:+ $TAG_TEXT}"
 }
 
 # gpu_chunks -> GPULIST (array of CUDA_VISIBLE_DEVICES entries, maybe empty), CHUNKS (>= 1).
@@ -70,26 +108,25 @@ gpu_chunks() {
 }
 
 # eval_init DEFAULT_MODEL_PATH: resolve the environment into MODEL_PATH CKPT DATA_ROOT PYTHON CONV_MODE
-# SCHEDULE_TEXT and RUN_FLAGS (flags for every runner: model, decoding, device, dtype, PIO, then EXTRA_ARGS,
+# SCHEDULE_TEXT and RUN_FLAGS (flags for every runner: model, decoding, device, dtype, method, then EXTRA_ARGS,
 # so put RUN_FLAGS after a runner's own flags and EXTRA_ARGS can override them).
 eval_init() {
     MODEL_PATH="${MODEL_PATH:-$1}"
-    PIO="${PIO:-none}"
-    pio_resolve "$PIO" "${PIO_ARGS:-}" || exit 2
+    method_resolve "${METHOD:-none}" "${BUDGET:-}" "${METHOD_ARGS:-}" "${PIO:-none}" "${PIO_ARGS:-}" || exit 2
     local base="${MODEL_PATH%/}"
-    CKPT="${CKPT:-${base##*/}$PIO_TAG}"
+    CKPT="${CKPT:-${base##*/}$METHOD_TAG}"
     DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
     PYTHON="${PYTHON:-python}"
     CONV_MODE="${CONV_MODE:-vicuna_v1}"
     RUN_FLAGS=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE")
     if [[ -n "${DEVICE:-}" ]]; then RUN_FLAGS+=(--device "$DEVICE"); fi
     if [[ -n "${DTYPE:-}" ]]; then RUN_FLAGS+=(--dtype "$DTYPE"); fi
-    RUN_FLAGS+=("${PIO_FLAGS[@]+"${PIO_FLAGS[@]}"}")
+    RUN_FLAGS+=("${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"}")
     local extra=()
     read -r -a extra <<< "${EXTRA_ARGS:-}"
     RUN_FLAGS+=("${extra[@]+"${extra[@]}"}")
     gpu_chunks
-    echo "== $(basename "$0" .sh): model=$MODEL_PATH ckpt=$CKPT pio=$SCHEDULE_TEXT data=$DATA_ROOT" >&2
+    echo "== $(basename "$0" .sh): model=$MODEL_PATH ckpt=$CKPT method=$SCHEDULE_TEXT data=$DATA_ROOT" >&2
 }
 
 # timed CMD...: run CMD, then set WALL_TIME to its wall-clock seconds.
@@ -101,9 +138,14 @@ timed() {
 }
 
 # merge_chunks DIR: concatenate DIR/${CHUNKS}_${IDX}{.jsonl,.pio.jsonl,.profile.jsonl} in index order into
-# DIR/merge{.jsonl,.pio.jsonl,.profile.jsonl}. Answer files must all exist; logs are merged where present.
+# DIR/merge{.jsonl,.pio.jsonl,.profile.jsonl}. Answer files must all exist; logs are merged where present. The
+# run description (the same in every chunk) becomes DIR/merge.run.json.
 merge_chunks() {
     local dir="$1" kind idx f
+    rm -f "$dir/merge.run.json"
+    for ((idx = 0; idx < CHUNKS; idx++)); do
+        if [[ -f "$dir/${CHUNKS}_${idx}.run.json" ]]; then cp "$dir/${CHUNKS}_${idx}.run.json" "$dir/merge.run.json"; break; fi
+    done
     for kind in "" .pio .profile; do
         : > "$dir/merge$kind.jsonl"
         for ((idx = 0; idx < CHUNKS; idx++)); do

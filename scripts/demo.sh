@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU demo of the whole loop (make demo): a tiny random LLaVA-1.5 checkpoint, the miniature benchmarks,
-# POPE and GQA without and with PIO pruning, then the summary table. Numbers are meaningless (random
+# POPE and GQA without pruning, with PIO and with FastV, then the summary table. Numbers are meaningless (random
 # weights); the point is that every step runs. Output: demo_out/ (DEMO_OUT), rewritten each time.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,15 +13,17 @@ export DATA_ROOT="$OUT/data/eval" MODEL_PATH="$CKPT_DIR" DEVICE=cpu CUDA_VISIBLE
 export EXTRA_ARGS="${EXTRA_ARGS:---max_new_tokens 8}"
 BASELINE=llava-v1.5-tiny  # the CKPT name the scripts derive for PIO=none
 
-unset CKPT PIO PIO_ARGS  # each run below names itself
+unset CKPT PIO PIO_ARGS METHOD BUDGET METHOD_ARGS  # each run below names itself
 rm -rf "$CKPT_DIR" "$DATA_ROOT"  # only what this script creates
 "$PYTHON" -m llava.model.tiny --arch llava-v1.5 --out "$CKPT_DIR"
 "$PYTHON" -m llava.eval.fixtures --out "$DATA_ROOT"
 
 for bench in pope gqa; do
-    PIO=none bash scripts/v1_5/eval/$bench.sh
-    # The tiny model has 4 decoder layers: prune after layers 1 and 2 (576 -> 128 -> 32 visual tokens).
-    PIO=custom PIO_ARGS="--pio-layers 1,2 --pio-tokens 128,32" bash scripts/v1_5/eval/$bench.sh
+    bash scripts/v1_5/eval/$bench.sh
+    # The tiny model has 4 decoder layers, too few for the paper's stages: the paper's 192-token budget with
+    # PIO after layers 1 and 2, and FastV after layer 1.
+    METHOD=pio BUDGET=192 METHOD_ARGS="--layers 1,2" bash scripts/v1_5/eval/$bench.sh
+    METHOD=fastv BUDGET=192 METHOD_ARGS="--layers 1" bash scripts/v1_5/eval/$bench.sh
 done
 
 echo

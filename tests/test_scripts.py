@@ -46,7 +46,7 @@ def bash(snippet: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (
-        "MODEL_PATH", "CKPT", "PIO", "PIO_ARGS", "DATA_ROOT", "DEVICE", "DTYPE", "CONV_MODE", "EXTRA_ARGS",
+        "MODEL_PATH", "CKPT", "PIO", "PIO_ARGS", "METHOD", "BUDGET", "METHOD_ARGS", "DATA_ROOT", "DEVICE", "DTYPE", "CONV_MODE", "EXTRA_ARGS",
         "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE")}
     env.update(extra)
     return env
@@ -87,30 +87,43 @@ def test_both_families_have_every_benchmark():
 # --------------------------------------------------------------------------------------------- common.sh
 
 
-@pytest.mark.parametrize("pio,args,flags,tag,schedule", [
-    ("none", "", "", "", "none"),
-    ("64", "", "--pio-preset 64", "-pio64", "preset=64"),
-    ("128", "", "--pio-preset 128", "-pio128", "preset=128"),
-    ("192", "", "--pio-preset 192", "-pio192", "preset=192"),
-    ("custom", CUSTOM, CUSTOM, "-pio-layers-1_10_15-tokens-92_54_22", "layers=1,10,15 tokens=92,54,22"),
-    ("custom", "  --pio-layers 1,2   --pio-tokens 128,32 ", "--pio-layers 1,2 --pio-tokens 128,32",
-     "-pio-layers-1_2-tokens-128_32", "layers=1,2 tokens=128,32"),
+@pytest.mark.parametrize("env,flags,tag,schedule", [
+    ({}, "", "", "none"),
+    ({"PIO": "none"}, "", "", "none"),
+    ({"PIO": "64"}, "--method pio --budget 64", "-pio64", "pio budget=64"),
+    ({"PIO": "192"}, "--method pio --budget 192", "-pio192", "pio budget=192"),
+    ({"PIO": "custom", "PIO_ARGS": CUSTOM}, "--method pio " + CUSTOM, "-pio-layers-1_10_15-tokens-92_54_22",
+     "pio layers=1,10,15 tokens=92,54,22"),
+    ({"PIO": "custom", "PIO_ARGS": "  --pio-layers 1,2   --pio-tokens 128,32 "},
+     "--method pio --pio-layers 1,2 --pio-tokens 128,32", "-pio-layers-1_2-tokens-128_32", "pio layers=1,2 tokens=128,32"),
+    ({"METHOD": "fastv", "BUDGET": "128"}, "--method fastv --budget 128", "-fastv128", "fastv budget=128"),
+    ({"METHOD": "dart", "BUDGET": "64", "METHOD_ARGS": "--layers 3"}, "--method dart --budget 64 --layers 3",
+     "-dart64-layers-3", "dart budget=64 layers=3"),
+    ({"METHOD": "sparsevlm", "METHOD_ARGS": "--tokens 300,200,110"}, "--method sparsevlm --tokens 300,200,110",
+     "-sparsevlm-tokens-300_200_110", "sparsevlm tokens=300,200,110"),
 ])
-def test_pio_resolve(pio, args, flags, tag, schedule):
-    done = bash(f'pio_resolve {shlex.quote(pio)} {shlex.quote(args)}; '
-                'printf "%s|%s|%s" "${PIO_FLAGS[*]+${PIO_FLAGS[*]}}" "$PIO_TAG" "$SCHEDULE_TEXT"')
+def test_method_resolve(env, flags, tag, schedule):
+    args = " ".join(shlex.quote(env.get(k, "")) for k in ("METHOD", "BUDGET", "METHOD_ARGS", "PIO", "PIO_ARGS"))
+    done = bash(f'method_resolve {args}; '
+                'printf "%s|%s|%s" "${METHOD_FLAGS[*]+${METHOD_FLAGS[*]}}" "$METHOD_TAG" "$SCHEDULE_TEXT"')
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{flags}|{tag}|{schedule}"
 
 
-@pytest.mark.parametrize("pio,args,message", [
-    ("256", "", "not one of: none 64 128 192 custom"),
-    ("fast", "", "not one of: none 64 128 192 custom"),
-    ("custom", "", "PIO=custom needs PIO_ARGS"),
-    ("custom", "   ", "PIO=custom needs PIO_ARGS"),
+@pytest.mark.parametrize("env,message", [
+    ({"PIO": "256"}, "not one of: none 64 128 192 custom"),
+    ({"PIO": "fast"}, "not one of: none 64 128 192 custom"),
+    ({"PIO": "custom"}, "PIO=custom needs PIO_ARGS"),
+    ({"PIO": "custom", "PIO_ARGS": "   "}, "PIO=custom needs PIO_ARGS"),
+    ({"PIO": "64", "METHOD": "fastv"}, "not both"),
+    ({"METHOD": "fastv"}, "METHOD=fastv needs BUDGET=64|128|192"),
+    ({"BUDGET": "64"}, "BUDGET/METHOD_ARGS need METHOD="),
+    ({"METHOD": "Fast V", "BUDGET": "64"}, "is not a method name"),
+    ({"METHOD": "fastv", "BUDGET": "sixty"}, "BUDGET='sixty' is not a number"),
 ])
-def test_pio_resolve_rejects(pio, args, message):
-    done = bash(f"pio_resolve {shlex.quote(pio)} {shlex.quote(args)}")
+def test_method_resolve_rejects(env, message):
+    args = " ".join(shlex.quote(env.get(k, "")) for k in ("METHOD", "BUDGET", "METHOD_ARGS", "PIO", "PIO_ARGS"))
+    done = bash(f"method_resolve {args}")
     assert done.returncode == 2 and message in done.stderr
 
 
@@ -137,7 +150,7 @@ def test_eval_init_defaults_and_ckpt_name():
     assert done.stdout.splitlines()[0] == "my-llava-pio128"
     assert done.stdout.splitlines()[3] == (
         "--model-path ckpts/my-llava/ --temperature 0 --conv-mode llava_v1 --device cuda:1 --dtype bfloat16 "
-        "--pio-preset 128 --max_new_tokens 4 --num_beams 1")
+        "--method pio --budget 128 --max_new_tokens 4 --num_beams 1")
     assert bash(snippet, clean_env(CKPT="mine", PIO="64")).stdout.splitlines()[0] == "mine"
 
 
@@ -156,6 +169,10 @@ idx = opt("--chunk-idx") or "0"
 if module.startswith("llava.eval.model_vqa"):
     if os.environ.get("FAKE_FAIL_CHUNK") == idx:
         sys.exit(3)
+    if opt("--answers-file"):
+        os.makedirs(os.path.dirname(opt("--answers-file")), exist_ok=True)
+        with open(opt("--answers-file")[:-len(".jsonl")] + ".run.json", "w") as f:
+            json.dump({{"method": opt("--method") or "none", "chunk": int(idx)}}, f)
     for flag, rec in (("--answers-file", {{"question_id": "q" + idx, "text": "yes"}}),
                       ("--pio-log", {{"chunk": int(idx), "avg_visual_tokens": 576.0}}),
                       ("--profile", {{"chunk": int(idx)}})):
@@ -209,7 +226,7 @@ def test_script_calls(fake, family, bench):
     for r in runs:
         a = r["args"]
         assert opt(a, "--model-path") == model and opt(a, "--conv-mode") == "vicuna_v1"
-        assert opt(a, "--temperature") == "0" and opt(a, "--pio-preset") == "64"
+        assert opt(a, "--temperature") == "0" and opt(a, "--method") == "pio" and opt(a, "--budget") == "64"
         assert opt(a, "--device") == "cpu" and opt(a, "--dtype") == "bfloat16"
         assert opt(a, "--max_new_tokens") == "4" and "--resume" in a
         assert opt(a, "--question-file").startswith(bench_root + "/")
@@ -228,7 +245,7 @@ def test_script_calls(fake, family, bench):
         assert runs[0]["cvd"] == "3,5" and "--chunk-idx" not in runs[0]["args"]
     s = scores[0]["args"]
     assert opt(s, "--result-json") == f"{bench_root}/results/{ckpt}.json"
-    assert opt(s, "--model") == ckpt and opt(s, "--schedule") == "preset=64"
+    assert opt(s, "--model") == ckpt and opt(s, "--schedule") == "pio budget=64"
     assert re.fullmatch(r"\d+", opt(s, "--wall-time"))
     answers = opt(s, "--result-file")
     if chunked:
@@ -249,6 +266,7 @@ def test_chunks_merge_in_index_order(fake, bench):
     for kind in ("pio", "profile"):
         lines = (merged.parent / f"merge.{kind}.jsonl").read_text().splitlines()
         assert [json.loads(x)["chunk"] for x in lines] == [0, 1, 2]
+    assert json.loads((merged.parent / "merge.run.json").read_text()) == {"method": "none", "chunk": 0}
 
 
 def test_failed_chunk_fails_the_script(fake):
@@ -260,6 +278,8 @@ def test_failed_chunk_fails_the_script(fake):
 def test_unknown_pio_stops_before_running(fake):
     done, calls = fake(SCRIPTS / "next" / "eval" / "pope.sh", PIO="96")
     assert done.returncode == 2 and "none 64 128 192 custom" in done.stderr and calls == []
+    done, calls = fake(SCRIPTS / "v1_5" / "eval" / "mme.sh", METHOD="fastv")
+    assert done.returncode == 2 and "needs BUDGET" in done.stderr and calls == []
 
 
 def test_custom_schedule_and_ckpt(fake):
@@ -267,8 +287,8 @@ def test_custom_schedule_and_ckpt(fake):
                        MODEL_PATH="/abs/llava-v1.5-13b")
     assert done.returncode == 0, done.stderr
     run, score = calls[0]["args"], calls[1]["args"]
-    assert " ".join(run).count(CUSTOM) == 1 and "--pio-preset" not in run
-    assert opt(score, "--schedule") == "layers=1,10,15 tokens=92,54,22"
+    assert " ".join(run).count(CUSTOM) == 1 and "--budget" not in run
+    assert opt(score, "--schedule") == "pio layers=1,10,15 tokens=92,54,22"
     assert opt(score, "--model") == "llava-v1.5-13b-pio-layers-1_10_15-tokens-92_54_22"
 
 
@@ -293,7 +313,8 @@ def used_flags(tmp_path_factory) -> dict[str, set[str]]:
     used: dict[str, set[str]] = {}
     for bench in BENCHES:
         for env in ({"PIO": "64", "DEVICE": "cpu", "DTYPE": "float32"},
-                    {"PIO": "custom", "PIO_ARGS": CUSTOM, "CUDA_VISIBLE_DEVICES": "0,1"}):
+                    {"PIO": "custom", "PIO_ARGS": CUSTOM, "CUDA_VISIBLE_DEVICES": "0,1"},
+                    {"METHOD": "dart", "BUDGET": "64", "METHOD_ARGS": "--layers 2 --dart-pivot-text 3"}):
             log = tmp / f"{bench}.jsonl"
             log.unlink(missing_ok=True)
             full = clean_env(PYTHON=str(exe), FAKE_LOG=str(log), DATA_ROOT=str(tmp / "data"), **env)
@@ -321,7 +342,6 @@ def test_flags_exist_in_module_cli(used_flags, module):
 
 E2E_MODULES = ("llava.model.tiny", "llava.model.builder", "llava.eval.model_vqa_loader",
                "llava.eval.model_vqa_science", "llava.eval.model_vqa_mmbench")
-TINY_PIO = "--pio-layers 1,2 --pio-tokens 128,32"  # fits the tiny checkpoint's 4 decoder layers
 
 
 @pytest.fixture(scope="session")
@@ -363,7 +383,7 @@ def check_result(path: Path, benchmark: str, ckpt: str, schedule: str) -> dict:
     res = json.loads(path.read_text())
     assert res["benchmark"] == benchmark and res["model"] == ckpt and res["schedule"] == schedule
     assert isinstance(res["wall_time_s"], (int, float))
-    assert isinstance(res["avg_visual_tokens"], (int, float)), "the PIO log gave no avg_visual_tokens"
+    assert isinstance(res["avg_visual_tokens"], (int, float)), "the reduction log gave no avg_visual_tokens"
     if benchmark == "vqav2":  # test-dev answers are hidden: a submission file, no local score
         assert res["score"] is None
     else:
@@ -401,16 +421,84 @@ def test_end_to_end(bench, family, tiny_ckpts, mini_data):
         assert all(u["answer"] == "" for u in upload if u["question_id"] not in run)
 
 
-@pytest.mark.parametrize("family,bench", [("v1_5", "pope"), ("next", "gqa")])
-def test_end_to_end_with_pio(bench, family, tiny_ckpts, mini_data):
+# METHOD, BUDGET and METHOD_ARGS for the tiny checkpoints' 4 decoder layers (the paper's layers do not fit):
+# BUDGET=192 with stages early enough to reach it, or explicit tokens.
+TINY_METHODS = {
+    "pio": ("192", "--layers 1,2"),
+    "fastv": ("192", "--layers 1"),
+    "pdrop": ("192", "--layers 1,2,3"),
+    "sparsevlm": ("", "--layers 1,2,3 --tokens 200,100,30"),
+    "dart": ("192", "--layers 1"),
+    "random": ("192", "--layers 1,3"),
+}
+METHOD_NAMES = list(TINY_METHODS)
+# every script once with a method, the methods taken in turn (each on several scripts of both families)
+ROTATION = [(f, b, METHOD_NAMES[i % len(METHOD_NAMES)]) for i, (f, b) in
+            enumerate((f, b) for b in BENCHES for f in FAMILIES)]
+
+
+def test_tiny_methods_cover_the_registry():
+    from pio import method_names
+
+    assert sorted(TINY_METHODS) == sorted(method_names())
+    assert {m for _, _, m in ROTATION} == set(METHOD_NAMES)
+
+
+def run_method_e2e(family: str, bench: str, method: str, ckpt: Path, data: Path) -> dict:
     _skip_without_runners(bench)
     _, data_dir, key, _ = BENCH_INFO[bench]
-    ckpt = tiny_ckpts[family]
-    done = run_e2e(SCRIPTS / family / "eval" / f"{bench}.sh", ckpt, mini_data, PIO="custom", PIO_ARGS=TINY_PIO)
+    budget, args = TINY_METHODS[method]
+    done = run_e2e(SCRIPTS / family / "eval" / f"{bench}.sh", ckpt, data, METHOD=method, BUDGET=budget,
+                   METHOD_ARGS=args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    name = f"{ckpt.name}-pio-layers-1_2-tokens-128_32"
-    res = check_result(mini_data / data_dir / "results" / f"{name}.json", key, name, "layers=1,2 tokens=128,32")
-    assert res["avg_visual_tokens"] < 576
+    tag = "".join(w.strip("-").replace(",", "_") + "-" for w in args.split())[:-1]
+    name = f"{ckpt.name}-{method}{budget}-{tag}"
+    text = f"{method}{' budget=' + budget if budget else ''} " + " ".join(
+        f"{a.strip('-')}={b}" for a, b in zip(args.split()[::2], args.split()[1::2]))
+    res = check_result(data / data_dir / "results" / f"{name}.json", key, name, text)
+    assert res["method"] == method and res["method_config"]["method"] == method
+    assert res["budget"] == (float(budget) if budget else None)
+    logged = [json.loads(x) for x in Path(res["extra"]["pio_log"]).read_text().splitlines()]
+    assert logged and all(r["avg_visual_tokens"] < r["n_visual"] for r in logged if r["n_visual"])
+    return res
+
+
+@pytest.mark.parametrize("family,bench,method", ROTATION)
+def test_end_to_end_with_method(family, bench, method, tiny_ckpts, mini_data):
+    run_method_e2e(family, bench, method, tiny_ckpts[family], mini_data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bench", BENCHES)
+def test_end_to_end_every_method(bench, family, method, tiny_ckpts, tmp_path_factory):
+    """The full matrix (16 scripts x 6 methods, about 7 minutes): ``make test-all``."""
+    from llava.eval.fixtures import write_fixtures
+
+    data = write_fixtures(tmp_path_factory.mktemp("eval"), seed=0, n_per_bench=2)
+    run_method_e2e(family, bench, method, tiny_ckpts[family], data)
+
+
+def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, capsys):
+    """The unpruned and method runs of the scripts above (run here when missing) in the paper's layout."""
+    from llava.eval import summarize
+
+    ckpt = tiny_ckpts["v1_5"]
+    for method in ("pio", "fastv"):
+        if not list((mini_data / "pope" / "results").glob(f"{ckpt.name}-{method}*.json")):
+            run_method_e2e("v1_5", "pope", method, ckpt, mini_data)
+    if not (mini_data / "pope" / "results" / f"{ckpt.name}.json").is_file():
+        assert run_e2e(SCRIPTS / "v1_5" / "eval" / "pope.sh", ckpt, mini_data).returncode == 0
+    rows = summarize.main(["--data-root", str(mini_data), "--runs", f"{ckpt.name}*"])
+    out = capsys.readouterr().out
+    assert rows[0].is_baseline and rows[0].method == "none" and rows[0].ratio == pytest.approx(100.0)
+    methods = {r.method for r in rows[1:]}
+    assert {"pio", "fastv"} <= methods
+    for r in rows[1:]:  # random tiny weights score 0 on some benchmarks: those stay out of the ratio
+        shared = [b for b, v in r.scores.items() if v is not None and rows[0].scores.get(b)]
+        assert (r.ratio is not None) == bool(shared) and r.avg_tokens is not None and r.avg_tokens < 576
+    assert "| all | vanilla |" in out and "| 192 | pio |" in out and "Avg (%)" in out
 
 
 @pytest.mark.slow
@@ -424,4 +512,4 @@ def test_demo(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = sorted(p.name for p in (tmp_path / "demo/data/eval").glob("*/results/*.json"))
-    assert len(results) == 4
+    assert len(results) == 6 and "| 192 | pio |" in done.stdout and "| 192 | fastv |" in done.stdout

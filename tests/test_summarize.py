@@ -13,11 +13,13 @@ from llava.eval.results import read_results
 MME_TOTAL = "perception+cognition total"
 
 
-def put(root, bench, model, score, *, tokens=None, metric="accuracy", date="2025-01-01T00:00:00+00:00"):
+def put(root, bench, model, score, *, tokens=None, metric="accuracy", date="2025-01-01T00:00:00+00:00",
+        method=None, budget=None):
     path = os.path.join(root, bench, "results", f"{model}-{date[:10]}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"benchmark": bench, "model": model, "schedule": None, "avg_visual_tokens": tokens,
+        json.dump({"benchmark": bench, "model": model, "schedule": None, "method": method, "budget": budget,
+                   "method_config": None, "avg_visual_tokens": tokens,
                    "score": score, "metric": metric, "sub_scores": {}, "num_questions": 1, "wall_time_s": None,
                    "date": date, "extra": {}}, f)
 
@@ -63,21 +65,43 @@ def test_main_writes_markdown_and_csv(data_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == md.read_text()
     lines = printed.splitlines()
-    assert lines[0] == "| Model | GQA | MME | POPE | Avg tokens | Rel. (%) |"
-    assert lines[2] == "| base (baseline) | 60.0 | 1800.0 | 80.0 | - | 100.0 |"
-    assert lines[4] == "| pio64 | 54.0 | 1620.0 | 84.0 | 65.0 | 95.0 |"
+    assert lines[0] == "| Budget | Method | Run | GQA | MME | POPE | Avg tokens | Avg (%) |"
+    assert lines[2] == "| all | ? | base (baseline) | 60.0 | 1800.0 | 80.0 | - | 100.0 |"
+    assert lines[4] == "| - | ? | pio64 | 54.0 | 1620.0 | 84.0 | 65.0 | 95.0 |"
     assert csv_path.read_text().splitlines() == [
-        "model,GQA,MME,POPE,avg_tokens,rel_pct",
-        "base,60.0000,1800.0000,80.0000,,100.0000",
-        "pio128,58.5000,1500.0000,,,97.5000",
-        "pio64,54.0000,1620.0000,84.0000,65.0000,95.0000",
+        "budget,method,run,GQA,MME,POPE,avg_tokens,avg_pct",
+        "all,?,base,60.0000,1800.0000,80.0000,,100.0000",
+        "-,?,pio128,58.5000,1500.0000,,,97.5000",
+        "-,?,pio64,54.0000,1620.0000,84.0000,65.0000,95.0000",
     ]
 
 
 def test_missing_baseline(data_root, capsys):
     rows = summarize.main(["--data-root", data_root, "--baseline", "nope"])
     out = capsys.readouterr().out
-    assert "Rel. (%)" not in out and "baseline 'nope' not found" in out
+    assert "Avg (%) |" not in out and "baseline 'nope' not found" in out
     assert all(r.ratio is None for r in rows)
     summarize.main(["--data-root", data_root])
-    assert "no --baseline given" in capsys.readouterr().out
+    assert "no baseline" in capsys.readouterr().out
+
+
+def test_paper_layout_budgets_then_methods(tmp_path, capsys):
+    """Rows: the unpruned run (found by its method), then budgets from the largest, PIO last within each."""
+    root = str(tmp_path)
+    for bench, base in (("gqa", 60.0), ("pope", 80.0)):
+        put(root, bench, "m", base, tokens=576.0, method="none")
+        for budget in (64, 192):
+            for method, drop in (("pio", 1.0), ("fastv", 10.0), ("dart", 5.0)):
+                put(root, bench, f"m-{method}{budget}", base - drop * 64 / budget, tokens=float(budget),
+                    method=method, budget=float(budget))
+    put(root, "gqa", "other", 50.0, method="none")  # another family: left out by --runs
+    summarize.main(["--data-root", root, "--runs", "m*"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" | ")[:3] for ln in lines[2:9]] == [
+        ["| all", "vanilla", "m (baseline)"],
+        ["| 192", "fastv", "m-fastv192"], ["| 192", "dart", "m-dart192"], ["| 192", "pio", "m-pio192"],
+        ["| 64", "fastv", "m-fastv64"], ["| 64", "dart", "m-dart64"], ["| 64", "pio", "m-pio64"]]
+    # Avg (%): (59/60 + 79/80) / 2 for pio at 64
+    assert lines[8].endswith(f"| 64.0 | {100 * (59 / 60 + 79 / 80) / 2:.1f} |")
+    summarize.main(["--data-root", root])
+    assert "several unpruned runs (m, other)" in capsys.readouterr().out

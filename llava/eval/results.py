@@ -2,15 +2,20 @@
 
 Every scorer (``python -m llava.eval.eval_<bench>``) reads the runner's answer jsonl with
 :func:`load_answers` / :func:`read_answer_records`, adds the common flags with :func:`add_result_args`
-and, when ``--result-json`` is given, writes one result file with :func:`write_result`.
+and, when ``--result-json`` is given, writes one result file with :func:`write_result`. What produced the
+answers (model, method and its configuration) comes from the runner's run description next to them
+(``X.run.json`` beside ``X.jsonl``, :func:`llava.eval.runner.write_run_info`).
 ``llava.eval.summarize`` collects those files with :func:`read_results`.
 
 Result JSON schema (one object per file)::
 
     benchmark          str    one of BENCHMARK_COLUMNS' keys (gqa, mmbench, mmbench_cn, mme, pope, sqa, vqav2, textvqa)
     model              str    checkpoint / experiment name (CKPT)
-    schedule           str | null   free text, e.g. "none" or "layers=1,10,15 tokens=92,54,22"
-    avg_visual_tokens  float | null mean of "avg_visual_tokens" over the PIO log lines; null without a log
+    schedule           str | null   free text, e.g. "none" or "pio budget=64"
+    method             str | null   the reduction method ("none" unpruned), from the runner's run description
+    budget             float | null the paper budget it was asked for (--budget), else null
+    method_config      dict | null  the method's full configuration (schedule, hyper-parameters)
+    avg_visual_tokens  float | null mean of "avg_visual_tokens" over the reduction log lines; null without a log
     score              float | null the paper's number on the paper's scale (null: not scorable locally)
     metric             str    what `score` is
     sub_scores         dict[str, float | null]  flat; percentages on a 0-100 scale unless the name says otherwise
@@ -50,6 +55,9 @@ RESULT_FIELDS: tuple[str, ...] = (
     "benchmark",
     "model",
     "schedule",
+    "method",
+    "budget",
+    "method_config",
     "avg_visual_tokens",
     "score",
     "metric",
@@ -213,7 +221,31 @@ def add_result_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="PIO log jsonl; its mean avg_visual_tokens goes into the result file")
     group.add_argument("--wall-time", default=None, type=_non_negative_float, metavar="SECONDS",
                        help="inference wall time in seconds")
+    group.add_argument("--run-info", default=None, metavar="PATH",
+                       help="the runner's run description (method, configuration); default: the answers file's "
+                            "X.run.json beside X.jsonl")
     return parser
+
+
+def read_run_info(args: argparse.Namespace | None) -> dict[str, Any]:
+    """The run description for ``--run-info`` or the one beside ``--result-file`` ({} when there is none)."""
+    path = getattr(args, "run_info", None)
+    if path is None and getattr(args, "result_file", None):
+        root, ext = os.path.splitext(args.result_file)
+        path = (root if ext == ".jsonl" else args.result_file) + ".run.json"
+        if not os.path.isfile(path):
+            return {}
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the run description {path}: {err}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object (the runner's run description)")
+    info["_path"] = path
+    return info
 
 
 def read_pio_log(path: str | None) -> tuple[float | None, int]:
@@ -267,7 +299,10 @@ def build_result(
     """The result dict (see the module docstring), with the run context taken from ``args``."""
     model = getattr(args, "model", None) or default_model_name(getattr(args, "result_file", None))
     avg_tokens, n_logged = read_pio_log(getattr(args, "pio_log", None))
+    run = read_run_info(args)
     extra = dict(extra or {})
+    if run:
+        extra.setdefault("run_info", run["_path"])
     if getattr(args, "result_file", None):
         extra.setdefault("result_file", args.result_file)
     if getattr(args, "pio_log", None):
@@ -277,6 +312,9 @@ def build_result(
         "benchmark": benchmark,
         "model": model,
         "schedule": getattr(args, "schedule", None),
+        "method": run.get("method"),
+        "budget": run.get("budget"),
+        "method_config": run.get("method_config"),
         "avg_visual_tokens": avg_tokens,
         "score": None if score is None else float(score),
         "metric": metric,

@@ -1,21 +1,25 @@
-"""Collect result JSONs into the paper-style accuracy table.
+"""Collect result JSONs into the paper's accuracy table.
 
 Usage::
 
-    python -m llava.eval.summarize --data-root playground/data/eval [--baseline CKPT] \
+    python -m llava.eval.summarize --data-root playground/data/eval [--baseline CKPT] [--runs 'llava-v1.5-7b*'] \
         [--out-md table.md] [--out-csv table.csv]
 
 Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``). Rows are runs (the
-result's ``model``), columns the benchmarks present, in the paper's order (GQA, MMB, MMB-CN, MME, POPE,
-SQA, VQAv2, TextVQA), then "Avg tokens" (mean of the run's realised average visual tokens over its
-benchmarks) and, with a baseline run, "Rel. (%)": the mean over the benchmarks both runs have of
-100 x score / baseline score. Several results for one (run, benchmark): the newest ``date`` wins.
+result's ``model``, i.e. CKPT), laid out as in the paper: the unpruned baseline first, then grouped by the
+paper budget the run was asked for (192, 128, 64; runs with other schedules last), within a budget the
+comparison methods and PIO last. Columns: the benchmarks present, in the paper's order (GQA, MMB, MMB-CN,
+MME, POPE, SQA, VQAv2, TextVQA), "Avg tokens" (the run's realised average visual tokens per layer, from its
+reduction logs, averaged over its benchmarks) and "Avg (%)": the mean over the benchmarks both runs have of
+100 x score / baseline score, as the paper computes it. The baseline is ``--baseline`` or else the one run
+whose method is none. Several results for one (run, benchmark): the newest ``date`` wins.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import logging
 import os
 from collections.abc import Sequence
@@ -32,6 +36,8 @@ class AccuracyRow:
     """One run of the accuracy table."""
 
     model: str
+    method: str | None = None  # "none" for the unpruned model; None when the results do not say
+    budget: float | None = None  # the paper budget the run was asked for
     scores: dict[str, float | None] = field(default_factory=dict)  # benchmark key -> score
     metrics: dict[str, str] = field(default_factory=dict)  # benchmark key -> metric name
     avg_tokens: float | None = None
@@ -74,6 +80,10 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
     for model, by_bench in runs.items():
         row = AccuracyRow(model=model, is_baseline=model == baseline)
         tokens = []
+        methods = {(r.get("method"), r.get("budget")) for r in by_bench.values()}
+        row.method, row.budget = sorted(methods, key=str)[0]
+        if len(methods) > 1:
+            row.notes.append("results disagree on the method: " + ", ".join(f"{m} {b}" for m, b in sorted(methods, key=str)))
         for bench, r in by_bench.items():
             score = r.get("score")
             row.scores[bench] = None if score is None else float(score)
@@ -82,7 +92,7 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
                 tokens.append(float(r["avg_visual_tokens"]))
         row.avg_tokens = sum(tokens) / len(tokens) if tokens else None
         rows.append(row)
-    rows.sort(key=lambda row: (not row.is_baseline, row.model))
+    rows.sort(key=_paper_order)
     base = rows[0] if rows and rows[0].is_baseline else None
     if base is None:
         return rows
@@ -111,22 +121,45 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
     return rows
 
 
+def _paper_order(row: AccuracyRow) -> tuple:
+    """Baseline; then budgets from the largest; within one, the comparison methods in registry order, PIO last."""
+    from pio import method_names
+
+    names = [n for n in method_names() if n != "pio"] + ["pio"]
+    rank = names.index(row.method) if row.method in names else len(names)
+    return (not row.is_baseline, row.budget is None, -(row.budget or 0.0), rank, row.model)
+
+
+def budget_label(row: AccuracyRow) -> str:
+    if row.method == "none" or (row.is_baseline and row.method is None):
+        return "all"
+    return "-" if row.budget is None else f"{row.budget:g}"
+
+
+def method_label(row: AccuracyRow) -> str:
+    if row.method == "none":
+        return "vanilla"
+    return row.method or "?"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
 def table_header(columns: Sequence[str], with_ratio: bool) -> list[str]:
-    return ["Model", *(column_label(c) for c in columns), "Avg tokens"] + (["Rel. (%)"] if with_ratio else [])
+    return ["Budget", "Method", "Run", *(column_label(c) for c in columns), "Avg tokens"] + (
+        ["Avg (%)"] if with_ratio else [])
 
 
 def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ratio: bool,
                     messages: Sequence[str] = ()) -> str:
     """The table as Markdown, followed by per-run notes and general messages."""
     header = table_header(columns, with_ratio)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for row in rows:
         name = f"{row.model} (baseline)" if row.is_baseline else row.model
-        cells = [name, *(_fmt(row.scores.get(c)) for c in columns), _fmt(row.avg_tokens)]
+        cells = [budget_label(row), method_label(row), name, *(_fmt(row.scores.get(c)) for c in columns),
+                 _fmt(row.avg_tokens)]
         if with_ratio:
             cells.append(_fmt(row.ratio))
         lines.append("| " + " | ".join(cells) + " |")
@@ -138,17 +171,19 @@ def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ra
 
 
 def write_csv(path: str, rows: Sequence[AccuracyRow], columns: Sequence[str], with_ratio: bool) -> None:
-    """The table as CSV: model, one column per benchmark, avg_tokens[, rel_pct]; empty cell = no value."""
+    """The table as CSV: budget, method, run, one column per benchmark, avg_tokens[, avg_pct]; empty cell = no
+    value."""
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["model", *(column_label(c) for c in columns), "avg_tokens"]
-                        + (["rel_pct"] if with_ratio else []))
+        writer.writerow(["budget", "method", "run", *(column_label(c) for c in columns), "avg_tokens"]
+                        + (["avg_pct"] if with_ratio else []))
         for row in rows:
-            values = [row.model, *(cell(row.scores.get(c)) for c in columns), cell(row.avg_tokens)]
+            values = [budget_label(row), method_label(row), row.model, *(cell(row.scores.get(c)) for c in columns),
+                      cell(row.avg_tokens)]
             if with_ratio:
                 values.append(cell(row.ratio))
             writer.writerow(values)
@@ -216,7 +251,11 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
                         help="--profile jsonl of a run (repeat); prints the efficiency table, the first "
                              "(or --baseline) being the unpruned reference")
     parser.add_argument("--baseline", default=None, metavar="CKPT",
-                        help="run (model name) the ratio column is relative to, e.g. llava-v1.5-7b")
+                        help="run (model name) the Avg (%%) column is relative to, e.g. llava-v1.5-7b (default: the one "
+                             "run whose method is none)")
+    parser.add_argument("--runs", default="*", metavar="PATTERN",
+                        help="only runs whose name matches this shell pattern, e.g. 'llava-v1.5-7b*' (one model "
+                             "family per table)")
     parser.add_argument("--out-md", default=None, metavar="FILE", help="also write the Markdown table here")
     parser.add_argument("--out-csv", default=None, metavar="FILE", help="also write the table as CSV here")
     args = parser.parse_args(argv)
@@ -234,19 +273,27 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
             parser.error("give --data-root (accuracy table) and/or --profile files (efficiency table)")
         return []
 
-    results = read_results(args.data_root)
+    results = [r for r in read_results(args.data_root) if fnmatch.fnmatchcase(str(r["model"]), args.runs)]
     if not results:
-        print(f"No result files under {os.path.join(args.data_root, '*', 'results', '*.json')}")
+        print(f"No result files under {os.path.join(args.data_root, '*', 'results', '*.json')} for runs {args.runs!r}")
         return []
-    rows = build_accuracy_table(results, args.baseline)
+    baseline = args.baseline
+    if baseline is None:
+        unpruned = sorted({str(r["model"]) for r in results if r.get("method") == "none"})
+        if len(unpruned) == 1:
+            baseline = unpruned[0]
+        elif len(unpruned) > 1:
+            print(f"several unpruned runs ({', '.join(unpruned)}): choose one with --baseline, and the family's "
+                  "runs with --runs")
+    rows = build_accuracy_table(results, baseline)
     columns = benchmark_columns(results)
     with_ratio = bool(rows) and rows[0].is_baseline
     messages = []
-    if args.baseline is None:
-        messages.append("no --baseline given: no ratio column")
+    if baseline is None:
+        messages.append("no baseline (--baseline, or one run with method none): no Avg (%) column")
     elif not with_ratio:
-        messages.append(f"baseline {args.baseline!r} not found among the runs "
-                        f"({', '.join(r.model for r in rows)}): no ratio column")
+        messages.append(f"baseline {baseline!r} not found among the runs "
+                        f"({', '.join(r.model for r in rows)}): no Avg (%) column")
     mme_metrics = {row.metrics["mme"] for row in rows if "mme" in row.metrics}
     if mme_metrics:
         messages.append("MME column: " + " / ".join(sorted(mme_metrics)))
