@@ -43,8 +43,9 @@ class SampleRecord:
 class SelectionEvent:
     """Extra work the selection did at one stage, for the FLOPs accounting.
 
-    ``kind`` is ``"proxy"`` (one PIO proxy pass: ``rows`` supervised rows, ``impl`` sliced or full) or
-    ``"attention"`` (``rows`` query rows of one layer over ``seq_len`` keys, per sample, summed over the batch).
+    ``kind`` is ``"proxy"`` (one PIO proxy pass: ``rows`` supervised rows, ``impl`` sliced or full),
+    ``"attention"`` (``rows`` query rows per sample of one layer over ``seq_len`` keys) or ``"keys"`` (one layer's
+    keys at ``seq_len`` positions).
     """
 
     kind: str

@@ -26,6 +26,18 @@ def tiny_v16(tmp_path_factory) -> str:
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llava-v1.6-tiny", "llava-v1.6", seed=1))
 
 
+@pytest.fixture(scope="module")
+def models(tiny_v15, tiny_v16):
+    """``{"v15": (tokenizer, model, processor), "v16": ...}`` loaded once per test module."""
+    from tests.helpers import load
+
+    out = {}
+    for name, path in (("v15", tiny_v15), ("v16", tiny_v16)):
+        tok, model, proc, _ = load(path)
+        out[name] = (tok, model, proc)
+    return out
+
+
 def fa2_stand_in(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """flash-attn semantics on CPU: ``attention_mask`` is None or (B, K) 0/1; causal, bottom-right aligned."""
     from pio.proxy import causal_padding_bias

@@ -36,3 +36,15 @@ def load(path: str, attn: str = "sdpa", dtype: str = "float32"):
     from llava.model.builder import load_pretrained_model
 
     return load_pretrained_model(path, device="cpu", torch_dtype=dtype, attn_implementation=attn)
+
+
+def left_padded_pair(tok, proc, model, dtype=torch.float64):
+    """Two different image questions, left-padded as generation needs: ``(ids, mask, pixels)``."""
+    imgs = [image(500, 400, seed=21), image(280, 420, seed=22)]
+    seqs = [prompt_ids(tok, "What is in the picture?"), prompt_ids(tok, "Count the red things, please.")]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
+    return ids, mask, pixels(imgs, proc, model).to(dtype)

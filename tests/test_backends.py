@@ -12,20 +12,13 @@ import torch
 
 from llava.model.pruning import backend_mask
 from pio import PIO, PruneState, Schedule
-from tests.helpers import image, load, pixels, prompt_ids
+from tests.helpers import left_padded_pair, load
 
 
 def test_pruned_generation_same_on_every_backend(tiny_v15, fa2_emulated):
     tok, model, proc, _ = load(tiny_v15)
     model = model.to(torch.float64)
-    imgs = [image(500, 400, seed=21), image(280, 420, seed=22)]
-    seqs = [prompt_ids(tok, "What is in the picture?"), prompt_ids(tok, "Count the red things, please.")]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for b, s in enumerate(seqs):  # left padding, as generation needs
-        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
-    x = pixels(imgs, proc, model).to(torch.float64)
+    ids, mask, x = left_padded_pair(tok, proc, model)
     results = {}
     for impl in ("sdpa", "eager", "flash_attention_2"):
         model.config._attn_implementation = impl

@@ -21,16 +21,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pio import PruneState, Schedule, get_method, method_names
-from tests.helpers import image, load, pixels, prompt_ids
-
-
-@pytest.fixture(scope="module")
-def models(tiny_v15, tiny_v16):
-    out = {}
-    for name, path in (("v15", tiny_v15), ("v16", tiny_v16)):
-        tok, model, proc, _ = load(path)
-        out[name] = (tok, model, proc)
-    return out
+from tests.helpers import image, left_padded_pair, load, pixels, prompt_ids
 
 
 # ------------------------------------------------------------------------------------------ naive references
@@ -371,14 +362,7 @@ def test_backends_keep_the_same_tokens(tiny_v15, fa2_emulated, name):
     tok, model, proc, _ = load(tiny_v15)
     model = model.to(torch.float64)
     method = make(name)
-    imgs = [image(500, 400, seed=21), image(280, 420, seed=22)]
-    seqs = [prompt_ids(tok, "What is in the picture?"), prompt_ids(tok, "Count the red things, please.")]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for b, s in enumerate(seqs):  # left padding, as generation needs
-        ids[b, width - len(s):], mask[b, width - len(s):] = s, 1
-    x = pixels(imgs, proc, model).to(torch.float64)
+    ids, mask, x = left_padded_pair(tok, proc, model)
     results = {}
     for impl in ("sdpa", "eager", "flash_attention_2"):
         model.config._attn_implementation = impl

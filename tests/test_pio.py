@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from pio import PIO, PruneState, Schedule
-from tests.helpers import image, load, pixels, prompt_ids
-
-
-@pytest.fixture(scope="module")
-def models(tiny_v15, tiny_v16):
-    out = {}
-    for name, path in (("v15", tiny_v15), ("v16", tiny_v16)):
-        tok, model, proc, _ = load(path)
-        out[name] = (tok, model, proc)
-    return out
+from tests.helpers import image, pixels, prompt_ids
 
 
 def test_sliced_and_full_proxy_agree(models):

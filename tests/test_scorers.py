@@ -20,7 +20,7 @@ from llava.eval import (
     eval_textvqa,
     eval_vqav2,
 )
-from llava.eval.results import load_answers, read_pio_log, read_results, write_result
+from llava.eval.results import RESULT_FIELDS, load_answers, read_pio_log, read_results, write_result
 from llava.eval.vqa_eval import normalize_answer, vqa_accuracy
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -417,10 +417,29 @@ def test_results_round_trip(tmp_path):
     back = read_results(str(tmp_path))
     assert len(back) == 1 and back[0].pop("_path") == str(path)
     assert back[0] == written
-    assert list(written) == ["benchmark", "model", "schedule", "avg_visual_tokens", "score", "metric",
-                             "sub_scores", "num_questions", "wall_time_s", "date", "extra"]
+    assert tuple(written) == RESULT_FIELDS
     assert written["model"] == "ckpt-pio" and written["avg_visual_tokens"] == 96.0
     assert written["extra"]["pio_log_samples"] == 2 and written["extra"]["nan"] is None
+    assert written["method"] is None and "run_info" not in written["extra"]  # no run description beside
+
+
+def test_result_takes_the_method_from_the_run_description(tmp_path):
+    answers = tmp_path / "answers" / "ckpt-fastv64.jsonl"
+    answers.parent.mkdir()
+    answers.write_text('{"question_id": 1, "text": "yes"}\n')
+    config = {"method": "fastv", "schedule": {"layers": [2]}, "positions": "original"}
+    (tmp_path / "answers" / "ckpt-fastv64.run.json").write_text(json.dumps(
+        {"model_path": "m", "method": "fastv", "budget": 64.0, "method_config": config}))
+    args = Namespace(model=None, schedule="fastv budget=64", pio_log=None, wall_time=None, result_file=str(answers),
+                     run_info=None)
+    written = write_result(str(tmp_path / "r.json"), benchmark="pope", score=1.0, metric="f1", sub_scores={},
+                           num_questions=1, args=args)
+    assert written["method"] == "fastv" and written["budget"] == 64.0 and written["method_config"] == config
+    assert written["extra"]["run_info"].endswith("ckpt-fastv64.run.json")
+    (tmp_path / "bad.run.json").write_text("[1]")
+    with pytest.raises(ValueError, match="bad.run.json: expected a JSON object"):
+        write_result(str(tmp_path / "r2.json"), benchmark="pope", score=1.0, metric="f1", sub_scores={},
+                     num_questions=1, args=Namespace(**{**vars(args), "run_info": str(tmp_path / "bad.run.json")}))
 
 
 def test_load_answers_errors_and_duplicates(tmp_path, caplog):

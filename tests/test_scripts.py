@@ -421,26 +421,34 @@ def test_end_to_end(bench, family, tiny_ckpts, mini_data):
         assert all(u["answer"] == "" for u in upload if u["question_id"] not in run)
 
 
-# METHOD, BUDGET and METHOD_ARGS for the tiny checkpoints' 4 decoder layers (the paper's layers do not fit):
-# BUDGET=192 with stages early enough to reach it, or explicit tokens.
-TINY_METHODS = {
-    "pio": ("192", "--layers 1,2"),
-    "fastv": ("192", "--layers 1"),
-    "pdrop": ("192", "--layers 1,2,3"),
-    "sparsevlm": ("", "--layers 1,2,3 --tokens 200,100,30"),
-    "dart": ("192", "--layers 1"),
-    "random": ("192", "--layers 1,3"),
-}
-METHOD_NAMES = list(TINY_METHODS)
+def tiny_method_args(name: str) -> str:
+    """METHOD_ARGS for the tiny checkpoints' 4 decoder layers: the method's first schedule in test_methods.CASES
+    (its test entry; the paper's layers do not fit)."""
+    from tests.test_methods import CASES
+
+    sch, options = CASES[name][0]
+    assert not options, "the first case of every method uses its defaults"
+    args = "--layers " + ",".join(map(str, sch.layers))
+    if sch.tokens is not None:
+        return args + " --tokens " + ",".join(map(str, sch.tokens))
+    return args + " --ratios " + ",".join(f"{r:g}" for r in sch.ratios)
+
+
+def _method_names() -> list[str]:
+    from pio import method_names
+
+    return method_names()
+
+
+METHOD_NAMES = _method_names()
+TINY_METHODS = {name: ("", tiny_method_args(name)) for name in METHOD_NAMES}
+TINY_METHODS["pio"] = ("192", "--layers 1,2")  # one method through BUDGET as well
 # every script once with a method, the methods taken in turn (each on several scripts of both families)
 ROTATION = [(f, b, METHOD_NAMES[i % len(METHOD_NAMES)]) for i, (f, b) in
             enumerate((f, b) for b in BENCHES for f in FAMILIES)]
 
 
-def test_tiny_methods_cover_the_registry():
-    from pio import method_names
-
-    assert sorted(TINY_METHODS) == sorted(method_names())
+def test_rotation_covers_every_method():
     assert {m for _, _, m in ROTATION} == set(METHOD_NAMES)
 
 
@@ -498,7 +506,7 @@ def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, caps
     for r in rows[1:]:  # random tiny weights score 0 on some benchmarks: those stay out of the ratio
         shared = [b for b, v in r.scores.items() if v is not None and rows[0].scores.get(b)]
         assert (r.ratio is not None) == bool(shared) and r.avg_tokens is not None and r.avg_tokens < 576
-    assert "| all | vanilla |" in out and "| 192 | pio |" in out and "Avg (%)" in out
+    assert "| all | vanilla |" in out and "| 192 | pio |" in out and "| - | fastv |" in out and "Avg (%)" in out
 
 
 @pytest.mark.slow

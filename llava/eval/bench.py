@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids, img = synthetic_input(model.config.vocab_size, size)
     pixels = process_images([img], proc, model.config).to(device, dtype)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
-    runs += [(f"{m.name}: {m.schedule.describe()}", m) for m in methods]
+    runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else f"{m.name} {m.schedule.describe()}", m)
+             for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                use_cache=True, pad_token_id=0)
     samples: dict[str, list[dict]] = {name: [] for name, _ in runs}
@@ -239,6 +240,8 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
             "selection_split_s": {k: statistics.median(r["selection_s"].get(k, 0.0) for r in recs) for k in phases},
             "selection_pct_of_prefill": 100 * sel / med("prefill_s"),
             "seq_len_per_layer": lengths,
+            "visual_per_stage": [v for i, v in enumerate(recs[0]["visual_per_layer"])
+                                 if i == 0 or v != recs[0]["visual_per_layer"][i - 1]],
             "prefill_all_s": [r["prefill_s"] for r in recs],
         }
         if layer_s:
@@ -262,15 +265,16 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
 
 def format_table(result: dict[str, Any]) -> str:
     calibrated = any("ideal_speedup_calibrated" in r for r in result["rows"])
-    head = ["run", "prefill (s)", "speedup", "ideal (FLOPs)", "measured/ideal", "ideal incl. selection",
-            "measured/ideal incl. selection"]
+    head = ["run", "visual tokens", "prefill (s)", "speedup", "ideal (FLOPs)", "measured/ideal",
+            "ideal incl. selection", "measured/ideal incl. selection"]
     if calibrated:
         head += ["ideal (calibrated)", "measured/calibrated"]
     head += ["decode (ms/tok)", "FLOPs exact (T)", "FLOPs selection (T)", "FLOPs FastV (T)", "KV (MB)",
              "selection (s)", "selection % of prefill"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in result["rows"]:
-        cells = [r["run"], f"{r['prefill_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+        cells = [r["run"], ">".join(map(str, r["visual_per_stage"])), f"{r['prefill_s']:.3f}", f"{r['speedup']:.2f}x",
+                 f"{r['ideal_speedup']:.2f}x",
                  f"{r['speedup_vs_ideal']:.2f}", f"{r['ideal_speedup_with_selection']:.2f}x",
                  f"{r['speedup_vs_ideal_with_selection']:.2f}"]
         if calibrated:

@@ -21,6 +21,7 @@ family gathers its original 3-D positions with the kept tokens (``origin``).
 from __future__ import annotations
 
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -273,12 +274,15 @@ def _stack(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Ten
     return out
 
 
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+
+
 def warn_if_parameters_need_grad(model: nn.Module, method: ReductionMethod | None) -> None:
     """The proxy differentiates only the probe; parameters with ``requires_grad`` also get a graph (same result,
-    more memory). The loader sets ``requires_grad=False``; say so once if a caller's model has not."""
-    if method is None or "proxy" not in method.needs or getattr(model, "_warned_grad", False):
+    more memory). The loader sets ``requires_grad=False``; say so once per model if a caller's has not."""
+    if method is None or "proxy" not in method.needs or model in _WARNED:
         return
     if any(p.requires_grad for p in model.parameters()):
         logger.warning("model parameters require grad: PIO's proxy then also builds their graph (same result, more "
                        "memory); call model.requires_grad_(False) as load_pretrained_model does")
-        model._warned_grad = True
+        _WARNED.add(model)

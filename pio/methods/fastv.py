@@ -35,16 +35,23 @@ def last_valid(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), pos, -1).amax(dim=1, keepdim=True).clamp_min(0)
 
 
-def topk_in_spans(scores: torch.Tensor, inputs: StageInputs, active: list[bool]) -> list[torch.Tensor | None]:
-    """Per active sample the top ``target`` positions of ``scores`` (B, S) inside its visual span."""
+def rank_by_last_position(inputs: StageInputs, which: str) -> Selection:
+    """Keep each sample's top visual tokens by the attention its last valid position pays them in the ``which``
+    layer (softmax over every key, averaged over heads): FastV's rule (``current``) and PDrop's (``next``)."""
+    active = active_samples(inputs)
+    if not any(active):
+        return Selection([None] * len(active))
+    probs = inputs.attention(last_valid(inputs.mask), which=which)  # (B, H, 1, S)
     keep: list[torch.Tensor | None] = []
-    for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
-        if not active[b]:
-            keep.append(None)
-            continue
-        start, length = span
-        keep.append(topk_indices(scores[b, start : start + length], k))
-    return keep
+    with inputs.timed("score"):
+        scores = probs.mean(dim=1)[:, 0]  # (B, S)
+        for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
+            if not active[b]:
+                keep.append(None)
+                continue
+            start, length = span
+            keep.append(topk_indices(scores[b, start : start + length], k))
+    return Selection(keep)
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,4 @@ class FastV(ReductionMethod):
                              "several stages)")
 
     def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
-        probs = inputs.attention(last_valid(inputs.mask), which="current")  # (B, H, 1, S)
-        with inputs.timed("score"):
-            scores = probs.mean(dim=1)[:, 0]  # (B, S)
-            return Selection(topk_in_spans(scores, inputs, active))
+        return rank_by_last_position(inputs, "current")

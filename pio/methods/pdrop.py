@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..base import ReductionMethod, Selection, StageInputs, active_samples
+from ..base import ReductionMethod, Selection, StageInputs
 from ..schedule import PAPER_N0, Schedule
-from .fastv import last_valid, topk_in_spans
+from .fastv import rank_by_last_position
 
 BUDGET_LAYERS = (2, 8, 16, 24)
 
@@ -84,10 +84,4 @@ class PDrop(ReductionMethod):
         return out
 
     def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
-        probs = inputs.attention(last_valid(inputs.mask), which="next")  # (B, H, 1, S)
-        with inputs.timed("score"):
-            scores = probs.mean(dim=1)[:, 0]  # (B, S)
-            return Selection(topk_in_spans(scores, inputs, active))
+        return rank_by_last_position(inputs, "next")
