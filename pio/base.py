@@ -142,6 +142,8 @@ class ReductionMethod(ABC):
     Class attributes:
         name: registry name (``--method NAME``).
         needs: what the method asks the model for, a subset of :data:`NEEDS`.
+        where: ``"llm"``: after the decoder layers of its schedule (every method so far; a stage before the
+            language model, on the encoder's features, is the next interface extension).
         default_layers: the layers of the method's published configuration.
         default_ratio_mode: how its ``--ratios`` are read (``initial`` or ``current``, :class:`Schedule`).
         anchors: the published schedules that give the budget solver its shape (:mod:`pio.budget`);
