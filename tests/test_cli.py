@@ -41,6 +41,8 @@ def test_pio_spellings_and_authors_aliases():
         PIO.schedule_for(budget=64), tau=0.5, nms=False, include_last=True)
     pdrop = parse("--method pdrop --layer_list '[8,16,24]' --image_token_ratio_list '[0.5,0.25,0.125]'")
     assert pdrop.counts(576, 32) == [288, 144, 72]
+    official = parse("--method pdrop --layer_list '[8,16,24]' --image_token_ratio_list '[1.0,0.5,0.25,0.125]'")
+    assert official == pdrop  # the official eval scripts' leading 1.0
     assert parse("--method dart --budget 64 --dart-pivot-text 2").pivot_text == 2
     assert parse("--method fastv --budget 64 --layers 3").layers == (3,)
     assert parse("--method sparsevlm --budget 64 --sparsevlm-no-recycle").recycle is False

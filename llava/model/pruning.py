@@ -128,8 +128,8 @@ class _Stage:
         index = self.layer - 1 if which == "current" else self.layer
         layers = self._step.adapter.layers
         if index >= len(layers):
-            raise ValueError(f"{self._step.method.name} at layer {self.layer} asks for the next layer's "
-                             f"{which!r} view, but the decoder has only {len(layers)} layers")
+            raise ValueError(f"{self._step.method.name} after layer {self.layer} asks for the next layer, but the "
+                             f"decoder has only {len(layers)} layers (prune earlier)")
         return layers[index]
 
     def attention(self, rows: torch.Tensor, which: str = "current") -> torch.Tensor:

@@ -64,6 +64,15 @@ class PDrop(ReductionMethod):
     schedule: Schedule
     positions: str = "renumber"
 
+    @classmethod
+    def schedule_for(cls, layers=None, *, ratios=None, **targets) -> Schedule:
+        """As :meth:`ReductionMethod.schedule_for`; ratios may carry the official eval scripts' leading 1.0
+        (``--image_token_ratio_list "[1.0,0.5,0.25,0.125]"`` for three layers)."""
+        n_layers = len(layers) if layers is not None else len(cls.default_layers)
+        if ratios is not None and len(ratios) == n_layers + 1 and float(ratios[0]) == 1.0:
+            ratios = tuple(ratios)[1:]
+        return super().schedule_for(layers, ratios=ratios, **targets)
+
     def counts(self, n0: int, num_layers: int) -> list[int]:
         """A budget solves lambda for this depth and keeps ``int(N0 * lambda^k)`` after stage k (module
         docstring); explicit tokens or ratios are used as given."""
