@@ -71,6 +71,8 @@ def test_unreachable_budget_and_depth_are_named():
         parse("--method pdrop --budget 64 --layers 8,16,24").validate(32)
     with pytest.raises(ValueError, match=r"fastv prunes once"):
         parse("--method fastv --tokens 60,30 --layers 2,4").validate(32)
+    with pytest.raises(ValueError, match=r"pdrop ranks with the next layer's attention: layers must be in 1\.\.31"):
+        parse("--method pdrop --ratios 0.5 --layers 32").validate(32)
     with pytest.raises(ValueError, match=r"layers \[40\] out of range for a 32-layer decoder"):
         parse("--method dart --tokens 68 --layers 40").validate(32)
 

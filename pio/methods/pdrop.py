@@ -92,5 +92,11 @@ class PDrop(ReductionMethod):
             out.append(prev)
         return out
 
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        if self.layers[-1] >= num_layers:
+            raise ValueError(f"pdrop ranks with the next layer's attention: layers must be in 1..{num_layers - 1} for a "
+                             f"{num_layers}-layer decoder, got {list(self.layers)}")
+
     def select(self, inputs: StageInputs) -> Selection:
         return rank_by_last_position(inputs, "next")
