@@ -206,7 +206,8 @@ def process_anyres_image(
     base_side, crop_side = _processor_sizes(processor)
     crops = divide_to_patches(resize_and_pad_image(image, best_resolution), crop_side)
     base = image.resize((base_side, base_side), resample=_RESAMPLE)
-    pixel_values = processor.preprocess([base, *crops], return_tensors="pt")["pixel_values"]
+    pixel_values = processor.preprocess([base, *crops], return_tensors="pt", input_data_format="channels_last")[
+        "pixel_values"]
     return pixel_values  # (1 + num_crops, 3, H, W)
 
 
@@ -270,6 +271,9 @@ def process_images(
 ) -> torch.Tensor | list[torch.Tensor]:
     """Preprocess ``images`` the way the checkpoint's ``image_aspect_ratio`` asks.
 
+    PIL images are height x width x channels, which is said to the processor: it would otherwise guess, and
+    takes a 1x1 or 3x3 image for channels-first.
+
     Args:
         images: PIL images (converted to RGB here).
         image_processor: a transformers ``CLIPImageProcessor``.
@@ -282,11 +286,12 @@ def process_images(
     aspect = _cfg_get(model_cfg, "image_aspect_ratio")
     images = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
     if aspect in _PLAIN_ASPECT_MODES:
-        return image_processor(images, return_tensors="pt")["pixel_values"]
+        return image_processor(images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
     if aspect == "pad":
         fill = tuple(int(x * 255) for x in image_processor.image_mean)
         processed = [
-            image_processor.preprocess(expand2square(im, fill), return_tensors="pt")["pixel_values"][0]
+            image_processor.preprocess(expand2square(im, fill), return_tensors="pt",
+                                       input_data_format="channels_last")["pixel_values"][0]
             for im in images
         ]
     elif aspect == "anyres":

@@ -45,6 +45,7 @@ def test_loader_writes_upstream_format_and_pio_log(tiny_v15, questions):
     assert [a["question_id"] for a in out] == [x["question_id"] for x in lines]
     for a, q in zip(out, lines):
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert set(a["metadata"]) == {"q", "run"}
         assert a["prompt"] == q["text"] and a["model_id"] == "llava-v1.5-tiny" and isinstance(a["text"], str)
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["question_id"] for r in recs] == [x["question_id"] for x in lines]
@@ -61,6 +62,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_v15, questions):
     part = qdir / "part.jsonl"
     text = (qdir / "full.jsonl").read_text().splitlines()
     part.write_text(text[0] + "\n" + text[1][: len(text[1]) // 2])  # killed while writing line 2
+    shutil.copy(qdir / "full.run.json", qdir / "part.run.json")
     resumed = run_loader(tiny_v15, qdir, qfile, part, "--resume")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "answer_id"} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(full)

@@ -85,7 +85,7 @@ def test_sqa_answers_every_question_pio_log_scorer_and_resume(loaded, data, tmp_
         assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
         question = e["conversations"][0]["value"].replace("<image>", "").strip()
         assert a["prompt"] == ("<image>\n" if "image" in e else "") + question + SQA_SUFFIX
-        assert isinstance(a["text"], str) and a["model_id"] == loaded[3] and a["metadata"] == {}
+        assert isinstance(a["text"], str) and a["model_id"] == loaded[3] and set(a["metadata"]) == {"q", "run"}
 
     recs = read_jsonl(log)
     assert [r["question_id"] for r in recs] == [e["id"] for e in entries]
@@ -102,12 +102,17 @@ def test_sqa_answers_every_question_pio_log_scorer_and_resume(loaded, data, tmp_
     assert res["num_total"] == len(entries) and res["num_missing"] == 0
     assert res["num_img"] == sum("image" in e for e in entries)
 
-    # interrupted after the first answer, mid-write of the second: resume redoes exactly the rest
+    # interrupted after the first answer, mid-write of the second (its log line already written): resume drops
+    # the log lines of unanswered questions and redoes exactly the rest
     lines = (tmp_path / "sqa.jsonl").read_text().splitlines()
     part = tmp_path / "part.jsonl"
     part.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
-    resumed = run_sqa(loaded, data, part, *PIO, "--resume")
+    shutil.copy(tmp_path / "sqa.run.json", tmp_path / "part.run.json")
+    part_log = tmp_path / "part.pio.jsonl"
+    part_log.write_text("".join(x + "\n" for x in log.read_text().splitlines()[:2]))
+    resumed = run_sqa(loaded, data, part, *PIO, "--resume", "--pio-log", str(part_log))
     assert strip_ids(resumed) == strip_ids(out)
+    assert part_log.read_text() == log.read_text()
 
 
 def test_sqa_prompt_building():
@@ -205,8 +210,10 @@ def test_mmbench_all_rounds_cn_with_pio_log(loaded, data, tmp_path):
     answers = tmp_path / "mmb.jsonl"
     lines = answers.read_text().splitlines()
     answers.write_text("".join(x + "\n" for x in lines[:-2]))
-    resumed = run_mmb(loaded, tsv, answers, "--all-rounds", *PIO, "--resume", lang="cn")
+    full_log = log.read_text()
+    resumed = run_mmb(loaded, tsv, answers, "--all-rounds", *PIO, "--resume", "--pio-log", str(log), lang="cn")
     assert strip_ids(resumed) == strip_ids(out)
+    assert log.read_text() == full_log  # the two log lines without answers were dropped, then written again
 
 
 def test_mmbench_prompt_building():

@@ -25,14 +25,21 @@ def build_prompt(question: str, conv_mode: str, im_start_end: bool) -> str:
 
 
 def read_questions(args: argparse.Namespace) -> list[runner.Question]:
-    """This chunk's questions; a missing image raises naming the question, before the model is loaded."""
+    """This chunk's questions; a missing image raises naming the question, before the model is loaded.
+
+    Ids may repeat by design (MME: two questions per image; TextVQA: the image id), so a question is its id and
+    its text: the same pair twice is refused (or, with ``--keep-first-duplicate``, answered once)."""
     questions = runner.read_jsonl_questions(args.question_file, ("question_id", "image", "text"))
-    questions = runner.get_chunk(questions, args.num_chunks, args.chunk_idx)
-    for q in questions:
-        path = os.path.join(args.image_folder, q["image"])
+    items = [runner.Question(str(i), q["question_id"], q) for i, q in enumerate(questions)]
+    items = runner.first_of_each(items, lambda it: (str(it.question_id), it.data["text"]),
+                                 lambda i: f"{args.question_file}:{i + 1} (question {items[i].question_id!r})",
+                                 args.keep_first_duplicate, "question")
+    items = runner.get_chunk(items, args.num_chunks, args.chunk_idx)
+    for it in items:
+        path = os.path.join(args.image_folder, it.data["image"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"question {q['question_id']}: image file not found: {path}")
-    return [runner.Question(str(q["question_id"]), q["question_id"], q) for q in questions]
+            raise FileNotFoundError(f"question {it.question_id}: image file not found: {path}")
+    return items
 
 
 def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processor, config) -> runner.Prepared:
@@ -49,7 +56,8 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 
 
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
-    runner.run_questions(args, read_questions(args), functools.partial(prepare, args), record, loaded=loaded)
+    runner.run_questions(args, read_questions(args), functools.partial(prepare, args), record, loaded=loaded,
+                         runner_options={"runner": "model_vqa_loader", "image_folder": os.path.abspath(args.image_folder)})
 
 
 def main(argv: list[str] | None = None) -> None:

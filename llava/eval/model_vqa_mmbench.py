@@ -91,7 +91,8 @@ def decode_image(b64: str):
         raise ValueError(f"not a base64-encoded image ({type(e).__name__}: {e})") from None
 
 
-def read_questions(path: str | os.PathLike, check_images: bool = True) -> list[MMBQuestion]:
+def read_questions(path: str | os.PathLike, check_images: bool = True, keep_first_duplicate: bool = False
+                   ) -> list[MMBQuestion]:
     """Every TSV row as a question; anything malformed raises naming the file, the line and what is expected."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"question file not found: {path}")
@@ -147,7 +148,11 @@ def read_questions(path: str | os.PathLike, check_images: bool = True) -> list[M
                 index = int(as_float)
             where = f"{path}:{line} (index {index})"
             if index in seen:
-                raise ValueError(f"{where}: duplicate index, already on line {seen[index]}; indices must be unique")
+                if not keep_first_duplicate:
+                    raise ValueError(f"{where}: duplicate index, already on line {seen[index]}; indices must be unique "
+                                     "(--keep-first-duplicate keeps the first)")
+                logger.warning("%s: duplicate index, already on line %d; kept the first", where, seen[index])
+                continue
             seen[index] = line
             question = get("question")
             if is_missing(question):
@@ -195,11 +200,6 @@ def rounds(q: MMBQuestion, all_rounds: bool) -> list[tuple[int, list[str], list[
     return [(r, q.options[r:] + q.options[:r], chars[r:] + chars[:r]) for r in range(n)]
 
 
-def answer_key(rec: dict) -> tuple[str, int]:
-    """Resume key of an answer line: ``(question_id, round_id)``."""
-    return str(rec.get("question_id")), int(rec.get("round_id") or 0)
-
-
 # --------------------------------------------------------------------------- run
 def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processor, config) -> runner.Prepared:
     """Prompt, image and pixels of one round (in a DataLoader worker)."""
@@ -218,10 +218,13 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 
 
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
-    questions = runner.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    items = [runner.Question((str(q.index), r[0]), q.index, (q, r), {"round_id": r[0]})
-             for q in questions for r in rounds(q, args.all_rounds)]
-    runner.run_questions(args, items, functools.partial(prepare, args), record, answer_key, loaded=loaded)
+    questions = read_questions(args.question_file, keep_first_duplicate=args.keep_first_duplicate)
+    chunk = runner.get_chunk(list(enumerate(questions)), args.num_chunks, args.chunk_idx)
+    items = [runner.Question(f"{i}:{r[0]}", q.index, (q, r), {"round_id": r[0]})
+             for i, q in chunk for r in rounds(q, args.all_rounds)]
+    runner.run_questions(args, items, functools.partial(prepare, args), record, loaded=loaded,
+                         runner_options={"runner": "model_vqa_mmbench", "single_pred_prompt": args.single_pred_prompt,
+                                         "lang": args.lang, "all_rounds": args.all_rounds})
 
 
 def build_parser() -> argparse.ArgumentParser:

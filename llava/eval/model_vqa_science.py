@@ -41,8 +41,9 @@ HUMAN_ROLES = ("human", "user")
 
 
 # --------------------------------------------------------------------------- questions
-def read_questions(path: str | os.PathLike) -> list[dict]:
-    """The question entries; anything malformed raises naming the file, the entry and what is expected."""
+def read_questions(path: str | os.PathLike, keep_first_duplicate: bool = False) -> list[dict]:
+    """The question entries; anything malformed raises naming the file, the entry and what is expected. A repeated
+    id is an error (``keep_first_duplicate``: the first entry with it is kept)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"question file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -65,7 +66,12 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
         where = f"{path}: entry {i} (id {entry['id']!r})"
         key = str(entry["id"])
         if key in seen:
-            raise ValueError(f"{where}: duplicate id, already used by entry {seen[key]}; ids must be unique")
+            if not keep_first_duplicate:
+                raise ValueError(f"{where}: duplicate id, already used by entry {seen[key]}; ids must be unique "
+                                 "(--keep-first-duplicate keeps the first)")
+            logger.warning("%s: duplicate id, already used by entry %d; kept the first", where, seen[key])
+            entry["_duplicate"] = True
+            continue
         seen[key] = i
         convs = entry.get("conversations")
         if not isinstance(convs, list) or not convs:
@@ -81,7 +87,7 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
         image = entry.get("image")
         if image is not None and (not isinstance(image, str) or not image.strip()):
             raise ValueError(f"{where}: 'image' must be a path relative to --image-folder, got {image!r}")
-    return data
+    return [e for e in data if not e.pop("_duplicate", False)]
 
 
 def image_file(entry: dict) -> str | None:
@@ -141,11 +147,14 @@ def record(args: argparse.Namespace, item: runner.Question, text: str, model_nam
 
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
     check_answer_prompter(args)
-    questions = runner.get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    check_images(args, questions)
-    items = [runner.Question(str(q["id"]), q["id"], q) for q in questions]
+    questions = read_questions(args.question_file, args.keep_first_duplicate)
+    items = runner.get_chunk([runner.Question(str(i), q["id"], q) for i, q in enumerate(questions)],
+                             args.num_chunks, args.chunk_idx)
+    check_images(args, [it.data for it in items])
     runner.run_questions(args, items, functools.partial(prepare, args), functools.partial(record, args),
-                         loaded=loaded)
+                         loaded=loaded, runner_options={"runner": "model_vqa_science",
+                                                        "image_folder": os.path.abspath(args.image_folder),
+                                                        "single_pred_prompt": args.single_pred_prompt})
 
 
 def build_parser() -> argparse.ArgumentParser:

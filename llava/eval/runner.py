@@ -9,14 +9,13 @@ image size; run in DataLoader workers) and calls :func:`run_questions`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
+from llava.eval.runfiles import RunFiles, run_identity
 from llava.mm_utils import get_model_name_from_path
 from pio import PruneState, ReductionMethod
 from pio.cli import add_method_args, method_from_args
@@ -48,7 +48,13 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu (default: CUDA if available)")
     p.add_argument("--dtype", type=str, default=None, help="float16, bfloat16, float32 (default: fp16 on CUDA)")
     p.add_argument("--attn-implementation", type=str, default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--resume", action="store_true", help="skip questions already in --answers-file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --answers-file (only a file written by the same run: model, method, decoding, "
+                        "question file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --answers-file (the old files stay until the new run finishes)")
+    p.add_argument("--keep-first-duplicate", action="store_true",
+                   help="answer a question id that appears twice once, the first time (default: an error)")
     p.add_argument("--profile", type=str, default=None, help="write one JSON line of timings/FLOPs/KV per sample")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers preparing images and prompts (default: 4 on CUDA, 0 on CPU)")
@@ -164,71 +170,10 @@ def load_image(path: str | os.PathLike):
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def question_key(rec: dict) -> Hashable:
-    """Resume key of an answer line: its question id (as a string)."""
-    return str(rec.get("question_id"))
-
-
-class JsonlWriter:
-    """Line-by-line JSONL output; ``resume`` appends and reports the keys (``key(record)``) already present."""
-
-    def __init__(self, path: str | os.PathLike | None, resume: bool,
-                 key: Callable[[dict], Hashable] = question_key):
-        self.path = path
-        self.done: set[Hashable] = set()
-        self._f = None
-        if path is None:
-            return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        if resume and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-            good = []
-            for line in lines:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s: dropping a truncated last line from an interrupted run", path)
-                    continue
-                good.append(line)
-                self.done.add(key(rec))
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("".join(g + "\n" for g in good))
-        self._f = open(path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, record: dict) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-
-
-def run_info_path(answers_file: str | os.PathLike) -> str:
-    """The run description written next to an answers file: ``X.jsonl`` -> ``X.run.json``."""
-    root, ext = os.path.splitext(str(answers_file))
-    return (root if ext == ".jsonl" else str(answers_file)) + ".run.json"
-
-
-def write_run_info(args: argparse.Namespace, method: ReductionMethod | None) -> None:
-    """What produced the answers (model, decoding, reduction method and its full configuration), for the scorers'
-    result files; rewritten by every run."""
-    info = {
-        "model_path": args.model_path,
-        "method": method.name if method is not None else "none",
-        "budget": _budget_label(args, method),
-        "method_config": method.config() if method is not None else None,
-        "conv_mode": args.conv_mode, "temperature": args.temperature, "top_p": args.top_p,
-        "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-        "question_file": getattr(args, "question_file", None),
-    }
-    path = run_info_path(args.answers_file)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+def question_seed(seed: int, key: str) -> int:
+    """The sampling seed of one question: from the run's ``--seed`` and the question's key, so a resumed run
+    samples every question as an uninterrupted one does."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
 def _budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> float | None:
@@ -316,33 +261,11 @@ def answer_record(question_id: Any, prompt: str, text: str, model_name: str, **e
     return rec
 
 
-class SampleLogs:
-    """The optional reduction log and profile of a run, written line by line next to the answers."""
-
-    def __init__(self, args: argparse.Namespace, model):
-        self.model = model
-        self.pio_log = JsonlWriter(args.pio_log, args.resume) if args.pio_log else None
-        self.profile = JsonlWriter(args.profile, args.resume) if args.profile else None
-
-    @property
-    def profiling(self) -> bool:
-        return self.profile is not None
-
-    def write(self, question_id: Any, state: PruneState, timing: dict | None, **extra: Any) -> None:
-        """Log one sample; ``extra`` fields (e.g. ``round_id``) go into both records."""
-        if self.pio_log is not None:
-            report = state.report()
-            rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
-            self.pio_log.write({"question_id": question_id, **extra, **rec})
-        if self.profile is not None:
-            from llava.eval.profiling import profile_record
-
-            self.profile.write({"question_id": question_id, **extra, **profile_record(self.model, state, timing)})
-
-    def close(self) -> None:
-        for w in (self.pio_log, self.profile):
-            if w is not None:
-                w.close()
+def log_record(question_id: Any, state: PruneState, **extra: Any) -> dict:
+    """The reduction log line of one sample: visual counts per stage, kept positions, realised average."""
+    report = state.report()
+    rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
+    return {"question_id": question_id, **extra, **rec}
 
 
 # --------------------------------------------------------------------------- the question loop
@@ -351,13 +274,14 @@ class Question:
     """One question of a benchmark file, as a runner's reader makes it.
 
     Attributes:
-        key: resume key, equal to ``answer_key`` of the answer line this question writes.
+        key: the question's place in the question file (``"17"``; ``"17:2"`` for round 2 of MMBench row 17),
+            unique even where ids repeat by design (MME, TextVQA): the resume key written into every line.
         question_id: the id written to the answer, log and profile lines.
         data: whatever the runner's ``prepare`` and ``record`` need (the raw entry, options, ...).
         log_extra: extra fields of the log and profile lines (e.g. MMBench's ``round_id``).
     """
 
-    key: Hashable
+    key: str
     question_id: Any
     data: Any
     log_extra: dict = field(default_factory=dict)
@@ -381,44 +305,78 @@ class _PreparedQuestions(torch.utils.data.Dataset):
         return (i, *self.prepare(item, self.tokenizer, self.processor, self.config))
 
 
+def first_of_each(entries: list, key: Callable[[Any], Hashable], where: Callable[[int], str], keep_first: bool,
+                  what: str = "question") -> list:
+    """``entries`` with repeated ``key`` refused (naming them), or (``keep_first``) answered once, the first time."""
+    seen: dict[Hashable, int] = {}
+    out, repeated = [], []
+    for i, e in enumerate(entries):
+        k = key(e)
+        if k in seen:
+            repeated.append(f"{where(i)} repeats {where(seen[k])}")
+            continue
+        seen[k] = i
+        out.append(e)
+    if repeated:
+        shown = "; ".join(repeated[:5]) + (f"; and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        if not keep_first:
+            raise ValueError(f"{len(repeated)} repeated {what}(s): {shown} (--keep-first-duplicate answers each once, "
+                             "the first time)")
+        logger.warning("answering %d repeated %s(s) once, the first time: %s", len(repeated), what, shown)
+    return out
+
+
 def run_questions(
     args: argparse.Namespace,
     items: list[Question],
     prepare: Callable[[Question, Any, Any, Any], Prepared],
     record: Callable[[Question, str, str], dict],
-    answer_key: Callable[[dict], Hashable] = question_key,
     loaded: tuple | None = None,
+    runner_options: dict[str, Any] | None = None,
 ) -> None:
-    """Answer ``items`` into ``--answers-file`` (resumable), with the reduction log and profile.
+    """Answer ``items`` into ``--answers-file`` with the reduction log and profile, resumable (:mod:`runfiles`).
 
     Args:
         items: the chunk's questions, already checked by the runner's reader.
         prepare: ``prepare(item, tokenizer, image_processor, model_config) -> (input_ids (1, T), pixels or None,
             image sizes or None)``; runs in ``--num-workers`` DataLoader workers.
         record: ``record(item, answer_text, model_name) -> answer line``.
-        answer_key: the resume key of an answer line (equal to the item's ``key``).
         loaded: an already loaded ``(tokenizer, model, image_processor, model_name)`` to reuse.
+        runner_options: the runner's own flags that change its answers (prompt suffixes, language, ...), part
+            of the run's identity.
     """
-    method = check_args(args)  # before the answers file is opened and the model loaded
-    with closing(JsonlWriter(args.answers_file, args.resume, answer_key)) as answers:
-        todo = [q for q in items if q.key not in answers.done]
+    method = check_args(args)  # before any file is opened and the model loaded
+    identity = run_identity(args, method, runner_options or {})
+    summary = {"method": method.name if method is not None else "none", "budget": _budget_label(args, method),
+               "method_config": method.config() if method is not None else None}
+    files = RunFiles(args, identity, summary)
+    finished = False
+    try:
+        todo = [q for q in items if q.key not in files.done]
         if len(todo) < len(items):
             logger.info("resuming: %d of %d questions already answered", len(items) - len(todo), len(items))
-        if not todo:
-            logger.info("nothing to do: every question of this chunk is answered")
-            return
-        tok, model, proc, name = load_model(args, method, loaded)
-        write_run_info(args, method)
-        workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
-        data = _PreparedQuestions(todo, prepare, tok, proc, model.config)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
-        with closing(SampleLogs(args, model)) as logs:
+        if todo:
+            tok, model, proc, name = load_model(args, method, loaded)
+            workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
+            data = _PreparedQuestions(todo, prepare, tok, proc, model.config)
+            loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
             for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
                 q = todo[i]
                 pixels = to_model(pixels, model) if pixels is not None else None
-                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, logs.profiling)
-                answers.write(record(q, text, name))
-                logs.write(q.question_id, state, timing, **q.log_extra)
+                torch.manual_seed(question_seed(args.seed, q.key))
+                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling)
+                profile = None
+                if files.profiling:
+                    from llava.eval.profiling import profile_record
+
+                    profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
+                log = log_record(q.question_id, state, **q.log_extra) if files.logging else None
+                files.write(q.key, record(q, text, name), log, profile)
+        else:
+            logger.info("nothing to do: every question of this chunk is answered")
+        finished = True
+    finally:
+        files.close(finished)
 
 
 def setup_logging() -> None:
