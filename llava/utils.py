@@ -1,8 +1,15 @@
-"""Small shared utilities: the one guard for optional dependencies."""
+"""Small shared utilities: the one guard for optional dependencies, and the command-line entry wrapper."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
+from collections.abc import Callable
+from typing import Any
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError,
+               NotImplementedError)
+"""What bad input raises (flags, files, checkpoints, images, missing packages): reported in one line."""
 
 
 def require_flash_attn() -> None:
@@ -12,3 +19,20 @@ def require_flash_attn() -> None:
             "attn_implementation='flash_attention_2' needs the flash-attn package (CUDA only): "
             "pip install -e '.[gpu]', or use --attn-implementation sdpa/eager"
         )
+
+
+def cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run a command's ``main(argv)``: an error the user caused ends it with one line on stderr and status 2
+    (``--debug`` anywhere on the command line shows the traceback instead); ``main`` itself keeps raising, for
+    callers in Python."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {text} (--debug shows where)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -168,3 +168,29 @@ def test_sigkill_at_random_points_loses_nothing(tiny_v15, tmp_path):
     assert stable(read(answers)) == stable(read(ref))
     assert read(log) == read(tmp_path / "ref.pio.jsonl")
     assert stable(read(prof)) == stable(read(tmp_path / "ref.profile.jsonl"))
+
+
+def test_scorers_report_coverage(tiny_v15, tmp_path):
+    from llava.eval import eval_pope
+    from llava.eval.fixtures import write_fixtures
+
+    data = write_fixtures(tmp_path / "eval", seed=0, n_per_bench=2, benchmarks=["pope"]) / "pope"
+    answers, log = tmp_path / "a.jsonl", tmp_path / "a.pio.jsonl"
+    qfile = data / "llava_pope_test.jsonl"
+    model_vqa_loader.main(["--model-path", tiny_v15, "--question-file", str(qfile), "--image-folder",
+                           str(data / "val2014"), "--answers-file", str(answers), "--pio-log", str(log),
+                           "--max_new_tokens", "2", "--device", "cpu", "--resume"])
+    n = len(qfile.read_text().splitlines())
+
+    def score():
+        eval_pope.main(["--annotation-dir", str(data / "coco"), "--question-file", str(qfile), "--result-file",
+                        str(answers), "--pio-log", str(log), "--result-json", str(tmp_path / "r.json")])
+        return json.loads((tmp_path / "r.json").read_text())
+
+    assert score()["coverage"] == {"answered": n, "expected": n, "logged": n, "partial": False}
+    lines = answers.read_text().splitlines()
+    answers.write_text("".join(x + "\n" for x in lines[:2]))  # an interrupted run scored as it is
+    assert score()["coverage"] == {"answered": 2, "expected": n, "logged": n, "partial": True}
+    answers.write_text("".join(x + "\n" for x in lines))
+    log.write_text("".join(x + "\n" for x in log.read_text().splitlines()[:-1]))
+    assert score()["coverage"] == {"answered": n, "expected": n, "logged": n - 1, "partial": True}

@@ -14,12 +14,12 @@ MME_TOTAL = "perception+cognition total"
 
 
 def put(root, bench, model, score, *, tokens=None, metric="accuracy", date="2025-01-01T00:00:00+00:00",
-        method=None, budget=None):
+        method=None, budget=None, coverage=None):
     path = os.path.join(root, bench, "results", f"{model}-{date[:10]}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"benchmark": bench, "model": model, "schedule": None, "method": method, "budget": budget,
-                   "method_config": None, "avg_visual_tokens": tokens,
+                   "method_config": None, "avg_visual_tokens": tokens, "coverage": coverage,
                    "score": score, "metric": metric, "sub_scores": {}, "num_questions": 1, "wall_time_s": None,
                    "date": date, "extra": {}}, f)
 
@@ -105,3 +105,17 @@ def test_paper_layout_budgets_then_methods(tmp_path, capsys):
     assert lines[8].endswith(f"| 64.0 | {100 * (59 / 60 + 79 / 80) / 2:.1f} |")
     summarize.main(["--data-root", root])
     assert "several unpruned runs (m, other)" in capsys.readouterr().out
+
+
+def test_partial_results_are_marked_and_left_out_of_the_avg(tmp_path, capsys):
+    root = str(tmp_path)
+    for bench, base in (("gqa", 60.0), ("pope", 80.0)):
+        put(root, bench, "m", base, method="none", coverage={"answered": 12, "expected": 12, "partial": False})
+    put(root, "gqa", "m-pio64", 57.0, method="pio", budget=64.0)
+    put(root, "pope", "m-pio64", 100.0, method="pio", budget=64.0,  # over 5 of 12 answers: would read 125 %
+        coverage={"answered": 5, "expected": 12, "logged": 5, "partial": True})
+    rows = summarize.main(["--data-root", root])
+    out = capsys.readouterr().out
+    assert "| 64 | pio | m-pio64 | 57.0 | 100.0* |" in out
+    assert "POPE is partial (5 of 12 questions answered, 5 logged): marked *, left out of the Avg" in out
+    assert rows[1].ratio == pytest.approx(95.0) and rows[1].ratio_benchmarks == ["gqa"]

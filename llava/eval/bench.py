@@ -138,14 +138,14 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
     single = method_from_args(args) if not args.methods else None
     if args.methods:
         if args.budget is None:
-            raise SystemExit("--methods needs --budget (the paper's 64, 128 or 192)")
+            raise ValueError("--methods needs --budget (the paper's 64, 128 or 192)")
         names = [m.strip() for m in args.methods.split(",") if m.strip()]
         if names == ["all"]:
             names = method_names()
         layers = parse_layers(args.layers) if args.layers is not None else None
         return [get_method(n).from_budget(float(args.budget), layers) for n in names]
     if single is None:
-        raise SystemExit("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
+        raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
                          "(--method fastv --budget 64, --pio-layers 1,10,15 --pio-tokens 92,54,22, ...)")
     return [single]
 
@@ -325,4 +325,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from llava.utils import cli
+
+    cli(main)

@@ -122,4 +122,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from llava.utils import cli
+
+    cli(main)

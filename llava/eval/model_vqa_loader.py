@@ -24,8 +24,9 @@ def build_prompt(question: str, conv_mode: str, im_start_end: bool) -> str:
     return runner.chat_prompt(runner.image_token(im_start_end) + "\n" + question, conv_mode)
 
 
-def read_questions(args: argparse.Namespace) -> list[runner.Question]:
-    """This chunk's questions; a missing image raises naming the question, before the model is loaded.
+def read_questions(args: argparse.Namespace) -> tuple[list[runner.Question], int]:
+    """This chunk's questions and the number of questions of the whole file; a missing image raises naming the
+    question, before the model is loaded.
 
     Ids may repeat by design (MME: two questions per image; TextVQA: the image id), so a question is its id and
     its text: the same pair twice is refused (or, with ``--keep-first-duplicate``, answered once)."""
@@ -34,12 +35,13 @@ def read_questions(args: argparse.Namespace) -> list[runner.Question]:
     items = runner.first_of_each(items, lambda it: (str(it.question_id), it.data["text"]),
                                  lambda i: f"{args.question_file}:{i + 1} (question {items[i].question_id!r})",
                                  args.keep_first_duplicate, "question")
+    total = len(items)
     items = runner.get_chunk(items, args.num_chunks, args.chunk_idx)
     for it in items:
         path = os.path.join(args.image_folder, it.data["image"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"question {it.question_id}: image file not found: {path}")
-    return items
+    return items, total
 
 
 def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processor, config) -> runner.Prepared:
@@ -56,7 +58,8 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 
 
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
-    runner.run_questions(args, read_questions(args), functools.partial(prepare, args), record, loaded=loaded,
+    items, total = read_questions(args)
+    runner.run_questions(args, items, functools.partial(prepare, args), record, loaded=loaded, expected=total,
                          runner_options={"runner": "model_vqa_loader", "image_folder": os.path.abspath(args.image_folder)})
 
 
@@ -72,4 +75,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llava.utils import cli
+
+    cli(main)

@@ -222,7 +222,8 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
     chunk = runner.get_chunk(list(enumerate(questions)), args.num_chunks, args.chunk_idx)
     items = [runner.Question(f"{i}:{r[0]}", q.index, (q, r), {"round_id": r[0]})
              for i, q in chunk for r in rounds(q, args.all_rounds)]
-    runner.run_questions(args, items, functools.partial(prepare, args), record, loaded=loaded,
+    total = sum(len(rounds(q, args.all_rounds)) for q in questions)
+    runner.run_questions(args, items, functools.partial(prepare, args), record, loaded=loaded, expected=total,
                          runner_options={"runner": "model_vqa_mmbench", "single_pred_prompt": args.single_pred_prompt,
                                          "lang": args.lang, "all_rounds": args.all_rounds})
 
@@ -250,4 +251,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llava.utils import cli
+
+    cli(main)

@@ -152,7 +152,7 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
                              args.num_chunks, args.chunk_idx)
     check_images(args, [it.data for it in items])
     runner.run_questions(args, items, functools.partial(prepare, args), functools.partial(record, args),
-                         loaded=loaded, runner_options={"runner": "model_vqa_science",
+                         loaded=loaded, expected=len(questions), runner_options={"runner": "model_vqa_science",
                                                         "image_folder": os.path.abspath(args.image_folder),
                                                         "single_pred_prompt": args.single_pred_prompt})
 
@@ -178,4 +178,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llava.utils import cli
+
+    cli(main)

@@ -16,6 +16,9 @@ Result JSON schema (one object per file)::
     budget             float | null the paper budget it was asked for (--budget), else null
     method_config      dict | null  the method's full configuration (schedule, hyper-parameters)
     avg_visual_tokens  float | null mean of "avg_visual_tokens" over the reduction log lines; null without a log
+    coverage           dict   answered (answer lines), expected (questions the run was asked, from its run
+                              description; null without one), logged (reduction log lines; null without a log),
+                              partial (answered < expected, or logged < answered)
     score              float | null the paper's number on the paper's scale (null: not scorable locally)
     metric             str    what `score` is
     sub_scores         dict[str, float | null]  flat; percentages on a 0-100 scale unless the name says otherwise
@@ -59,6 +62,7 @@ RESULT_FIELDS: tuple[str, ...] = (
     "budget",
     "method_config",
     "avg_visual_tokens",
+    "coverage",
     "score",
     "metric",
     "sub_scores",
@@ -249,17 +253,27 @@ def read_run_info(args: argparse.Namespace | None) -> dict[str, Any]:
 
 
 def read_pio_log(path: str | None) -> tuple[float | None, int]:
-    """Mean of ``avg_visual_tokens`` over the samples with an image in a PIO log, and their number.
+    """Mean of ``avg_visual_tokens`` over the samples with an image in a reduction log, and their number.
 
     ``(None, 0)`` when no path is given, the file is absent, or no line has the field.
     """
-    if not path:
+    values, _ = _pio_log_values(path)
+    if not values:
         return None, 0
+    return sum(values) / len(values), len(values)
+
+
+def _pio_log_values(path: str | None) -> tuple[list[float], int | None]:
+    """The image samples' ``avg_visual_tokens`` of a reduction log, and its number of lines (None: no log)."""
+    if not path:
+        return [], None
     if not os.path.isfile(path):
         logger.warning("PIO log %s not found; avg_visual_tokens will be null", path)
-        return None, 0
+        return [], None
     values: list[float] = []
+    lines = 0
     for lineno, rec in iter_jsonl(path):
+        lines += 1
         value = rec.get("avg_visual_tokens")
         if value is None or rec.get("n_visual") == 0:  # text-only samples have no visual tokens to average
             continue
@@ -268,8 +282,7 @@ def read_pio_log(path: str | None) -> tuple[float | None, int]:
         values.append(float(value))
     if not values:
         logger.warning("PIO log %s has no avg_visual_tokens values; avg_visual_tokens will be null", path)
-        return None, 0
-    return sum(values) / len(values), len(values)
+    return values, lines
 
 
 # ----------------------------------------------------------------------------- result JSON
@@ -298,8 +311,10 @@ def build_result(
 ) -> dict[str, Any]:
     """The result dict (see the module docstring), with the run context taken from ``args``."""
     model = getattr(args, "model", None) or default_model_name(getattr(args, "result_file", None))
-    avg_tokens, n_logged = read_pio_log(getattr(args, "pio_log", None))
+    values, log_lines = _pio_log_values(getattr(args, "pio_log", None))
+    avg_tokens, n_logged = (sum(values) / len(values), len(values)) if values else (None, 0)
     run = read_run_info(args)
+    coverage = _coverage(getattr(args, "result_file", None), run.get("expected"), log_lines)
     extra = dict(extra or {})
     if run:
         extra.setdefault("run_info", run["_path"])
@@ -316,6 +331,7 @@ def build_result(
         "budget": run.get("budget"),
         "method_config": run.get("method_config"),
         "avg_visual_tokens": avg_tokens,
+        "coverage": coverage,
         "score": None if score is None else float(score),
         "metric": metric,
         "sub_scores": dict(sub_scores),
@@ -325,6 +341,19 @@ def build_result(
         "extra": extra,
     }
     return _finite(result)
+
+
+def _coverage(result_file: str | None, expected: int | None, logged: int | None) -> dict[str, Any]:
+    """How much of the run the result rests on (module docstring): a result over part of the questions, or with
+    a log that misses answered ones, is ``partial``."""
+    answered = None
+    if result_file and os.path.isfile(result_file):
+        answered = sum(1 for _ in iter_jsonl(result_file, strict=False))
+    partial = bool((answered is not None and expected is not None and answered < expected)
+                   or (answered is not None and logged is not None and logged < answered))
+    if partial:
+        logger.warning("partial result: %s of %s questions answered, %s logged", answered, expected, logged)
+    return {"answered": answered, "expected": expected, "logged": logged, "partial": partial}
 
 
 def write_result(path: str, **fields: Any) -> dict[str, Any]:

@@ -333,6 +333,7 @@ def run_questions(
     record: Callable[[Question, str, str], dict],
     loaded: tuple | None = None,
     runner_options: dict[str, Any] | None = None,
+    expected: int | None = None,
 ) -> None:
     """Answer ``items`` into ``--answers-file`` with the reduction log and profile, resumable (:mod:`runfiles`).
 
@@ -344,11 +345,12 @@ def run_questions(
         loaded: an already loaded ``(tokenizer, model, image_processor, model_name)`` to reuse.
         runner_options: the runner's own flags that change its answers (prompt suffixes, language, ...), part
             of the run's identity.
+        expected: how many questions the whole question file asks (every chunk), for the scorers' coverage.
     """
     method = check_args(args)  # before any file is opened and the model loaded
     identity = run_identity(args, method, runner_options or {})
     summary = {"method": method.name if method is not None else "none", "budget": _budget_label(args, method),
-               "method_config": method.config() if method is not None else None}
+               "method_config": method.config() if method is not None else None, "expected": expected}
     files = RunFiles(args, identity, summary)
     finished = False
     try:

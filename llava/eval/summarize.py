@@ -11,7 +11,9 @@ paper budget the run was asked for (192, 128, 64; runs with other schedules last
 comparison methods and PIO last. Columns: the benchmarks present, in the paper's order (GQA, MMB, MMB-CN,
 MME, POPE, SQA, VQAv2, TextVQA), "Avg tokens" (the run's realised average visual tokens per layer, from its
 reduction logs, averaged over its benchmarks) and "Avg (%)": the mean over the benchmarks both runs have of
-100 x score / baseline score, as the paper computes it. The baseline is ``--baseline`` or else the one run
+100 x score / baseline score, as the paper computes it. A result over part of its run (fewer answers than
+questions, or a log missing answered ones; the result file's ``coverage``) is marked ``*`` and left out of the
+Avg, with a note. The baseline is ``--baseline`` or else the one run
 whose method is none. Several results for one (run, benchmark): the newest ``date`` wins.
 """
 
@@ -44,6 +46,7 @@ class AccuracyRow:
     is_baseline: bool = False
     ratio: float | None = None  # mean of 100 * score / baseline score over `ratio_benchmarks`
     ratio_benchmarks: list[str] = field(default_factory=list)
+    partial: set[str] = field(default_factory=set)  # benchmarks whose result rests on part of the run
     notes: list[str] = field(default_factory=list)
 
 
@@ -85,6 +88,11 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
         if len(methods) > 1:
             row.notes.append("results disagree on the method: " + ", ".join(f"{m} {b}" for m, b in sorted(methods, key=str)))
         for bench, r in by_bench.items():
+            cov = r.get("coverage") or {}
+            if cov.get("partial"):
+                row.partial.add(bench)
+                row.notes.append(f"{column_label(bench)} is partial ({cov.get('answered')} of {cov.get('expected')} "
+                                 f"questions answered, {cov.get('logged')} logged): marked *, left out of the Avg")
             score = r.get("score")
             row.scores[bench] = None if score is None else float(score)
             row.metrics[bench] = str(r.get("metric") or "")
@@ -104,6 +112,8 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
             label = column_label(bench)
             if mine is None or ref is None:
                 missing.append(label)
+                continue
+            if bench in row.partial or bench in base.partial:
                 continue
             if row.metrics.get(bench) != base.metrics.get(bench):
                 row.notes.append(f"{label} left out of the ratio: metric {row.metrics.get(bench)!r} "
@@ -158,8 +168,8 @@ def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ra
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for row in rows:
         name = f"{row.model} (baseline)" if row.is_baseline else row.model
-        cells = [budget_label(row), method_label(row), name, *(_fmt(row.scores.get(c)) for c in columns),
-                 _fmt(row.avg_tokens)]
+        cells = [budget_label(row), method_label(row), name,
+                 *(_fmt(row.scores.get(c)) + ("*" if c in row.partial else "") for c in columns), _fmt(row.avg_tokens)]
         if with_ratio:
             cells.append(_fmt(row.ratio))
         lines.append("| " + " | ".join(cells) + " |")
@@ -309,4 +319,6 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
 
 
 if __name__ == "__main__":
-    main()
+    from llava.utils import cli
+
+    cli(main)
