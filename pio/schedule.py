@@ -30,12 +30,22 @@ e.g. layers (1, 10, 15), n0 = 576, counts (218, 128, 54), L = 32 gives (576 + 9*
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .budget import Anchors, budget_counts
+
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 __all__ = ["PAPER_N0", "RATIO_MODES", "Schedule", "average_visual_tokens", "realised_average"]
 
@@ -227,6 +237,10 @@ class Schedule:
         if n0 == 0:
             return [0] * k
         if self.tokens is not None:
+            over = [(lay, t) for lay, t in zip(self.layers, self.tokens) if t >= n0]
+            if over:
+                _warn_once(f"a sample has {n0} visual tokens; stage(s) " + ", ".join(
+                    f"after layer {lay} (keep {t})" for lay, t in over) + " keep all of them and prune nothing")
             return [min(int(t), n0) for t in self.tokens]
         if self.ratios is not None:
             out: list[int] = []

@@ -12,7 +12,8 @@
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
 #   CONV_MODE    conversation template               (default vicuna_v1)
 #   EXTRA_ARGS   more runner flags, word-split       (default empty)
-#   PYTHON       interpreter                         (default python)
+#   PYTHON       interpreter                         (default: the project's .venv/bin/python when there is
+#                                                    one, else python)
 #   CUDA_VISIBLE_DEVICES  chunked benchmarks run one chunk per listed GPU
 
 PIO_CHOICES="none 64 128 192 custom"
@@ -116,7 +117,11 @@ eval_init() {
     local base="${MODEL_PATH%/}"
     CKPT="${CKPT:-${base##*/}$METHOD_TAG}"
     DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"
-    PYTHON="${PYTHON:-python}"
+    local venv
+    venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+    if [[ -z "${PYTHON:-}" ]]; then
+        if [[ -x "$venv" ]]; then PYTHON="$venv"; else PYTHON=python; fi
+    fi
     CONV_MODE="${CONV_MODE:-vicuna_v1}"
     RUN_FLAGS=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE")
     if [[ -n "${DEVICE:-}" ]]; then RUN_FLAGS+=(--device "$DEVICE"); fi

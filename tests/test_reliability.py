@@ -194,3 +194,89 @@ def test_scorers_report_coverage(tiny_v15, tmp_path):
     answers.write_text("".join(x + "\n" for x in lines))
     log.write_text("".join(x + "\n" for x in log.read_text().splitlines()[:-1]))
     assert score()["coverage"] == {"answered": n, "expected": n, "logged": n - 1, "partial": True}
+
+
+def _break(kind: str, ckpt: Path, qfile: Path) -> list[str]:
+    """Damage a copy of the checkpoint or the inputs the way a user might; returns extra runner flags."""
+    if kind == "no_tokenizer":
+        (ckpt / "tokenizer.model").unlink()
+    elif kind == "no_config":
+        (ckpt / "config.json").unlink()
+    elif kind == "no_vision_tower":
+        shutil.rmtree(ckpt / "vision_tower")
+    elif kind == "missing_tensor":
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(ckpt / "model.safetensors")
+        del weights["model.norm.weight"]
+        save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    elif kind == "latin1":
+        qfile.write_bytes(qfile.read_bytes().replace(b"object 1?", "objet \u00e9t\u00e9 1?".encode("latin-1")))
+    elif kind == "cuda":
+        return ["--device", "cuda"]
+    elif kind == "unknown_method":
+        return ["--method", "fastw", "--budget", "64"]
+    return []
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("no_tokenizer", r"has no tokenizer\.model or tokenizer\.json \(the tokenizer\)"),
+    ("no_config", r"has no config\.json"),
+    ("no_vision_tower", r"the vision tower 'vision_tower' \(mm_vision_tower\) is not a folder of"),
+    ("missing_tensor", r"tensors 1 missing \(model\.norm\.weight\); a missing tensor would run with random weights"),
+    ("latin1", r"q\.jsonl:2: not UTF-8 \(byte 0xe9"),
+    ("cuda", r"--device cuda: this machine has no CUDA device"),
+    ("unknown_method", r"unknown method 'fastw'; known methods: pio, fastv"),
+])
+def test_bad_inputs_exit_2_with_one_line(tiny_v15, tmp_path, capsys, kind, message):
+    import re
+
+    import torch
+
+    from llava.utils import cli
+
+    if kind == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_v15, ckpt)
+    qfile = write_questions(tmp_path, 3)
+    argv = loader_args(ckpt, qfile, tmp_path / "a.jsonl", *_break(kind, ckpt, qfile))
+    with pytest.raises(SystemExit) as exit_info:
+        cli(model_vqa_loader.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    with pytest.raises(Exception, match=message):  # --debug: the exception itself, with its traceback
+        cli(model_vqa_loader.main, [*argv, "--debug"])
+
+
+def test_images_of_any_size(tiny_v15, tmp_path, monkeypatch, capsys):
+    import torch
+    from PIL import Image
+
+    from llava.mm_utils import process_images
+    from llava.utils import cli
+    from tests.helpers import load
+
+    qfile = write_questions(tmp_path, 2)
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "images" / "im0.png")
+    Image.new("RGB", (3, 3), (200, 10, 10)).save(tmp_path / "images" / "im1.png")
+    model_vqa_loader.main(loader_args(tiny_v15, qfile, tmp_path / "a.jsonl"))  # 1x1 and 3x3 are answered
+    _, model, proc, _ = load(tiny_v15)
+    red = process_images([Image.new("RGB", (3, 3), (255, 0, 0))], proc, model.config)[0]
+    assert bool((red[0] > red[2]).all())  # read as height x width x channels, not channels first
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 14000 x 14000 image, scaled down
+    big = Image.new("RGB", (100, 100))
+    big.save(tmp_path / "images" / "im0.png")
+    with pytest.raises(SystemExit):
+        cli(model_vqa_loader.main, loader_args(tiny_v15, qfile, tmp_path / "b.jsonl"))
+    err = capsys.readouterr().err
+    assert "im0.png is too large for Pillow's safety limit of 1000 pixels" in err
+    assert torch.is_tensor(red)
+
+
+def test_stage_larger_than_the_image_is_said(tiny_v15, tmp_path, caplog):
+    qfile = write_questions(tmp_path, 1)
+    model_vqa_loader.main(loader_args(tiny_v15, qfile, tmp_path / "a.jsonl", "--pio-layers", "1,2", "--pio-tokens",
+                                      "5000,100"))
+    assert "stage(s) after layer 1 (keep 5000) keep all of them and prune nothing" in caplog.text

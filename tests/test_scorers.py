@@ -377,6 +377,12 @@ def test_mmbench_submission_table(tmp_path):
     assert table[0] == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]
     assert table[2] == ["1000000", "Which one?", "dog", "bird", "cat", "", "C.", "C", "dev"]
     assert len(table) == 6
+    xlsx = eval_mmbench.write_submission(str(tmp_path / "up" / "ckpt.xlsx"), header, rows,
+                                         load_answers(afile, key=eval_mmbench.index_key))
+    from openpyxl import load_workbook  # a dependency: the MMBench server takes .xlsx
+
+    sheet = [[("" if c is None else str(c)) for c in r] for r in load_workbook(xlsx).active.iter_rows(values_only=True)]
+    assert xlsx.endswith(".xlsx") and sheet[0] == table[0] and sheet[2] == table[2]
 
 
 # ----------------------------------------------------------------------------- VQAv2

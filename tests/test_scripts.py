@@ -141,8 +141,9 @@ def test_gpu_chunks(cvd, chunks, gpus):
 def test_eval_init_defaults_and_ckpt_name():
     snippet = 'eval_init liuhaotian/llava-v1.5-7b 2>/dev/null; printf "%s\\n" "$CKPT" "$DATA_ROOT" "$PYTHON" "${RUN_FLAGS[*]}"'
     done = bash(snippet, clean_env())
+    venv = REPO / ".venv" / "bin" / "python"
     assert done.stdout.splitlines() == [
-        "llava-v1.5-7b", "./playground/data/eval", "python",
+        "llava-v1.5-7b", "./playground/data/eval", str(venv) if os.access(venv, os.X_OK) else "python",
         "--model-path liuhaotian/llava-v1.5-7b --temperature 0 --conv-mode vicuna_v1"]
     env = clean_env(MODEL_PATH="ckpts/my-llava/", PIO="128", DEVICE="cuda:1", DTYPE="bfloat16",
                     CONV_MODE="llava_v1", EXTRA_ARGS="--max_new_tokens 4  --num_beams 1")

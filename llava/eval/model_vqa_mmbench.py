@@ -94,12 +94,11 @@ def decode_image(b64: str):
 def read_questions(path: str | os.PathLike, check_images: bool = True, keep_first_duplicate: bool = False
                    ) -> list[MMBQuestion]:
     """Every TSV row as a question; anything malformed raises naming the file, the line and what is expected."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"question file not found: {path}")
+    text = runner.read_text(path)  # names the file when it is missing or not UTF-8
     _raise_csv_field_limit()
     out: list[MMBQuestion] = []
     seen: dict[int, int] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         try:
             header = next(reader)

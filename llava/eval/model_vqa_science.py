@@ -44,14 +44,11 @@ HUMAN_ROLES = ("human", "user")
 def read_questions(path: str | os.PathLike, keep_first_duplicate: bool = False) -> list[dict]:
     """The question entries; anything malformed raises naming the file, the entry and what is expected. A repeated
     id is an error (``keep_first_duplicate``: the first entry with it is kept)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"question file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); expected a JSON array of "
-                             "ScienceQA entries (llava_test_CQM-A.json)") from None
+    try:
+        data = json.loads(runner.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); expected a JSON array of "
+                         "ScienceQA entries (llava_test_CQM-A.json)") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of entries {{id, image?, conversations}}, "
                          f"got a JSON {type(data).__name__}")

@@ -136,24 +136,37 @@ def get_chunk(items: Sequence[Any], num_chunks: int, chunk_idx: int) -> list[Any
     return list(items[lo:hi])
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A question file's text; a file that is not UTF-8 raises naming it and the first bad byte."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"question file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); benchmark "
+                         "files are UTF-8: convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_jsonl_questions(path: str | os.PathLike, required: Iterable[str]) -> list[dict]:
     """Question lines; a malformed line or a missing field raises naming the file and line."""
     out = []
     req = list(required)
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(item).__name__}")
-            missing = [k for k in req if k not in item]
-            if missing:
-                raise ValueError(f"{path}:{i}: missing field(s) {', '.join(missing)} (needs {', '.join(req)})")
-            out.append(item)
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(item).__name__}")
+        missing = [k for k in req if k not in item]
+        if missing:
+            raise ValueError(f"{path}:{i}: missing field(s) {', '.join(missing)} (needs {', '.join(req)})")
+        out.append(item)
     return out
 
 
@@ -166,6 +179,9 @@ def load_image(path: str | os.PathLike):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large for Pillow's safety limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                         f"({e}); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 

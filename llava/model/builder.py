@@ -36,8 +36,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_checkpoint_dir(model_path: str, tokenizer: bool = True, weights: bool = True) -> None:
+    """A local checkpoint directory has what loading reads; what is missing is named (before a slow load)."""
+    if not os.path.isdir(model_path):
+        if os.path.exists(model_path):
+            raise NotADirectoryError(f"{model_path} is a file; a checkpoint is a directory (or a hub id)")
+        return  # a hub id: transformers says what is missing
+    files = set(os.listdir(model_path))
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    if tokenizer and not files & set(TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES) + " (the tokenizer)")
+    if weights and not files & set(WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES[::2]) + " (the weights)")
+    if missing:
+        raise FileNotFoundError(f"checkpoint {model_path} has no {'; no '.join(missing)}")
+
+
 def load_llava_config(model_path: str) -> LlavaConfig:
     """Read and check a LLaVA checkpoint's config; a relative vision tower path is resolved locally."""
+    check_checkpoint_dir(model_path, tokenizer=False, weights=False)
     cfg = LlavaConfig.from_pretrained(model_path)
     where = os.path.join(model_path, "config.json") if os.path.isdir(model_path) else f"{model_path} (config.json)"
     missing = [k for k in REQUIRED_KEYS if getattr(cfg, k, None) in (None, "")]
@@ -56,7 +79,31 @@ def load_llava_config(model_path: str) -> LlavaConfig:
         local = os.path.join(model_path, tower)
         if os.path.isdir(local):
             cfg.mm_vision_tower = os.path.abspath(local)
+        elif tower.count("/") != 1 or tower.startswith("."):  # not a hub id either
+            raise FileNotFoundError(f"{where}: the vision tower {tower!r} (mm_vision_tower) is not a folder of "
+                                    f"{model_path} ({local} is missing) nor a hub id such as "
+                                    "openai/clip-vit-large-patch14-336")
+    elif os.path.isabs(tower) and not os.path.isdir(tower):
+        raise FileNotFoundError(f"{where}: the vision tower folder {tower} (mm_vision_tower) does not exist")
     return cfg
+
+
+def check_loading_info(model_path: str, info: dict) -> None:
+    """Strict loading: a tensor the model has but the checkpoint lacks (it would stay random), or one the model
+    does not know, is an error listing them. The vision tower's own weights may be absent or present: the tower
+    loads from its checkpoint unless the LLaVA checkpoint carries it (``unfreeze_mm_vision_tower``)."""
+    def relevant(keys: list[str]) -> list[str]:
+        return sorted(k for k in keys if ".vision_tower." not in f".{k}")
+
+    missing, unexpected = relevant(info.get("missing_keys", [])), relevant(info.get("unexpected_keys", []))
+    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})")
+    if problems:
+        raise ValueError(f"checkpoint {model_path} does not match the model: tensors {'; '.join(problems)}; a "
+                         "missing tensor would run with random weights")
 
 
 def load_pretrained_model(
@@ -87,13 +134,16 @@ def load_pretrained_model(
     """
     if use_flash_attn:
         attn_implementation = "flash_attention_2"
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device torch can use "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu")
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {attn_implementation!r} unknown; allowed: {ATTN_IMPLEMENTATIONS}")
     if attn_implementation == "flash_attention_2":
         from llava.utils import require_flash_attn
 
         require_flash_attn()
-    dev = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(torch_dtype, dev)
     name = model_name or os.path.basename(os.path.normpath(model_path))
     if model_base is not None and "lora" in name.lower():
@@ -114,9 +164,12 @@ def load_pretrained_model(
     load_kwargs.update(kwargs)
 
     if model_base is None:
+        check_checkpoint_dir(model_path)
         cfg = load_llava_config(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_path, config=cfg, low_cpu_mem_usage=True, **load_kwargs)
+        model, info = LlavaLlamaForCausalLM.from_pretrained(model_path, config=cfg, low_cpu_mem_usage=True,
+                                                            output_loading_info=True, **load_kwargs)
+        check_loading_info(model_path, info)
     else:  # projector-only checkpoint on top of a base LLM
         cfg = load_llava_config(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
