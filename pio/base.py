@@ -146,6 +146,7 @@ class ReductionMethod(ABC):
             language model, on the encoder's features, is the next interface extension).
         default_layers: the layers of the method's published configuration.
         default_ratio_mode: how its ``--ratios`` are read (``initial`` or ``current``, :class:`Schedule`).
+        ve_layers: its layers after an encoder-side stage (the paper's "w/ VE" rows); None: ``default_layers``.
         anchors: the published schedules that give the budget solver its shape (:mod:`pio.budget`);
             None: every stage keeps the same count.
         flags: method-specific command-line flags.
@@ -157,6 +158,7 @@ class ReductionMethod(ABC):
     where: ClassVar[str] = "llm"
     default_layers: ClassVar[tuple[int, ...]]
     default_ratio_mode: ClassVar[str] = "initial"
+    ve_layers: ClassVar[tuple[int, ...] | None] = None
     anchors: ClassVar[Anchors | None] = None
     flags: ClassVar[tuple[Flag, ...]] = ()
     source: ClassVar[str] = ""

@@ -12,9 +12,14 @@ Every runner, the bench and the scripts share these flags (``add_method_args``):
 ``--tokens C1,C2,...``       explicit visual tokens kept after each layer
 ``--ratios R1,R2,...``       or fractions (``--ratio-mode initial|current``)
 
-plus each method's own flags (``--pio-tau``, ``--dart-pivots``, ...; :attr:`pio.base.ReductionMethod.flags`).
-The authors' spellings are aliases: ``--layer_list``, ``--image_token_list``, ``--image_token_ratio_list``,
-``--visual_token_num`` (576 only), and PIO's ``--pio-layers``, ``--pio-tokens``, ``--pio-ratios``,
+``--pre-tokens T``            tokens per crop kept before the LLM by a composition ``--method a+b`` (an
+                             encoder-side method, then an in-LLM one; ``--budget B`` alone gives the paper's
+                             "w/ VE" row, :meth:`pio.encoder.Pipeline.from_budget`)
+
+plus each method's own flags (``--pio-tau``, ``--dart-pivot-text``, ...; the methods' ``flags``). Encoder-side
+methods alone take ``--budget B`` or ``--tokens N`` (per crop). The authors' spellings are aliases:
+``--layer_list``, ``--image_token_list``, ``--image_token_ratio_list``, ``--visual_token_num T`` (their scan keeps
+T tokens per crop before the in-LLM method; 576: none), and PIO's ``--pio-layers``, ``--pio-tokens``, ``--pio-ratios``,
 ``--pio-ratio-mode``, ``--pio-budget`` (absolute), ``--pio-budget-ratio`` and ``--pio-preset B`` (= ``--method
 pio --budget B``). Schedule flags without ``--method`` select PIO, as they did before other methods existed.
 """
@@ -28,21 +33,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import POSITIONS, ReductionMethod
+from .encoder import EncoderMethod, Pipeline
 from .registry import get_method, method_names
 from .schedule import PAPER_N0, RATIO_MODES
 
 __all__ = [
-    "EncoderReductionNotImplementedError",
     "add_method_args",
     "method_from_args",
     "parse_counts",
     "parse_layers",
     "parse_ratios",
 ]
-
-
-class EncoderReductionNotImplementedError(NotImplementedError, ValueError):
-    """Raised for ``--visual_token_num`` other than 576 (encoder-side reduction is not implemented yet)."""
 
 
 def _split(text: Any, what: str) -> list[Any]:
@@ -154,8 +155,12 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positions", default=None, choices=POSITIONS,
                    help="positions after a prune: renumbered over the kept tokens, or the original ones (default: "
                         "the method's authors' choice)")
+    g.add_argument("--pre-tokens", type=int, default=None, metavar="T",
+                   help="tokens per crop kept before the language model by a composition's first method "
+                        "(--method visionzip+pio)")
     g.add_argument("--visual_token_num", default=None,
-                   help="authors' alias; only 576 (no encoder-side reduction) is supported yet")
+                   help="the authors' flag: their encoder-side scan keeps T tokens per crop before the in-LLM "
+                        "method (576: none)")
     g.add_argument("--pio-log", "--reduction-log", dest="pio_log", default=None,
                    help="one JSON line per sample: visual counts per stage, kept positions, realised average")
     pio = p.add_argument_group("PIO's spellings of the schedule flags (imply --method pio)")
@@ -192,37 +197,46 @@ def _flag_of(method: str, field: str) -> str:
     return next(f"--{f.name}" for f in get_method(method).flags if f.field == field)
 
 
-def method_from_args(args: argparse.Namespace) -> ReductionMethod | None:
-    """The method the flags describe (module docstring), or None for the unpruned model.
+def method_from_args(args: argparse.Namespace) -> Any:
+    """The reducer the flags describe (module docstring): an in-LLM method, an encoder-side one, a
+    :class:`~pio.encoder.Pipeline` of both (``--method scan+pio``; ``--visual_token_num T`` puts the authors' scan
+    before the in-LLM method), or None for the unpruned model.
 
     Raises:
         ValueError: an unknown method, a flag of another method, conflicting or missing targets, a malformed
             list, a budget outside (0, 576]. Depth-dependent checks (layers beyond the model, a budget the
-            method cannot reach at its layers) are :meth:`ReductionMethod.validate`'s.
+            method cannot reach at its layers) are the methods' ``validate``.
     """
-    vtn = getattr(args, "visual_token_num", None)
-    if vtn is not None and _to_int(vtn, "--visual_token_num", vtn) != PAPER_N0:
-        raise EncoderReductionNotImplementedError(
-            f"--visual_token_num {vtn}: encoder-side reduction (the 'w/ VE' mode) is not implemented yet; only "
-            f"{PAPER_N0} (keep every encoder token) is accepted"
-        )
     sched: dict[str, Any] = {dest: getattr(args, dest, None) for dest, _, _ in _SCHEDULE_FLAGS}
     sched["budget"] = getattr(args, "budget", None)
     sched["ratio_mode"] = getattr(args, "ratio_mode", None)
     method = getattr(args, "method", None)
     method = None if method is None else str(method).strip().lower()
+    pre_tokens = getattr(args, "pre_tokens", None)
+    vtn = getattr(args, "visual_token_num", None)
+    if vtn is not None:
+        vtn = _to_int(vtn, "--visual_token_num", vtn)
+        if not 1 <= vtn <= PAPER_N0:
+            raise ValueError(f"--visual_token_num {vtn}: the authors' scan keeps 1..{PAPER_N0} tokens per crop "
+                             f"({PAPER_N0}: every token, no encoder stage)")
+        if pre_tokens is not None:
+            raise ValueError("--visual_token_num and --pre-tokens both given; give one")
+        if vtn != PAPER_N0:  # the authors' flag: their scan before the in-LLM method
+            pre_tokens = vtn
+            if method is None or "+" not in method:
+                method = "scan+" + (method or "pio") if method not in ("scan",) else method
     pio_given = {field: getattr(args, f"pio_alias__{field}", None) for field, _ in _PIO_ALIASES}
     pio_given = {k: v for k, v in pio_given.items() if v is not None}
     if pio_given:
         flags = ", ".join(flag for field, flag in _PIO_ALIASES if field in pio_given)
-        if method not in (None, "pio"):
+        if method is not None and "pio" not in method.split("+"):
             raise ValueError(f"{flags} belong(s) to method pio but --method is {method}; use the generic "
                              "--layers/--tokens/--ratios/--budget flags for other methods")
         for field, value in pio_given.items():
             if sched.get(field) is not None:
                 raise ValueError(f"{flags} and the generic flag for {field} are both given; give one")
             sched[field] = value
-        method = "pio"
+        method = method or "pio"
     method_flags = _given_method_flags(args)
     schedule_given = [k for k, v in sched.items() if v is not None and k != "ratio_mode"]
     if method in (None, "none") and not schedule_given and getattr(args, "positions", None) is not None:
@@ -237,19 +251,41 @@ def method_from_args(args: argparse.Namespace) -> ReductionMethod | None:
         else:
             return None
     if method == "none":
-        if schedule_given or method_flags:
+        if schedule_given or method_flags or pre_tokens is not None:
             raise ValueError("--method none runs the unpruned model; drop the reduction flags "
                              f"({', '.join(schedule_given + list(method_flags))})")
         return None
-    cls = get_method(method)
+    names = method.split("+")
+    if len(names) > 2 or not all(names):
+        raise ValueError(f"--method {method}: give one method, or an encoder-side and an in-LLM one joined by + "
+                         "(e.g. visionzip+pio)")
+    classes = [get_method(n) for n in names]
     for owner, given in method_flags.items():
-        if owner != method:
+        if owner not in names:
             flag = _flag_of(owner, next(iter(given)))
+            own = [f"--{f.name}" for c in classes for f in c.flags]
             raise ValueError(f"{flag} is a flag of method {owner}, but --method is {method}; "
-                             f"{method}'s own flags: {', '.join('--' + f.name for f in cls.flags) or 'none'}")
-    targets = [k for k in ("budget", "budget_ratio", "budget_tokens", "tokens", "ratios") if sched[k] is not None]
+                             f"{method}'s own flags: {', '.join(own) or 'none'}")
+    if len(classes) == 2:
+        return _pipeline(classes[0], classes[1], sched, pre_tokens, method_flags, args)
+    cls = classes[0]
+    if cls.where == "pre_llm":
+        return _encoder_method(cls, sched, pre_tokens, method_flags.get(cls.name, {}))
+    if pre_tokens is not None:
+        raise ValueError(f"--pre-tokens needs an encoder-side method: --method visionzip+{cls.name}, scan+{cls.name}, "
+                         "...")
+    return _llm_method(cls, sched, method_flags.get(cls.name, {}), args)
+
+
+def _targets(sched: dict[str, Any]) -> list[str]:
+    return [k for k in ("budget", "budget_ratio", "budget_tokens", "tokens", "ratios") if sched[k] is not None]
+
+
+def _llm_method(cls: type[ReductionMethod], sched: dict[str, Any], options: dict[str, Any],
+                args: argparse.Namespace) -> ReductionMethod:
+    targets = _targets(sched)
     if not targets:
-        raise ValueError(f"--method {method} needs a target: --budget 64|128|192 (the paper's budgets), or "
+        raise ValueError(f"--method {cls.name} needs a target: --budget 64|128|192 (the paper's budgets), or "
                          "--tokens, --ratios, --budget-tokens or --budget-ratio (with --layers to move the stages)")
     if len(targets) > 1:
         raise ValueError(f"give one target, got {' and '.join('--' + t.replace('_', '-') for t in targets)}")
@@ -264,7 +300,52 @@ def method_from_args(args: argparse.Namespace) -> ReductionMethod | None:
         ratios=None if sched["ratios"] is None else parse_ratios(sched["ratios"]),
         ratio_mode=sched["ratio_mode"] or cls.default_ratio_mode,
     )
-    options = dict(method_flags.get(method, {}))
+    options = dict(options)
     if getattr(args, "positions", None) is not None:
         options["positions"] = args.positions
     return cls(schedule, **options)
+
+
+def _encoder_method(cls: type[EncoderMethod], sched: dict[str, Any], pre_tokens: int | None,
+                    options: dict[str, Any]) -> EncoderMethod:
+    """An encoder-side method alone: ``--budget B`` or ``--tokens N`` (tokens per crop)."""
+    extra = [k for k in ("layers", "ratios", "budget_ratio", "budget_tokens") if sched[k] is not None]
+    if extra:
+        raise ValueError(f"--{extra[0].replace('_', '-')} does not apply to {cls.name}, which acts before the "
+                         "language model: give --budget B or --tokens N (tokens per crop)")
+    given = [v for v in (sched["budget"], sched["tokens"], pre_tokens) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"--method {cls.name} needs one of --budget 64|128|192 or --tokens N (tokens per crop)")
+    if sched["budget"] is not None:
+        return cls.from_budget(_to_float(sched["budget"], "--budget", sched["budget"]), **options)
+    tokens = parse_counts(given[0]) if isinstance(given[0], str) else (given[0],)
+    if len(tokens) != 1:
+        raise ValueError(f"{cls.name} keeps one number of tokens per crop, got {list(tokens)}")
+    return cls(tokens=tokens[0], **options)
+
+
+def _pipeline(pre: Any, llm: Any, sched: dict[str, Any], pre_tokens: int | None,
+              method_flags: dict[str, dict[str, Any]], args: argparse.Namespace) -> Pipeline | EncoderMethod:
+    """``--method a+b``: the paper's w/ VE budget row (``--budget B``), or ``--pre-tokens T`` with the in-LLM
+    method's own target."""
+    if pre.where != "pre_llm" or llm.where != "llm":
+        raise ValueError(f"--method {pre.name}+{llm.name}: the first method must act before the language model "
+                         f"({', '.join(_names('pre_llm'))}) and the second inside it ({', '.join(_names('llm'))})")
+    pre_options, llm_options = method_flags.get(pre.name, {}), dict(method_flags.get(llm.name, {}))
+    if getattr(args, "positions", None) is not None:
+        llm_options["positions"] = args.positions
+    if pre_tokens is None and sched["budget"] is not None and len(_targets(sched)) == 1:
+        budget = _to_float(sched["budget"], "--budget", sched["budget"])
+        layers = None if sched["layers"] is None else parse_layers(sched["layers"])
+        pipe = Pipeline.from_budget(pre, llm, budget, layers, **llm_options)
+        return Pipeline(pre(tokens=pipe.pre.tokens, **pre_options), pipe.llm)
+    if pre_tokens is None:
+        raise ValueError(f"--method {pre.name}+{llm.name} needs --budget B (the paper's w/ VE row) or --pre-tokens T "
+                         f"(tokens per crop before the language model) with {llm.name}'s target")
+    if not _targets(sched) and sched["layers"] is None:
+        return pre(tokens=int(pre_tokens), **pre_options)  # the encoder stage alone
+    return Pipeline(pre(tokens=int(pre_tokens), **pre_options), _llm_method(llm, sched, llm_options, args))
+
+
+def _names(where: str) -> list[str]:
+    return [n for n in method_names() if get_method(n).where == where]

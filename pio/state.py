@@ -37,6 +37,7 @@ class StageRecord:
 class SampleRecord:
     n_visual: int
     stages: list[StageRecord] = field(default_factory=list)
+    n_encoder: int | None = None  # visual tokens before an encoder-side reduction (None: none ran)
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,19 @@ class PruneState:
         self.timings: dict[str, float] = defaultdict(float)
         self.events: list[SelectionEvent] = []
         self.kv_bytes: int | None = None  # measured after prefill when profiling
+        self.encoder_counts: list[int] | None = None  # per image, tokens before an encoder-side stage
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
+        self._encoder_counts: list[list[int]] | None = None
 
     # ------------------------------------------------------------------ set-up by the model
-    def set_inputs(self, spans: Sequence[Sequence[Span]], padding_side: str) -> None:
-        """Visual spans of each sample in the (padded) input sequence, as prepared by the model."""
+    def set_inputs(self, spans: Sequence[Sequence[Span]], padding_side: str,
+                   encoder_counts: Sequence[Sequence[int]] | None = None) -> None:
+        """Visual spans of each sample in the (padded) input sequence, as prepared by the model, and each image's
+        token count before an encoder-side reduction (None: no such stage)."""
         self._visual_spans = [list(s) for s in spans]
         self.padding_side = padding_side
+        self._encoder_counts = [list(c) for c in encoder_counts] if encoder_counts is not None else None
 
     def begin_prefill(self, mask: torch.Tensor, num_layers: int, layers: Sequence[int] = (),
                       counts_fn: Callable[[int], Sequence[int]] | None = None, positions: str = "renumber") -> None:
@@ -120,7 +126,12 @@ class PruneState:
         self.selections.clear()
         self.stage_widths.clear()
         self.origin = torch.arange(S, device=mask.device).expand(B, S)
-        self.samples = [SampleRecord(n_visual=s[1] if s else 0) for s in self.spans]
+        encoder = self._encoder_counts
+        if encoder is not None and len(encoder) != B:
+            encoder = [c for c in encoder for _ in range(B // max(len(encoder), 1))]  # generate() expanded the batch
+        self.samples = [SampleRecord(n_visual=s[1] if s else 0,
+                                     n_encoder=(sum(encoder[b]) if encoder[b] else 0) if encoder is not None else None)
+                        for b, s in enumerate(self.spans)]
         self._orig_local = [torch.arange(s[1], device=mask.device) if s else None for s in self.spans]
         self.targets = [list(counts_fn(r.n_visual)) if counts_fn else [] for r in self.samples]
         self.events = []
@@ -196,8 +207,10 @@ class PruneState:
                 kept_counts.append(cur)
             avg = (realised_average(rec.n_visual, self.method_layers, kept_counts, self.num_layers)
                    if self.num_layers else float(rec.n_visual))
-            out.append({"n_visual": rec.n_visual, "stages": [vars(st) for st in rec.stages],
-                        "avg_visual_tokens": avg})
+            line = {"n_visual": rec.n_visual, "stages": [vars(st) for st in rec.stages], "avg_visual_tokens": avg}
+            if rec.n_encoder is not None:
+                line["n_encoder"] = rec.n_encoder  # before the encoder-side stage; n_visual is after it
+            out.append(line)
         return out
 
     @contextmanager

@@ -2,7 +2,8 @@
 #
 # Environment read by eval_init (every value has a default):
 #   MODEL_PATH   checkpoint dir or hub id           (default: the script's model)
-#   METHOD       none or a reduction method: pio fastv pdrop sparsevlm dart random (default none)
+#   METHOD       none, a reduction method (pio fastv pdrop sparsevlm dart random; before the LLM: visionzip holov
+#                scope divprune scan) or an encoder-side one + an in-LLM one (scan+pio: the paper's "w/ VE")
 #   BUDGET       the paper's budget for METHOD: 64 | 128 | 192 (average visual tokens per layer of 576)
 #   METHOD_ARGS  more reduction flags, e.g. "--layers 3" or "--tokens 68" (instead of or beside BUDGET)
 #   PIO          legacy spelling: none | 64 | 128 | 192 (= METHOD=pio BUDGET=...) | custom (PIO_ARGS)
@@ -67,13 +68,14 @@ method_resolve() {
     fi
     if [[ "$method" == none ]]; then
         if [[ -n "$budget" || -n "$margs" ]]; then
-            echo "error: BUDGET/METHOD_ARGS need METHOD=pio|fastv|pdrop|sparsevlm|dart|random" >&2
+            echo "error: BUDGET/METHOD_ARGS need METHOD=pio|fastv|...|visionzip|...|scan+pio" >&2
             return 2
         fi
         return 0
     fi
-    if [[ ! "$method" =~ ^[a-z0-9_]+$ ]]; then
-        echo "error: METHOD='$method' is not a method name (pio fastv pdrop sparsevlm dart random, or none)" >&2
+    if [[ ! "$method" =~ ^[a-z0-9_]+(\+[a-z0-9_]+)?$ ]]; then
+        echo "error: METHOD='$method' is not a method name or an encoder+LLM pair (pio, fastv, visionzip," \
+             "scan+pio, ...; or none)" >&2
         return 2
     fi
     if [[ -z "$budget" && -z "$margs" ]]; then

@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from pio import PIO, Schedule, get_method, make_method, method_names
-from pio.cli import EncoderReductionNotImplementedError, add_method_args, method_from_args
+from pio.cli import add_method_args, method_from_args
 from pio.registry import register
 
 
@@ -27,8 +27,27 @@ def test_nothing_given_is_unpruned():
 @pytest.mark.parametrize("name", method_names())
 def test_method_and_budget(name):
     m = parse(f"--method {name} --budget 64")
-    assert m == get_method(name).from_budget(64) and m.name == name
-    assert m.config()["method"] == name and m.config()["schedule"]["budget_ratio"] == pytest.approx(64 / 576)
+    assert m == get_method(name).from_budget(64) and m.name == name and m.config()["method"] == name
+    if m.where == "llm":
+        assert m.config()["schedule"]["budget_ratio"] == pytest.approx(64 / 576)
+    else:  # before the language model: 64 tokens per crop in every layer
+        assert m.tokens == 64 and parse(f"--method {name} --tokens 64") == m
+
+
+def test_compositions_and_the_authors_scan():
+    from pio.encoder import Pipeline
+    from pio.methods import Scan, VisionZip
+
+    pipe = parse("--method scan+pio --budget 64")  # the authors' w/ VE row: 96 at the encoder, 32 after layer 16
+    assert isinstance(pipe, Pipeline) and pipe.pre == Scan(tokens=96)
+    assert pipe.llm.layers == (16,) and pipe.llm.counts(96, 32) == [32]
+    authors = parse("--visual_token_num 96 --layer_list '[16]' --image_token_list '[32]'")
+    assert authors.pre == Scan(tokens=96) and authors.llm.counts(96, 32) == [32]
+    assert parse("--visual_token_num 96") == Scan(tokens=96)
+    assert parse("--visual_token_num 576 --pio-preset 64") == PIO.from_budget(64)  # 576: no encoder stage
+    vz = parse("--method visionzip+fastv --pre-tokens 128 --tokens 64 --visionzip-contextual 16")
+    assert vz.pre == VisionZip(tokens=128, contextual=16) and vz.llm.counts(128, 32) == [64]
+    assert parse("--method scan+pio --budget 128").pre.tokens == 192
 
 
 def test_pio_spellings_and_authors_aliases():
@@ -51,6 +70,12 @@ def test_pio_spellings_and_authors_aliases():
 
 @pytest.mark.parametrize("line,message", [
     ("--method fastvv --budget 64", r"unknown method 'fastvv'; known methods: pio, fastv, pdrop, sparsevlm, dart, random"),
+    ("--method pio+scan --budget 64", r"the first method must act before the language model"),
+    ("--method visionzip --budget 64 --layers 2", r"--layers does not apply to visionzip, which acts before"),
+    ("--method scan+pio --budget 500", r"the encoder would keep 750 of 576"),
+    ("--method scan+pio --tokens 32", r"needs --budget B \(the paper's w/ VE row\) or --pre-tokens T"),
+    ("--visual_token_num 700 --pio-preset 64", r"--visual_token_num 700: the authors' scan keeps 1\.\.576"),
+    ("--method fastv --pre-tokens 96 --tokens 30", r"--pre-tokens needs an encoder-side method"),
     ("--method fastv --budget 64 --pio-tau 0.5", r"--pio-tau is a flag of method pio, but --method is fastv"),
     ("--method fastv --pio-layers 2 --tokens 64", r"--pio-layers belong\(s\) to method pio but --method is fastv"),
     ("--dart-pivot-text 2", r"--dart-pivot-text is a flag of method dart; add --method dart"),
@@ -75,11 +100,6 @@ def test_unreachable_budget_and_depth_are_named():
         parse("--method pdrop --ratios 0.5 --layers 32").validate(32)
     with pytest.raises(ValueError, match=r"layers \[40\] out of range for a 32-layer decoder"):
         parse("--method dart --tokens 68 --layers 40").validate(32)
-
-
-def test_encoder_side_not_yet():
-    with pytest.raises(EncoderReductionNotImplementedError, match="not implemented yet"):
-        parse("--pio-layers 16 --pio-tokens 32 --visual_token_num 96")
 
 
 def test_registry_refuses_duplicates_and_names_known_methods():

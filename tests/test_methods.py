@@ -192,7 +192,7 @@ CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
     "dart": [(S((2,), tokens=(68,)), {}), (S((1,), tokens=(37,)), {}), (S((3,), tokens=(132,)), {"pivot_text": 2})],
     "random": [(S((1, 3), tokens=(100, 20)), {}), (S((2,), tokens=(50,)), {"seed": 3})],
 }
-NAMES = method_names()
+NAMES = [n for n in method_names() if get_method(n).where == "llm"]
 
 
 def make(name: str, case: int = 0):
@@ -251,7 +251,7 @@ def single_input(models, arch, seed, question="Is there a red circle in the imag
 # ------------------------------------------------------------------------------------------ the suite
 def test_every_method_has_a_test_entry():
     assert set(NAMES) == set(REFERENCES) == set(CASES)
-    assert len(NAMES) == len(set(NAMES))
+    assert set(method_names()) == set(NAMES) | set(ENCODER_REFERENCES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -372,3 +372,247 @@ def test_backends_keep_the_same_tokens(tiny_v15, fa2_emulated, name):
         results[impl] = (out.tolist(), [[s.kept for s in smp.stages] for smp in st.samples])
     assert results["sdpa"][1][0], "nothing was pruned"
     assert results["eager"] == results["sdpa"] == results["flash_attention_2"]
+
+
+# ------------------------------------------------------------------------------------------ encoder-side methods
+def naive_encoder_views(model, pixels: torch.Tensor) -> dict:
+    """Per crop what an encoder-side method reads, computed the plain way: transformers' own eager CLIP with
+    ``output_attentions`` (every layer's full attention), the keys caught by a hook on each layer's k_proj, the
+    hidden states, the projector."""
+    clip = model.get_vision_tower().vision_tower
+    old = clip.config._attn_implementation
+    clip.config._attn_implementation = "eager"
+    keys = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, o, j=j: keys.__setitem__(j, o))
+             for j, layer in enumerate(clip.vision_model.encoder.layers)]
+    try:
+        out = clip(pixels.to(clip.dtype), output_attentions=True, output_hidden_states=True)
+    finally:
+        clip.config._attn_implementation = old
+        for h in hooks:
+            h.remove()
+    proj = model.get_model().mm_projector
+    heads = clip.config.num_attention_heads
+    return {
+        "attn": out.attentions,  # each (N, H, 1 + P, 1 + P)
+        "hidden": out.hidden_states,  # each (N, 1 + P, C)
+        "keys": {j: k[:, 1:].view(*k.shape[:1], k.shape[1] - 1, heads, -1) for j, k in keys.items()},
+        "features": proj(out.hidden_states[-2][:, 1:]),
+        "project": proj,
+        "layers": len(clip.vision_model.encoder.layers),
+    }
+
+
+def cls_row(v: dict, layer: int, c: int) -> torch.Tensor:
+    return v["attn"][layer][c, :, 0, 1:]  # (H, P)
+
+
+def naive_scan(v, c, method, target):
+    a_loc, a_glob = cls_row(v, method.local_layer, c).mean(0), cls_row(v, method.global_layer, c).mean(0)
+    side = int(a_loc.numel() ** 0.5)
+    k_w, n_glob = (target // 2) // 16, target - target // 2
+    local = []
+    for wr in range(4):
+        for wc in range(4):
+            cells = [r * side + q for r in range(wr * side // 4, (wr + 1) * side // 4)
+                     for q in range(wc * side // 4, (wc + 1) * side // 4)]
+            local += sorted(cells, key=lambda t: (-float(a_loc[t]), t))[:k_w]
+    rest = [t for t in range(side * side) if t not in local]
+    keep = sorted(local + sorted(rest, key=lambda t: (-float(a_glob[t]), t))[:n_glob])
+    f = v["features"][c]
+    fn = F.normalize(f, dim=-1)
+    joined = {k: [] for k in keep}
+    for t in range(side * side):
+        if t not in joined:
+            joined[max(keep, key=lambda k: (float(fn[t] @ fn[k]), -k))].append(t)
+    feats = torch.stack([(f[k] + sum((f[t] for t in joined[k]), torch.zeros_like(f[k]))) / (1 + len(joined[k]))
+                         for k in keep])
+    return keep, feats, None, None
+
+
+def naive_visionzip(v, c, method, target):
+    contextual = round(target * 10 / 64)
+    dominant = target - contextual
+    a = cls_row(v, method.layer, c).sum(0)
+    P = a.numel()
+    dom = sorted(sorted(range(P), key=lambda t: (-float(a[t]), t))[: dominant - 1])
+    remaining = [t for t in range(P) if t not in dom]
+    step = max(1, len(remaining) // contextual)
+    targets = remaining[::step][:contextual]
+    others = [t for t in remaining if t not in targets]
+    m = F.normalize(v["keys"][method.layer % v["layers"]][c].mean(1), dim=-1)
+    H = v["hidden"][method.layer][c]  # (1 + P, C)
+    merged = []
+    for t in targets:
+        members = [o for o in others if max(targets, key=lambda x: (float(m[o] @ m[x]), -targets.index(x))) == t]
+        merged.append(H[1 + t] + (sum(H[1 + o] for o in members) / len(members) if members else 0))
+    return dom, None, v["project"](H[:1]), v["project"](torch.stack(merged))
+
+
+def naive_scope(v, c, method, target):
+    f = F.normalize(v["hidden"][method.layer][c, 1:], dim=-1)
+    S = f @ f.T
+    sal = cls_row(v, method.layer, c).sum(0) ** method.alpha
+    best = torch.zeros(S.shape[0], dtype=S.dtype)
+    picks = []
+    for _ in range(target):
+        scores = [(-1e30 if j in picks else float((S[:, j] - best).clamp_min(0).sum() * sal[j])) for j in range(S.shape[0])]
+        j = max(range(len(scores)), key=lambda t: (scores[t], -t))
+        picks.append(j)
+        best = torch.maximum(best, S[j])
+    return sorted(picks), None, None, None
+
+
+def naive_divprune(v, c, method, target):
+    f = F.normalize(v["features"][c], dim=-1)
+    D = (1 - f @ f.T).tolist()
+    P = len(D)
+    isolated = [sorted(D[i][j] for i in range(P))[1] for j in range(P)]
+    picks = [max(range(P), key=lambda j: (isolated[j], -j))]
+    nearest = list(D[picks[0]])  # each token's distance to the nearest pick
+    while len(picks) < target:
+        j = max((t for t in range(P) if t not in picks), key=lambda t: (nearest[t], -t))
+        picks.append(j)
+        nearest = [min(a, b) for a, b in zip(nearest, D[j])]
+    return sorted(picks), None, None, None
+
+
+def naive_holov(v, c, method, target):
+    a = cls_row(v, method.layer, c).mean(0)
+    f = v["features"][c]
+    P = a.numel()
+    n_chunks = max(1, int(1024 / 576 * P / target))
+    sizes = [P // n_chunks + (1 if p < P % n_chunks else 0) for p in range(n_chunks)]
+    bounds = [(sum(sizes[:p]), sum(sizes[: p + 1])) for p in range(n_chunks)]
+    scores = []
+    for lo, hi in bounds:
+        n = hi - lo
+        g = f[lo:hi] / (f[lo:hi].norm(dim=-1, keepdim=True) + 1e-6)
+        S = g @ g.T
+        for i in range(n):
+            S[i, i] = 0
+        mu = S.sum(1) / (n - 1)
+        var = torch.stack([sum((S[i, j] - mu[i]) ** 2 for j in range(n)) / (n - 1) for i in range(n)])
+        A = 1000 * a[lo:hi]
+        lam = A.abs().mean() / (var.abs().mean() + 1e-6)
+        scores.append(float((A + method.alpha * lam * var).mean()))
+    total = sum(scores) + 1e-6
+    share = [s / total for s in scores]
+    alloc = [int(x * target) for x in share]
+    for p in sorted(range(n_chunks), key=lambda p: (-share[p], p))[: target - sum(alloc)]:
+        alloc[p] += 1
+    keep = []
+    for (lo, hi), k in zip(bounds, alloc):
+        keep += list(range(lo, hi)) if k >= hi - lo else sorted(range(lo, hi), key=lambda t: (-float(a[t]), t))[:k]
+    return sorted(keep), None, None, None
+
+
+def make_encoder(name: str, tokens: int):
+    """The method for the tiny 2-layer vision tower (the scan's shallow layer 5 does not exist there)."""
+    return get_method(name)(tokens=tokens, **({"local_layer": 0} if name == "scan" else {}))
+
+
+ENCODER_REFERENCES = {"scan": naive_scan, "visionzip": naive_visionzip, "scope": naive_scope,
+                      "divprune": naive_divprune, "holov": naive_holov}
+ENCODER_NAMES = sorted(ENCODER_REFERENCES)
+
+
+def encoder_input(models, arch, seed):
+    tok, model, proc = models[arch]
+    img = image(*[(500, 400), (333, 700), (640, 427)][seed % 3], seed=seed)
+    return img, pixels([img], proc, model)
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+@pytest.mark.parametrize("arch", ["v15", "v16"])
+def test_encoder_side_equals_naive_reference(models, name, arch):
+    from llava.model.encoder_stage import reduce_crops
+    from llava.model.llava_arch import _as_crops
+
+    tok, model, proc = models[arch]
+    model.to(torch.float64)
+    clip_cfg = model.get_vision_tower().vision_tower.config
+    try:
+        for seed, tokens in ((0, 64), (1, 96)) if arch == "v15" else ((2, 64),):
+            method = make_encoder(name, tokens)
+            img, x = encoder_input(models, arch, seed)
+            crops = torch.cat(_as_crops(x.to(torch.float64)))
+            v = naive_encoder_views(model, crops)
+            for backend in ("sdpa", "eager"):
+                clip_cfg._attn_implementation = backend
+                feats, hidden = model._encode(crops)
+                ours = reduce_crops(method, model.get_vision_tower(), model.get_model().mm_projector, hidden, feats,
+                                    [(0, j) for j in range(crops.shape[0])])
+                for c, red in enumerate(ours):
+                    keep, kept_feats, lead, extra = ENCODER_REFERENCES[name](v, c, method, tokens)
+                    assert red.mask.nonzero().flatten().tolist() == keep, (name, seed, backend, c)
+                    if kept_feats is not None:
+                        torch.testing.assert_close(red.features[red.mask], kept_feats)
+                    for got, want in ((red.lead, lead), (red.extra, extra)):
+                        assert (got is None) == (want is None)
+                        if want is not None:
+                            torch.testing.assert_close(got, want)
+    finally:
+        clip_cfg._attn_implementation = "sdpa"
+        model.to(torch.float32)
+
+
+def test_scan_says_when_it_keeps_fewer(models, caplog):
+    from pio.methods.scan import Scan
+
+    tok, model, proc = models["v15"]
+    img, x = encoder_input(models, "v15", 0)
+    st = PruneState()
+    model(prompt_ids(tok, "What is it?")[None], images=x, reducer=Scan(tokens=218, local_layer=0), prune_state=st)
+    assert st.samples[0].n_visual == 205 and st.samples[0].n_encoder == 576
+    assert "scan keeps 205 of the requested 218 tokens per crop" in caplog.text
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_encoder_side_keep_all_and_composition(models, name):
+    from pio.encoder import Pipeline
+    from pio.methods import PIO
+
+    tok, model, proc = models["v16"]
+    img, x = encoder_input(models, "v16", 1)
+    ids = prompt_ids(tok, "What is it?")[None]
+    base = model(ids, images=x, image_sizes=[img.size]).logits
+    assert torch.equal(model(ids, images=x, image_sizes=[img.size], reducer=make_encoder(name, 576)).logits, base)
+    st = PruneState()
+    pipe = Pipeline(make_encoder(name, 64), PIO(Schedule((1, 2), tokens=(100, 40))))
+    out = model.generate(ids, images=x, image_sizes=[img.size], do_sample=False, max_new_tokens=3, min_new_tokens=3,
+                         reducer=pipe, prune_state=st)
+    rec = st.samples[0]
+    crops = x.shape[1]  # base view + grid crops, 64 each (plus merged and newline tokens)
+    assert rec.n_encoder > rec.n_visual >= 64 * crops - 64 and rec.stages[0].before == rec.n_visual
+    assert [s.after for s in rec.stages] == [100, 40] and out.shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_encoder_side_batch_and_cached_decoding(models, name):
+    from pio.encoder import Pipeline
+    from pio.methods import FastV
+
+    tok, model, proc = models["v15"]
+    pipe = Pipeline(make_encoder(name, 64), FastV(Schedule((2,), tokens=(20,))))
+    qs, imgs, seqs, ids_l, mask_l = batch(models, "left")
+    single = []
+    for (_, im), s in zip(qs, seqs):
+        kw = {"images": pixels([imgs[im]], proc, model)} if im is not None else {}
+        st = PruneState()
+        out = model.generate(s[None], do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=pipe,
+                             prune_state=st, output_logits=True, return_dict_in_generate=True, **kw)
+        single.append((out.sequences[0].tolist(), [t.kept for t in st.samples[0].stages]))
+        if im is not None:  # cached decoding == recomputation with the prefill's decisions replayed
+            toks = out.sequences[0].tolist()
+            for t in range(4):
+                full = torch.cat([s[None], torch.tensor([toks[:t]], dtype=s.dtype)], dim=1)
+                logits = model(full, use_cache=False, reducer=pipe, prune_state=PruneState(forced=st.selections),
+                               **kw).logits[0, -1]
+                torch.testing.assert_close(logits, out.logits[t][0], atol=2e-5, rtol=1e-4)
+    x = pixels(imgs, proc, model)
+    st = PruneState()
+    gen = model.generate(ids_l, images=x, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                         reducer=pipe, prune_state=st)
+    assert [g.tolist() for g in gen] == [s[0] for s in single]
+    assert [[t.kept for t in smp.stages] for smp in st.samples] == [s[1] for s in single]

@@ -119,6 +119,7 @@ def test_method_resolve(env, flags, tag, schedule):
     ({"METHOD": "fastv"}, "METHOD=fastv needs BUDGET=64|128|192"),
     ({"BUDGET": "64"}, "BUDGET/METHOD_ARGS need METHOD="),
     ({"METHOD": "Fast V", "BUDGET": "64"}, "is not a method name"),
+    ({"METHOD": "a+b+c", "BUDGET": "64"}, "is not a method name"),
     ({"METHOD": "fastv", "BUDGET": "sixty"}, "BUDGET='sixty' is not a number"),
 ])
 def test_method_resolve_rejects(env, message):
@@ -441,9 +442,22 @@ def _method_names() -> list[str]:
     return method_names()
 
 
-METHOD_NAMES = _method_names()
-TINY_METHODS = {name: ("", tiny_method_args(name)) for name in METHOD_NAMES}
-TINY_METHODS["pio"] = ("192", "--layers 1,2")  # one method through BUDGET as well
+def _tiny_run(name: str) -> tuple[str, str]:
+    """(BUDGET, METHOD_ARGS) of a method or composition on the tiny checkpoints (4 decoder layers, a 2-layer
+    vision tower: the scan's shallow layer is 0 there)."""
+    from pio import get_method
+
+    scan = " --scan-local-layer 0" if name.startswith("scan") else ""
+    if "+" in name:  # the w/ VE composition, its in-LLM stage after layer 2 of 4
+        return "64", "--layers 2" + scan
+    if get_method(name).where == "pre_llm":
+        return "64", scan.strip()
+    return "", tiny_method_args(name)
+
+
+METHOD_NAMES = _method_names() + ["scan+pio"]
+TINY_METHODS = {name: _tiny_run(name) for name in METHOD_NAMES}
+TINY_METHODS["pio"] = ("192", "--layers 1,2")  # one in-LLM method through BUDGET as well
 # every script once with a method, the methods taken in turn (each on several scripts of both families)
 ROTATION = [(f, b, METHOD_NAMES[i % len(METHOD_NAMES)]) for i, (f, b) in
             enumerate((f, b) for b in BENCHES for f in FAMILIES)]
@@ -461,14 +475,17 @@ def run_method_e2e(family: str, bench: str, method: str, ckpt: Path, data: Path)
                    METHOD_ARGS=args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     tag = "".join(w.strip("-").replace(",", "_") + "-" for w in args.split())[:-1]
-    name = f"{ckpt.name}-{method}{budget}-{tag}"
-    text = f"{method}{' budget=' + budget if budget else ''} " + " ".join(
-        f"{a.strip('-')}={b}" for a, b in zip(args.split()[::2], args.split()[1::2]))
+    name = f"{ckpt.name}-{method}{budget}" + (f"-{tag}" if tag else "")
+    text = f"{method}{' budget=' + budget if budget else ''}" + "".join(
+        f" {a.strip('-')}={b}" for a, b in zip(args.split()[::2], args.split()[1::2]))
     res = check_result(data / data_dir / "results" / f"{name}.json", key, name, text)
     assert res["method"] == method and res["method_config"]["method"] == method
+    if method in ("visionzip", "scope", "scan+pio"):
+        assert all(r["n_encoder"] > r["n_visual"] for r in map(json.loads, Path(res["extra"]["pio_log"])
+                                                           .read_text().splitlines()) if r["n_visual"])
     assert res["budget"] == (float(budget) if budget else None)
     logged = [json.loads(x) for x in Path(res["extra"]["pio_log"]).read_text().splitlines()]
-    assert logged and all(r["avg_visual_tokens"] < r["n_visual"] for r in logged if r["n_visual"])
+    assert logged and all(r["avg_visual_tokens"] < (r.get("n_encoder") or r["n_visual"]) for r in logged if r["n_visual"])
     return res
 
 

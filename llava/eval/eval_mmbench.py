@@ -209,11 +209,18 @@ def write_submission(path: str, header: list[str], rows: list[MMBRow], answers: 
             logger.warning("openpyxl is not installed: writing TSV %s instead of xlsx "
                            "(pip install openpyxl for the xlsx the MMBench server takes)", path)
         else:
+            from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
             book = Workbook()
             sheet = book.active
             sheet.append(columns)
-            for values in table:
-                sheet.append(values)
+            dropped = 0
+            for values in table:  # xlsx cannot hold control characters: a model may generate them
+                clean = [ILLEGAL_CHARACTERS_RE.sub("", v) if isinstance(v, str) else v for v in values]
+                dropped += clean != values
+                sheet.append(clean)
+            if dropped:
+                logger.warning("%s: control characters removed from %d row(s); xlsx cannot hold them", path, dropped)
             book.save(path)
             logger.info("wrote %s", path)
             return path

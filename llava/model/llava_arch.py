@@ -11,8 +11,10 @@ from torch import nn
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
+from pio.encoder import EncoderMethod
 from pio.gather import Span, contiguous_positions
 
+from .encoder_stage import ReducedCrop, reduce_crops
 from .multimodal_encoder.clip_encoder import CLIPVisionTower, build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
 
@@ -31,6 +33,7 @@ class MultimodalInputs:
         labels: (B, S) or None; image and padding positions are IGNORE_INDEX.
         spans: per sample, the (start, length) of each image's features in the padded sequence.
         padding_side: side the batch was padded on.
+        encoder_counts: per sample, each image's token count before an encoder-side reduction (None: none ran).
     """
 
     inputs_embeds: torch.Tensor
@@ -39,6 +42,7 @@ class MultimodalInputs:
     labels: torch.Tensor | None
     spans: list[list[Span]]
     padding_side: str
+    encoder_counts: list[list[int]] | None = None
 
 
 class LlavaMetaModel:
@@ -82,46 +86,81 @@ class LlavaMetaForCausalLM:
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> projected features (N, P, D)."""
-        feats = self.get_vision_tower()(images)
+        return self._encode(images)[0]
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(N, 3, H, W) -> (projected features (N, P, D), the tower's hidden states)."""
+        feats, hidden = self.get_vision_tower().encode(images)
         proj = self.get_model().mm_projector
         dtype = next(proj.parameters(), feats).dtype
-        return proj(feats.to(dtype))
+        return proj(feats.to(dtype)), hidden
 
-    def image_features(self, images: Any, image_sizes: Any | None) -> list[torch.Tensor]:
-        """One (n_i, D) feature sequence per image, following ``mm_patch_merge_type``."""
+    def image_features(self, images: Any, image_sizes: Any | None, pre: EncoderMethod | None = None,
+                       state: Any | None = None) -> list[torch.Tensor]:
+        """One (n_i, D) feature sequence per image, following ``mm_patch_merge_type``; ``pre`` (an encoder-side
+        method) reduces every crop first (:mod:`llava.model.encoder_stage`). With ``state``, each image's token
+        count without the reduction is recorded (``state.encoder_counts``)."""
         crops = _as_crops(images)
         counts = [c.shape[0] for c in crops]
-        feats = self.encode_images(torch.cat(crops, dim=0)).split(counts, dim=0)  # each (P_i, 576, D)
+        feats, hidden = self._encode(torch.cat(crops, dim=0))  # (N, P, D)
+        if pre is not None:
+            ids = [(i, j) for i, n in enumerate(counts) for j in range(n)]
+            reduced = reduce_crops(pre, self.get_vision_tower(), self.get_model().mm_projector, hidden, feats, ids,
+                                   state)
+        else:
+            everything = torch.ones(feats.shape[1], dtype=torch.bool, device=feats.device)
+            reduced = [ReducedCrop(everything, f) for f in feats]
+        out, full = [], []
+        offset = 0
+        for i, n in enumerate(counts):
+            seq, total = self._merge_image(reduced[offset : offset + n], i, image_sizes)
+            out.append(seq)
+            full.append(total)
+            offset += n
+        if state is not None:
+            state.encoder_counts = full
+        return out
+
+    def _merge_image(self, crops: list[ReducedCrop], i: int, image_sizes: Any | None) -> tuple[torch.Tensor, int]:
+        """One image's token sequence from its reduced crops, and its length without the reduction."""
+
+        def kept(c: ReducedCrop) -> list[torch.Tensor]:
+            return [t for t in (c.lead, c.features[c.mask], c.extra) if t is not None]
+
         cfg = self.config
         merge = getattr(cfg, "mm_patch_merge_type", "flat")
+        P = crops[0].mask.numel()
         if merge == "flat":
-            return [f.flatten(0, 1) for f in feats]
+            return torch.cat([t for c in crops for t in kept(c)]), P * len(crops)
         if not merge.startswith("spatial"):
             raise ValueError(f"unknown mm_patch_merge_type {merge!r}; allowed: flat, spatial, spatial_unpad")
+        newline = self.get_model().image_newline if "unpad" in merge else None
+        base = kept(crops[0])
+        if len(crops) == 1:  # a single view: nothing to tile
+            if newline is not None:
+                base.append(newline[None].to(base[0]))
+            return torch.cat(base), P + (newline is not None)
+        if image_sizes is None or i >= len(image_sizes):
+            raise ValueError("LLaVA-NeXT (anyres) images need image_sizes=[(width, height), ...] per image")
         tower = self.get_vision_tower()
         side = tower.num_patches_per_side
-        out = []
-        for i, f in enumerate(feats):
-            if f.shape[0] == 1:  # a single view: nothing to tile
-                base = f[0]
-                if "unpad" in merge:
-                    base = torch.cat([base, self.get_model().image_newline[None].to(base)], dim=0)
-                out.append(base)
-                continue
-            if image_sizes is None or i >= len(image_sizes):
-                raise ValueError("LLaVA-NeXT (anyres) images need image_sizes=[(width, height), ...] per image")
-            w, h = image_sizes[i]
-            gw, gh = get_anyres_image_grid_shape((w, h), cfg.image_grid_pinpoints, tower.config.image_size)
-            grid = f[1:].view(gh, gw, side, side, -1)  # (gh, gw, side, side, D)
-            if "unpad" in merge:
-                grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, gh*side, gw*side)
-                grid = unpad_image(grid, (w, h))
-                nl = self.get_model().image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
-                grid = torch.cat([grid, nl], dim=2).flatten(1, 2).transpose(0, 1)  # (rows*(cols+1), D)
-            else:
-                grid = grid.permute(0, 2, 1, 3, 4).flatten(0, 3)
-            out.append(torch.cat([f[0], grid], dim=0))
-        return out
+        w, h = image_sizes[i]
+        gw, gh = get_anyres_image_grid_shape((w, h), cfg.image_grid_pinpoints, tower.config.image_size)
+        grid = torch.stack([c.features for c in crops[1:]]).view(gh, gw, side, side, -1)  # (gh, gw, side, side, D)
+        mask = torch.stack([c.mask for c in crops[1:]]).view(gh, gw, side, side, 1)
+        if newline is not None:
+            # (C, gh*side, gw*side), then the rows/columns of the aspect-preserving padding removed
+            grid = unpad_image(grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3), (w, h))
+            mask = unpad_image(mask.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3), (w, h))
+            nl = newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
+            grid = torch.cat([grid, nl], dim=2).flatten(1, 2).transpose(0, 1)  # (rows*(cols+1), D)
+            mask = torch.cat([mask, mask.new_ones(1, mask.shape[1], 1)], dim=2).flatten()  # newlines always kept
+        else:
+            grid = grid.permute(0, 2, 1, 3, 4).flatten(0, 3)
+            mask = mask.permute(0, 2, 1, 3, 4).flatten()
+        # the grid crops' own tokens after the tiled grid: their lead tokens, then their extra ones
+        extras = [c.lead for c in crops[1:] if c.lead is not None] + [c.extra for c in crops[1:] if c.extra is not None]
+        return torch.cat([*base, grid[mask], *extras]), P + mask.numel()
 
     def prepare_multimodal_inputs(
         self,
@@ -131,8 +170,11 @@ class LlavaMetaForCausalLM:
         image_sizes: Any | None = None,
         labels: torch.Tensor | None = None,
         padding_side: str | None = None,
+        pre: EncoderMethod | None = None,
+        state: Any | None = None,
     ) -> MultimodalInputs:
-        """Replace every ``IMAGE_TOKEN_INDEX`` placeholder by its image's features and pad the batch."""
+        """Replace every ``IMAGE_TOKEN_INDEX`` placeholder by its image's features and pad the batch; ``pre``
+        reduces each image's crops first (an encoder-side method, recorded in ``state``)."""
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
         embed = self.get_model().embed_tokens
         device = embed.weight.device  # inputs may come from the CPU side of a data pipeline
@@ -146,12 +188,14 @@ class LlavaMetaForCausalLM:
         if n_placeholders:
             if images is None:
                 raise ValueError(f"the prompt has {n_placeholders} <image> placeholder(s) but no images were given")
-            feats = self.image_features(images, image_sizes)
+            feats = self.image_features(images, image_sizes, pre, state)
             if len(feats) < n_placeholders:
                 raise ValueError(f"the prompts have {n_placeholders} <image> placeholders but {len(feats)} images")
         seqs: list[torch.Tensor] = []
         labs: list[torch.Tensor] = []
         spans: list[list[Span]] = []
+        full = getattr(state, "encoder_counts", None) if pre is not None else None
+        encoder_counts: list[list[int]] = []
         next_image = 0
         for b in range(B):
             ids = input_ids[b][valid[b]]
@@ -161,7 +205,7 @@ class LlavaMetaForCausalLM:
             text = ids.clone()
             text[text == IMAGE_TOKEN_INDEX] = 0
             text_emb = embed(text)
-            parts, lparts, sample_spans, length = [], [], [], 0
+            parts, lparts, sample_spans, sample_full, length = [], [], [], [], 0
             for j in range(len(bounds) - 1):
                 lo, hi = bounds[j] + 1, bounds[j + 1]
                 parts.append(text_emb[lo:hi])
@@ -169,6 +213,8 @@ class LlavaMetaForCausalLM:
                 length += hi - lo
                 if j < len(where):
                     f = feats[next_image].to(text_emb.dtype)
+                    if full is not None:
+                        sample_full.append(full[next_image])
                     next_image += 1
                     sample_spans.append((length, f.shape[0]))
                     parts.append(f)
@@ -177,6 +223,7 @@ class LlavaMetaForCausalLM:
             seqs.append(torch.cat(parts))
             labs.append(torch.cat(lparts))
             spans.append(sample_spans)
+            encoder_counts.append(sample_full)
         max_len = max(s.shape[0] for s in seqs)
         self._check_length(max_len)
         D = seqs[0].shape[1]
@@ -192,7 +239,8 @@ class LlavaMetaForCausalLM:
             lab_out[b, lo : lo + n] = labs[b]
             spans[b] = [(st + lo, ln) for st, ln in spans[b]]
         pos = contiguous_positions(mask)
-        return MultimodalInputs(emb, mask, pos, lab_out if labels is not None else None, spans, side)
+        return MultimodalInputs(emb, mask, pos, lab_out if labels is not None else None, spans, side,
+                                encoder_counts if full is not None else None)
 
     def _check_length(self, n: int) -> None:
         limit = getattr(self.config, "max_position_embeddings", None)

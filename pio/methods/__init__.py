@@ -2,15 +2,21 @@
 
 from ..registry import register
 from .dart import DART
+from .divprune import DivPrune
 from .fastv import FastV
+from .holov import HoloV
 from .pdrop import PDrop
 from .pio import PIO
 from .random import Random
+from .scan import Scan
+from .scope import SCOPE
 from .sparsevlm import SparseVLM
+from .visionzip import VisionZip
 
-METHODS = (PIO, FastV, PDrop, SparseVLM, DART, Random)
+METHODS = (PIO, FastV, PDrop, SparseVLM, DART, Random, VisionZip, HoloV, SCOPE, DivPrune, Scan)
 
 for _cls in METHODS:
     register(_cls)
 
-__all__ = ["DART", "METHODS", "PIO", "FastV", "PDrop", "Random", "SparseVLM"]
+__all__ = ["DART", "METHODS", "PIO", "SCOPE", "DivPrune", "FastV", "HoloV", "PDrop", "Random", "Scan", "SparseVLM",
+           "VisionZip"]

@@ -59,6 +59,7 @@ class PIO(ReductionMethod):
     name = "pio"
     needs = frozenset({"hidden", "proxy"})
     default_layers = ANCHORS.layers
+    ve_layers = (16,)  # the authors' README default w/ VE: 96 tokens at the encoder, then 32 after layer 16
     anchors = ANCHORS
     source = "PIO-FVLM / TRIO, arXiv 2602.04657; github.com/ocy1/TRIO (docs/method.md)"
     flags = (

@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from pio.base import ReductionMethod
+from pio.encoder import split_reducer
 from pio.flops import measured_kv_bytes
 from pio.state import PruneState
 
@@ -121,15 +122,17 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """Upstream's forward plus ``reducer`` (a :class:`pio.base.ReductionMethod`, prefill only) and
         ``prune_state`` (this call's :class:`pio.PruneState`, to read what was kept)."""
         prune_state = prune_state if prune_state is not None else PruneState()
-        if inputs_embeds is None and images is not None:
-            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, images, image_sizes, labels)
-            input_ids, inputs_embeds, attention_mask, labels = None, mm.inputs_embeds, mm.attention_mask, mm.labels
-            position_ids = mm.position_ids
-            prune_state.set_inputs(mm.spans, mm.padding_side)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        pre, reducer = split_reducer(reducer)
         if prefill and reducer is not None:
             reducer.validate(self.config.num_hidden_layers)
             warn_if_parameters_need_grad(self, reducer)
+        if inputs_embeds is None and images is not None:
+            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, images, image_sizes, labels, pre=pre,
+                                                state=prune_state)
+            input_ids, inputs_embeds, attention_mask, labels = None, mm.inputs_embeds, mm.attention_mask, mm.labels
+            position_ids = mm.position_ids
+            prune_state.set_inputs(mm.spans, mm.padding_side, mm.encoder_counts)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -177,11 +180,15 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if "inputs_embeds" in kwargs:
             raise ValueError("pass input_ids (with <image> placeholders) and images, not inputs_embeds")
         prune_state = prune_state if prune_state is not None else PruneState()
+        pre, llm = split_reducer(reducer)
+        if pre is not None:
+            pre.validate(self.config.num_hidden_layers)
         if images is not None:
             with prune_state.timed("vision", self.device):
-                mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, padding_side="left")
+                mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, padding_side="left",
+                                                    pre=pre, state=prune_state)
             embeds, attention_mask = mm.inputs_embeds, mm.attention_mask
-            prune_state.set_inputs(mm.spans, "left")
+            prune_state.set_inputs(mm.spans, "left", mm.encoder_counts)
         else:
             if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
                 raise ValueError("generation needs left padding: the last column of attention_mask has padding")
@@ -190,7 +197,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             embeds = self.get_model().embed_tokens(inputs)
             prune_state.set_inputs([[] for _ in range(inputs.shape[0])], "left")
         return super().generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, reducer=reducer, prune_state=prune_state, **kwargs
+            inputs_embeds=embeds, attention_mask=attention_mask, reducer=llm, prune_state=prune_state, **kwargs
         )
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):

@@ -61,8 +61,43 @@ class CLIPVisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` (N, 3, H, W) -> features (N, P, C) in the images' dtype."""
+        return self.encode(images)[0]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``images`` (N, 3, H, W) -> ``(features (N, P, C) in the images' dtype, hidden states)``; hidden state
+        ``l`` (N, 1 + P, C) enters encoder layer ``l`` (CLS first), the last one is the last layer's output."""
         out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
-        return self.feature_select(out).to(images.dtype)
+        return self.feature_select(out).to(images.dtype), out.hidden_states
+
+    @torch.no_grad()
+    def cls_attention(self, hidden_states: tuple[torch.Tensor, ...], layer: int) -> torch.Tensor:
+        """(N, H, P) float32: the CLS query's softmax attention (over CLS and patches) at the patches, in encoder
+        layer ``layer``, recomputed from its input for that one row (the tower keeps its attention backend)."""
+        layer = self._layer_index(layer)
+        block = self.vision_tower.vision_model.encoder.layers[layer]
+        attn = block.self_attn
+        x = block.layer_norm1(hidden_states[layer])  # (N, 1 + P, C): the layer's input
+        N, T, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(N, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, 1, hd)
+        k = attn.k_proj(x).view(N, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, T, hd)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # (N, H, 1, T)
+        return scores.softmax(dim=-1)[:, :, 0, 1:]
+
+    @torch.no_grad()
+    def layer_keys(self, hidden_states: tuple[torch.Tensor, ...], layer: int) -> torch.Tensor:
+        """(N, P, H, head_dim): encoder layer ``layer``'s keys of the patches, per head."""
+        layer = self._layer_index(layer)
+        block = self.vision_tower.vision_model.encoder.layers[layer]
+        k = block.self_attn.k_proj(block.layer_norm1(hidden_states[layer]))[:, 1:]
+        return k.view(*k.shape[:2], block.self_attn.num_heads, block.self_attn.head_dim)
+
+    def _layer_index(self, layer: int) -> int:
+        """A 0-based encoder layer (negative: from the end, as transformers' ``attentions[layer]``)."""
+        n = len(self.vision_tower.vision_model.encoder.layers)
+        if not -n <= layer < n:
+            raise ValueError(f"encoder layer {layer} out of range for a {n}-layer vision tower")
+        return layer % n
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,93 @@
+"""The encoder-side reduction step: hands an encoder-side method what it asks for, applies its selection per crop.
+
+:func:`reduce_crops` runs on every crop of a batch's images after the projector and before LLaVA-NeXT tiles
+the crops; the result is, per crop, a keep mask over its patches, the features to place (merged ones included)
+and extra tokens after them. The tiling (:mod:`llava.model.llava_arch`) then keeps exactly the masked tokens,
+newline tokens always, so the spans the language model sees have the reduced counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from pio.encoder import EncoderMethod, EncoderSelection
+
+
+@dataclass
+class ReducedCrop:
+    """One crop after the encoder-side step: ``mask`` (P,) bool, ``features`` (P, D) (kept rows possibly
+    merged), ``lead`` (l, D) tokens before the crop's kept ones and ``extra`` (m, D) after them, or None."""
+
+    mask: torch.Tensor
+    features: torch.Tensor
+    extra: torch.Tensor | None = None
+    lead: torch.Tensor | None = None
+
+
+class _EncoderStage:
+    """:class:`pio.encoder.EncoderInputs` over one batch of crops: supplies only what the method declared."""
+
+    def __init__(self, method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
+                 crops: Sequence[tuple[int, int]], state=None):
+        self._method, self._tower, self._projector = method, tower, projector
+        self._hidden, self._state = hidden_states, state
+        self.features = features
+        side = tower.num_patches_per_side
+        self.grid = (side, side)
+        self.crops = list(crops)
+        self.targets = [method.target(features.shape[1])] * features.shape[0]
+
+    def _need(self, what: str) -> None:
+        if what not in self._method.needs:
+            raise RuntimeError(f"method {self._method.name} asked for {what!r} without declaring it in its needs "
+                               f"({', '.join(sorted(self._method.needs))})")
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        self._need("cls_attention")
+        with self.timed("encoder_attention"):
+            return self._tower.cls_attention(self._hidden, layer)
+
+    def hidden(self, index: int) -> torch.Tensor:
+        self._need("hidden")
+        return self._hidden[index]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        self._need("hidden")
+        dtype = next(self._projector.parameters(), x).dtype
+        return self._projector(x.to(dtype))
+
+    def keys(self, layer: int) -> torch.Tensor:
+        self._need("keys")
+        return self._tower.layer_keys(self._hidden, layer)
+
+    def timed(self, name: str) -> AbstractContextManager:
+        if self._state is None:
+            return nullcontext()
+        return self._state.timed(name, self.features.device)
+
+
+def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
+                 crops: Sequence[tuple[int, int]], state=None) -> list[ReducedCrop]:
+    """Run ``method`` on the crops' projected ``features`` (N, P, D); one :class:`ReducedCrop` per crop."""
+    stage = _EncoderStage(method, tower, projector, hidden_states, features, crops, state)
+    with stage.timed("encoder_selection"):
+        sel: EncoderSelection = method.select(stage)
+    if len(sel.keep) != features.shape[0]:
+        raise ValueError(f"{method.name} returned {len(sel.keep)} selections for {features.shape[0]} crops")
+    out = []
+    for c, keep in enumerate(sel.keep):
+        keep = keep.to(features.device)
+        mask = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
+        mask[keep] = True
+        feats = features[c]
+        if sel.features is not None and sel.features[c] is not None:
+            feats = feats.clone()
+            feats[keep] = sel.features[c].to(feats.dtype)
+        extra = sel.extra[c].to(feats.dtype) if sel.extra is not None and sel.extra[c] is not None else None
+        lead = sel.lead[c].to(feats.dtype) if sel.lead is not None and sel.lead[c] is not None else None
+        out.append(ReducedCrop(mask, feats, extra, lead))
+    return out

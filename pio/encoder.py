@@ -1,0 +1,193 @@
+"""Reduction before the language model: methods that act on each crop's visual features (DESIGN.md §1).
+
+An encoder-side method sees every crop of every image at once (LLaVA-1.5: one 24 x 24 crop per image;
+LLaVA-NeXT: the base view and every grid crop, before they are tiled), and returns per crop the patches it
+keeps (ascending), optionally their new features (tokens merged into the kept ones) and extra tokens placed
+after them (merged "contextual" tokens). What it may ask the model for (``needs``):
+
+``"features"``
+    the projected features (N, P, D), what the language model would see (always given);
+``"cls_attention"``
+    the vision encoder's attention of its CLS token over the patches at a layer (N, H, P), recomputed from that
+    layer's input for the one row (the tower keeps its attention backend);
+``"hidden"``
+    the encoder's hidden states (N, 1 + P, C), CLS first, e.g. the selected feature layer's, and ``project`` to
+    map such features through the projector (merging before the projector, as VisionZip does);
+``"keys"``
+    an encoder layer's keys of the patches (N, P, H, head_dim).
+
+A run composes an encoder-side method and an in-language-model one with :class:`Pipeline`
+(``--method visionzip+pio``); the in-LLM stages then see the reduced span. The budget of a composition is still
+the average number of visual tokens per decoder layer (:meth:`Pipeline.from_budget`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from .base import Flag, ReductionMethod
+from .schedule import PAPER_N0
+
+__all__ = ["ENCODER_NEEDS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline", "split_reducer"]
+
+ENCODER_NEEDS = ("features", "cls_attention", "hidden", "keys")
+LEAD, KEPT, EXTRA = "lead", "kept", "extra"
+
+
+class EncoderInputs(Protocol):
+    """What the model hands an encoder-side method: every crop of the batch's images.
+
+    Attributes:
+        features: (N, P, D) projected features of the N crops, P patches each.
+        grid: (rows, cols) of a crop's patch grid (24 x 24 for CLIP ViT-L/14 at 336 px).
+        crops: per crop ``(image index, crop index)``; crop 0 of an image is its base view.
+        targets: per crop the number of tokens to keep.
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    crops: Sequence[tuple[int, int]]
+    targets: Sequence[int]
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """(N, H, P) float32: the CLS query's softmax attention (over CLS and patches) at the patches, in encoder
+        layer ``layer`` (0-based; negative counts from the end, ``-2``: the penultimate layer)."""
+        ...
+
+    def hidden(self, index: int) -> torch.Tensor:
+        """(N, 1 + P, C), CLS first: the encoder's hidden states ``index``, transformers' indexing (0: the
+        embeddings, ``i``: layer i-1's output, ``-2``: the penultimate layer's output, which LLaVA projects)."""
+        ...
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's projector applied to encoder features ``x`` (..., C) -> (..., D). Needs ``"hidden"``."""
+        ...
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(N, P, H, head_dim): layer ``layer``'s keys of the patches, per head."""
+        ...
+
+    def timed(self, name: str) -> AbstractContextManager:
+        ...
+
+
+@dataclass
+class EncoderSelection:
+    """Per crop: ``keep`` the kept patch indices (ascending), optionally ``features`` (len(keep), D) to place at
+    them (e.g. with dropped tokens merged in), ``lead`` (l, D) tokens placed before them (VisionZip's CLS token)
+    and ``extra`` (m, D) tokens after them (merged contextual tokens). Features are in the projected space."""
+
+    keep: list[torch.Tensor]
+    features: list[torch.Tensor | None] | None = None
+    lead: list[torch.Tensor | None] | None = None
+    extra: list[torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class EncoderMethod(ABC):
+    """Base of every encoder-side method: a frozen dataclass whose fields are its hyper-parameters.
+
+    Fields:
+        tokens: tokens the language model gets per crop (LLaVA-1.5: per image), merged ones included.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset({"features"})
+    where: ClassVar[str] = "pre_llm"
+    flags: ClassVar[tuple[Flag, ...]] = ()
+    source: ClassVar[str] = ""
+
+    tokens: int
+
+    @classmethod
+    def from_budget(cls, budget: float, **options: Any) -> EncoderMethod:
+        """The method at the paper's budget row B: B of a crop's 576 tokens in every decoder layer (the same share
+        of a crop with another patch count)."""
+        if not 0 < budget <= PAPER_N0:
+            raise ValueError(f"budget {budget:g} must be in (0, {PAPER_N0}]: tokens per crop out of {PAPER_N0}")
+        return cls(tokens=int(round(budget)), **options)
+
+    def target(self, patches: int) -> int:
+        """Tokens to keep of a crop with ``patches`` patches (``tokens`` out of 576, scaled, at most all); a crop
+        whose target is all its patches is left whole."""
+        return min(patches, max(1, round(self.tokens * patches / PAPER_N0)))
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Check the configuration (``num_layers``, the decoder's depth, is not needed before the LLM)."""
+        if self.tokens < 1:
+            raise ValueError(f"{self.name}: tokens per crop must be >= 1, got {self.tokens}")
+        unknown = set(self.needs) - set(ENCODER_NEEDS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown needs {sorted(unknown)}; allowed: {', '.join(ENCODER_NEEDS)}")
+
+    @abstractmethod
+    def select(self, inputs: EncoderInputs) -> EncoderSelection:
+        """Per crop the kept patches and their features (see :class:`EncoderSelection`)."""
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "where": self.where, **self.options()}
+
+    def describe(self) -> str:
+        return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.options().items())
+
+
+VE_SHARE = 1.5
+"""A composition's encoder keeps 1.5x the budget per crop (the authors' w/ VE: 96 at the encoder for 64)."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An encoder-side method followed by an in-language-model one (``--method visionzip+pio``)."""
+
+    pre: EncoderMethod
+    llm: ReductionMethod
+
+    @property
+    def name(self) -> str:
+        return f"{self.pre.name}+{self.llm.name}"
+
+    @classmethod
+    def from_budget(cls, pre: type[EncoderMethod], llm: type[ReductionMethod], budget: float,
+                    layers: Sequence[int] | None = None, **options: Any) -> Pipeline:
+        """The paper's "w/ VE" row B: the encoder keeps ``1.5 B`` per crop (the authors' 96 for 64), then the
+        in-LLM method, after its w/ VE layers (PIO: 16, the authors' README), keeps what makes the average over the
+        decoder layers B: for one stage after layer L/2, a third of the encoder's tokens (96 -> 32)."""
+        encoder_tokens = VE_SHARE * budget
+        if encoder_tokens > PAPER_N0:
+            raise ValueError(f"budget {budget:g} w/ VE: the encoder would keep {encoder_tokens:g} of {PAPER_N0} per "
+                             f"crop; the largest budget with an encoder stage is {PAPER_N0 / VE_SHARE:g}")
+        layers = layers if layers is not None else (llm.ve_layers or llm.default_layers)
+        schedule = llm.schedule_for(layers, budget_ratio=1 / VE_SHARE)
+        return cls(pre.from_budget(encoder_tokens), llm(schedule, **options))
+
+    def validate(self, num_layers: int) -> None:
+        self.pre.validate()
+        self.llm.validate(num_layers)
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "pre": self.pre.config(), "llm": self.llm.config()}
+
+    def describe(self) -> str:
+        return f"{self.pre.describe()}; then {self.llm.describe()}"
+
+
+def split_reducer(reducer: Any) -> tuple[EncoderMethod | None, ReductionMethod | None]:
+    """``(encoder-side method, in-LLM method)`` of whatever a caller passed as ``reducer``."""
+    if reducer is None:
+        return None, None
+    if isinstance(reducer, Pipeline):
+        return reducer.pre, reducer.llm
+    if isinstance(reducer, EncoderMethod):
+        return reducer, None
+    if isinstance(reducer, ReductionMethod):
+        return None, reducer
+    raise TypeError(f"reducer must be a reduction method or a Pipeline, got {type(reducer).__name__}")

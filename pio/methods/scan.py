@@ -1,0 +1,110 @@
+"""The authors' encoder-side reduction for PIO "w/ VE": a local and a global CLS-attention scan, then every
+dropped token merged into its nearest kept one (``docs/pio-algorithm.md`` §5.1; VScan's scheme, not VisionZip).
+
+Per 24 x 24 crop, keeping ``T`` tokens (``--visual_token_num T``, the authors' flag):
+
+* local: the 24 x 24 map in 4 x 4 windows of 6 x 6; in each window the ``k_w = (T // 2) // 16`` patches with the
+  most CLS attention at a shallow layer (0-based 5), heads averaged;
+* global: the ``T - T // 2`` other patches with the most CLS attention at the feature layer (-2);
+* merging: every dropped patch joins the kept one its projected feature is most similar to (cosine); a kept token
+  becomes the mean of itself and the patches that joined it.
+
+So ``16 k_w + T - T // 2`` tokens are kept: exactly T when T is a multiple of 32 (64, 96, 128, 192, 288), fewer
+otherwise (218 keeps 205), which the log says. ``T = 576`` keeps every token (the authors' bypass).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..base import Flag
+from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
+from ..nms import stable_rank
+
+logger = logging.getLogger(__name__)
+_SAID: set[tuple[int, int]] = set()
+
+
+def windows(rows: int, cols: int, per_side: int, device: torch.device) -> torch.Tensor:
+    """(rows * cols,) window id of every patch of a ``rows`` x ``cols`` grid cut into ``per_side`` x ``per_side``
+    windows (even cuts; the last window of a side takes what does not divide)."""
+    r = torch.clamp(torch.arange(rows, device=device) // max(1, rows // per_side), max=per_side - 1)
+    c = torch.clamp(torch.arange(cols, device=device) // max(1, cols // per_side), max=per_side - 1)
+    return (r[:, None] * per_side + c[None, :]).flatten()
+
+
+def merge_into_nearest(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(len(keep), D): each kept feature averaged with the dropped ones whose nearest kept token (cosine, first on
+    ties) it is: ``(kept + sum of joined) / (1 + joined)``."""
+    work = torch.float64 if features.dtype == torch.float64 else torch.float32
+    f = features.to(work)
+    dropped = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
+    dropped[keep] = False
+    kept_f, drop_f = f[keep], f[dropped]
+    if drop_f.shape[0] == 0:
+        return kept_f
+    nearest = (F.normalize(drop_f, dim=-1) @ F.normalize(kept_f, dim=-1).T).argmax(dim=1)  # (n_dropped,)
+    sums = kept_f.clone().index_add_(0, nearest, drop_f)
+    counts = torch.ones(kept_f.shape[0], dtype=work, device=f.device).index_add_(
+        0, nearest, torch.ones_like(nearest, dtype=work))
+    return sums / counts[:, None]
+
+
+@dataclass(frozen=True)
+class Scan(EncoderMethod):
+    """The authors' global + local scan with merging (module docstring)."""
+
+    name = "scan"
+    needs = frozenset({"features", "cls_attention"})
+    source = "PIO-FVLM / TRIO release, llava/model/llava_arch.py (window_cls_selection, token_merging); VScan"
+    flags = (
+        Flag("local_layer", "scan-local-layer", int, "encoder layer of the local (windowed) scan (5)"),
+        Flag("global_layer", "scan-global-layer", int, "encoder layer of the global scan (-2)"),
+        Flag("merge", "scan-no-merge", None, "drop the other tokens instead of merging them", const=False),
+    )
+
+    tokens: int
+    local_layer: int = 5
+    global_layer: int = -2
+    windows: int = 4
+    merge: bool = True
+
+    def kept(self, target: int) -> tuple[int, int]:
+        """``(local per window, global)`` counts for a target of ``target`` tokens."""
+        return (target // 2) // (self.windows**2), target - target // 2
+
+    def select(self, inputs: EncoderInputs) -> EncoderSelection:
+        P = inputs.features.shape[1]
+        target = inputs.targets[0]
+        if target >= P:
+            return EncoderSelection([torch.arange(P, device=inputs.features.device)] * len(inputs.targets))
+        k_w, n_global = self.kept(target)
+        if (target, P) not in _SAID and self.windows**2 * k_w + n_global != target:
+            _SAID.add((target, P))
+            logger.warning("scan keeps %d of the requested %d tokens per crop (%d windows x %d local + %d global): "
+                           "the authors' rule is exact only for multiples of %d", self.windows**2 * k_w + n_global,
+                           target, self.windows**2, k_w, n_global, 2 * self.windows**2)
+        local_a = inputs.cls_attention(self.local_layer).mean(dim=1)  # (N, P)
+        global_a = inputs.cls_attention(self.global_layer).mean(dim=1)
+        win = windows(*inputs.grid, self.windows, inputs.features.device)
+        keep, feats = [], []
+        with inputs.timed("scan"):
+            for c in range(inputs.features.shape[0]):
+                picks = []
+                for w in range(self.windows**2):
+                    members = (win == w).nonzero().flatten()
+                    order, _ = stable_rank(local_a[c, members])
+                    picks.append(members[order[:k_w]])
+                local = torch.cat(picks)
+                rest = torch.ones(P, dtype=torch.bool, device=local.device)
+                rest[local] = False
+                candidates = rest.nonzero().flatten()
+                order, _ = stable_rank(global_a[c, candidates])
+                kept = torch.sort(torch.cat([local, candidates[order[:n_global]]])).values
+                keep.append(kept)
+                feats.append(merge_into_nearest(inputs.features[c], kept) if self.merge else None)
+        return EncoderSelection(keep, feats if self.merge else None)
