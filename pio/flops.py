@@ -45,6 +45,7 @@ __all__ = [
     "kv_cache_bytes",
     "measured_kv_bytes",
     "projector_flops",
+    "encoder_selection_flops",
     "proxy_flops",
     "row_attention_flops",
     "selection_flops",
@@ -316,6 +317,8 @@ def selection_flops(events: Iterable[Any], dims: LMDims) -> int:
     total = 0
     kv = dims.num_kv_heads * dims.head_dim
     for ev in events:
+        if ev.kind.startswith("encoder_"):
+            continue  # :func:`encoder_selection_flops`
         if ev.kind == "proxy":
             total += proxy_flops(ev.seq_len, ev.rows, dims, sliced=ev.impl == "sliced")["total"]
         elif ev.kind == "attention":
@@ -324,6 +327,20 @@ def selection_flops(events: Iterable[Any], dims: LMDims) -> int:
             total += 2 * ev.seq_len * dims.hidden_size * kv
         else:
             raise ValueError(f"unknown selection event kind {ev.kind!r}")
+    return total
+
+
+def encoder_selection_flops(events: Iterable[Any], width: int) -> int:
+    """FLOPs an encoder-side method computed for its selection beyond the tower's own forward: per
+    ``encoder_attention`` event one layer's keys for its ``seq_len`` tokens (``2*T*C^2``), the CLS query
+    (``2*C^2``) and its scores (``2*T*C``); per ``encoder_keys`` event the keys (``2*T*C^2``); ``C`` the tower's
+    width. Summed over the crops the events count."""
+    total = 0
+    for ev in events:
+        if ev.kind == "encoder_attention":
+            total += ev.rows * (2 * ev.seq_len * width * width + 2 * width * width + 2 * ev.seq_len * width)
+        elif ev.kind == "encoder_keys":
+            total += ev.rows * 2 * ev.seq_len * width * width
     return total
 
 

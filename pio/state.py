@@ -85,6 +85,7 @@ class PruneState:
         self.events: list[SelectionEvent] = []
         self.kv_bytes: int | None = None  # measured after prefill when profiling
         self.encoder_counts: list[int] | None = None  # per image, tokens before an encoder-side stage
+        self.vision_crops = 0  # crops the vision tower encoded (every image's views)
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
         self._encoder_counts: list[list[int]] | None = None
@@ -134,7 +135,7 @@ class PruneState:
                         for b, s in enumerate(self.spans)]
         self._orig_local = [torch.arange(s[1], device=mask.device) if s else None for s in self.spans]
         self.targets = [list(counts_fn(r.n_visual)) if counts_fn else [] for r in self.samples]
-        self.events = []
+        self.events = [e for e in self.events if e.kind.startswith("encoder_")]  # the encoder stage ran before
         self.kv_bytes = None
 
     def record(self, layer: int, selection: Selection, keep: KeepIndex | None) -> None:

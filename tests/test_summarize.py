@@ -91,18 +91,20 @@ def test_paper_layout_budgets_then_methods(tmp_path, capsys):
     for bench, base in (("gqa", 60.0), ("pope", 80.0)):
         put(root, bench, "m", base, tokens=576.0, method="none")
         for budget in (64, 192):
-            for method, drop in (("pio", 1.0), ("fastv", 10.0), ("dart", 5.0)):
+            for method, drop in (("pio", 1.0), ("fastv", 10.0), ("dart", 5.0), ("scan+pio", 0.5), ("visionzip", 3.0)):
                 put(root, bench, f"m-{method}{budget}", base - drop * 64 / budget, tokens=float(budget),
                     method=method, budget=float(budget))
     put(root, "gqa", "other", 50.0, method="none")  # another family: left out by --runs
     summarize.main(["--data-root", root, "--runs", "m*"])
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split(" | ")[:3] for ln in lines[2:9]] == [
+    assert [ln.split(" | ")[:3] for ln in lines[2:13]] == [
         ["| all", "vanilla", "m (baseline)"],
         ["| 192", "fastv", "m-fastv192"], ["| 192", "dart", "m-dart192"], ["| 192", "pio", "m-pio192"],
-        ["| 64", "fastv", "m-fastv64"], ["| 64", "dart", "m-dart64"], ["| 64", "pio", "m-pio64"]]
+        ["| 192 w/ VE", "visionzip", "m-visionzip192"], ["| 192 w/ VE", "scan+pio", "m-scan+pio192"],
+        ["| 64", "fastv", "m-fastv64"], ["| 64", "dart", "m-dart64"], ["| 64", "pio", "m-pio64"],
+        ["| 64 w/ VE", "visionzip", "m-visionzip64"], ["| 64 w/ VE", "scan+pio", "m-scan+pio64"]]
     # Avg (%): (59/60 + 79/80) / 2 for pio at 64
-    assert lines[8].endswith(f"| 64.0 | {100 * (59 / 60 + 79 / 80) / 2:.1f} |")
+    assert lines[10].endswith(f"| 64.0 | {100 * (59 / 60 + 79 / 80) / 2:.1f} |")
     summarize.main(["--data-root", root])
     assert "several unpruned runs (m, other)" in capsys.readouterr().out
 

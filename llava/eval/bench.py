@@ -41,6 +41,7 @@ from llava.mm_utils import process_images
 from llava.model.pruning import backend_mask
 from pio import ReductionMethod, get_method, method_names
 from pio.cli import add_method_args, method_from_args, parse_layers
+from pio.encoder import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,16 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         if names == ["all"]:
             names = method_names()
         layers = parse_layers(args.layers) if args.layers is not None else None
-        return [get_method(n).from_budget(float(args.budget), layers) for n in names]
+        out = []
+        for n in names:
+            if "+" in n:  # the paper's w/ VE row of a composition
+                pre, llm = (get_method(x) for x in n.split("+", 1))
+                out.append(Pipeline.from_budget(pre, llm, float(args.budget), layers))
+            elif get_method(n).where == "pre_llm":
+                out.append(get_method(n).from_budget(float(args.budget)))
+            else:
+                out.append(get_method(n).from_budget(float(args.budget), layers))
+        return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
                          "(--method fastv --budget 64, --pio-layers 1,10,15 --pio-tokens 92,54,22, ...)")
@@ -195,8 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids, img = synthetic_input(model.config.vocab_size, size)
     pixels = process_images([img], proc, model.config).to(device, dtype)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
-    runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else f"{m.name} {m.schedule.describe()}", m)
-             for m in methods]
+    runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                use_cache=True, pad_token_id=0)
     samples: dict[str, list[dict]] = {name: [] for name, _ in runs}
@@ -224,7 +233,10 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
         def med(key: str, recs: list[dict] = recs) -> float:
             return statistics.median(r[key] for r in recs)
 
-        sel = statistics.median(sum(r["selection_s"].values()) for r in recs)
+        # the in-LLM selection (part of the prefill) and the encoder-side one (part of the vision time)
+        sel = statistics.median(sum(v for k, v in r["selection_s"].items() if not k.startswith("encoder_"))
+                                for r in recs)
+        enc_sel = statistics.median(r["selection_s"].get("encoder_selection", 0.0) for r in recs)
         phases = sorted({k for r in recs for k in r["selection_s"]})
         lengths = recs[0]["seq_len_per_layer"]
         row = {
@@ -233,15 +245,18 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
             "vision_s": med("vision_s"),
             "decode_s_per_token": statistics.median(r["decode_s"] / max(r["new_tokens"] - 1, 1) for r in recs),
             "flops_exact": recs[0]["flops"]["exact"],
-            "flops_selection": recs[0]["flops"]["selection"],
+            "flops_selection": recs[0]["flops"]["selection"] + recs[0]["flops"]["encoder_selection"],
+            "flops_vision": recs[0]["flops"]["vision"],
+            "prefill_with_vision_s": statistics.median(r["prefill_s"] + r["vision_s"] for r in recs),
             "flops_fastv_visual": recs[0]["flops"]["fastv_visual"],
             "kv_mb": (recs[0]["kv_bytes"]["measured"] or 0) / 2**20,
             "selection_s": sel,
+            "encoder_selection_s": enc_sel,
             "selection_split_s": {k: statistics.median(r["selection_s"].get(k, 0.0) for r in recs) for k in phases},
             "selection_pct_of_prefill": 100 * sel / med("prefill_s"),
             "seq_len_per_layer": lengths,
-            "visual_per_stage": [v for i, v in enumerate(recs[0]["visual_per_layer"])
-                                 if i == 0 or v != recs[0]["visual_per_layer"][i - 1]],
+            "visual_per_stage": ([recs[0]["n_encoder"]] if recs[0].get("n_encoder") is not None else [])
+            + [v for i, v in enumerate(recs[0]["visual_per_layer"]) if i == 0 or v != recs[0]["visual_per_layer"][i - 1]],
             "prefill_all_s": [r["prefill_s"] for r in recs],
         }
         if layer_s:
@@ -249,6 +264,7 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
         if base is None:
             base = row
         row["speedup"] = base["prefill_s"] / row["prefill_s"]
+        row["speedup_with_vision"] = base["prefill_with_vision_s"] / row["prefill_with_vision_s"]
         row["ideal_speedup"] = base["flops_exact"] / row["flops_exact"]
         row["speedup_vs_ideal"] = row["speedup"] / row["ideal_speedup"]
         # the same ratio counting the selection's own FLOPs (proxy passes, attention rows) as pruned-run work
@@ -269,8 +285,9 @@ def format_table(result: dict[str, Any]) -> str:
             "ideal incl. selection", "measured/ideal incl. selection"]
     if calibrated:
         head += ["ideal (calibrated)", "measured/calibrated"]
-    head += ["decode (ms/tok)", "FLOPs exact (T)", "FLOPs selection (T)", "FLOPs FastV (T)", "KV (MB)",
-             "selection (s)", "selection % of prefill"]
+    head += ["vision (s)", "prefill + vision (s)", "speedup incl. vision", "decode (ms/tok)", "FLOPs exact (T)",
+             "FLOPs selection (T)", "FLOPs vision (T)", "FLOPs FastV (T)", "KV (MB)", "selection (s)",
+             "selection % of prefill"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in result["rows"]:
         cells = [r["run"], ">".join(map(str, r["visual_per_stage"])), f"{r['prefill_s']:.3f}", f"{r['speedup']:.2f}x",
@@ -279,9 +296,11 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{r['speedup_vs_ideal_with_selection']:.2f}"]
         if calibrated:
             cells += [f"{r['ideal_speedup_calibrated']:.2f}x", f"{r['speedup_vs_calibrated']:.2f}"]
-        cells += [f"{1000 * r['decode_s_per_token']:.1f}", f"{r['flops_exact'] / 1e12:.3f}",
-                  f"{r['flops_selection'] / 1e12:.3f}", f"{r['flops_fastv_visual'] / 1e12:.3f}", f"{r['kv_mb']:.1f}",
-                  f"{r['selection_s']:.3f}", f"{r['selection_pct_of_prefill']:.1f}"]
+        cells += [f"{r['vision_s']:.3f}", f"{r['prefill_with_vision_s']:.3f}", f"{r['speedup_with_vision']:.2f}x",
+                  f"{1000 * r['decode_s_per_token']:.1f}", f"{r['flops_exact'] / 1e12:.3f}",
+                  f"{r['flops_selection'] / 1e12:.3f}", f"{r['flops_vision'] / 1e12:.3f}",
+                  f"{r['flops_fastv_visual'] / 1e12:.3f}", f"{r['kv_mb']:.1f}", f"{r['selection_s']:.3f}",
+                  f"{r['selection_pct_of_prefill']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]
     where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"

@@ -8,7 +8,31 @@ from typing import Any
 import torch
 
 from pio import PruneState
-from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, selection_flops
+from pio.flops import (
+    LMDims,
+    clip_vision_flops,
+    encoder_selection_flops,
+    exact_prefill_flops,
+    fastv_prefill_flops,
+    kv_cache_bytes,
+    projector_flops,
+    selection_flops,
+)
+
+
+def vision_flops(model: Any, state: PruneState) -> dict[str, int]:
+    """``vision``: the tower on every crop plus the projector on every patch (what an encoder-side method does not
+    save: it reduces after them); ``encoder_selection``: what such a method computed on top."""
+    tower = model.get_vision_tower() if hasattr(model, "get_vision_tower") else None
+    if tower is None or not state.vision_crops:
+        return {"vision": 0, "encoder_selection": 0}
+    c = tower.config
+    crops = state.vision_crops
+    total = clip_vision_flops(c.image_size, c.patch_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+                              crops)["total"]
+    kind = "linear" if getattr(model.config, "mm_projector_type", "linear") == "linear" else "mlp2x_gelu"
+    total += projector_flops(crops * tower.num_patches, c.hidden_size, model.config.hidden_size, kind)
+    return {"vision": total, "encoder_selection": encoder_selection_flops(state.events, c.hidden_size)}
 
 
 def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:
@@ -29,11 +53,13 @@ def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:
     rec: dict[str, Any] = {
         "seq_len_per_layer": lengths,
         "visual_per_layer": visual,
+        "n_encoder": state.samples[0].n_encoder if state.samples else None,
         "flops": {
             "fastv": fastv_prefill_flops(lengths, dims) if lengths else 0,
             "fastv_visual": fastv_prefill_flops(visual, dims) if lengths else 0,
             "exact": exact_prefill_flops(lengths, dims)["total"] if lengths else 0,
             "selection": selection_flops(state.events, dims),
+            **vision_flops(model, state),
         },
         "kv_bytes": {
             "analytic": kv_cache_bytes(lengths, dims, elem) if lengths else 0,

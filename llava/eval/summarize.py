@@ -7,8 +7,9 @@ Usage::
 
 Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``). Rows are runs (the
 result's ``model``, i.e. CKPT), laid out as in the paper: the unpruned baseline first, then grouped by the
-paper budget the run was asked for (192, 128, 64; runs with other schedules last), within a budget the
-comparison methods and PIO last. Columns: the benchmarks present, in the paper's order (GQA, MMB, MMB-CN,
+paper budget the run was asked for (192, 128, 64; runs with other schedules last), each budget's in-LLM methods
+("w/o VE") before those that reduce at the vision encoder ("w/ VE": VisionZip, HoloV, SCOPE, DivPrune, the
+authors' scan, and compositions such as scan+pio), within a block the comparison methods and PIO last. Columns: the benchmarks present, in the paper's order (GQA, MMB, MMB-CN,
 MME, POPE, SQA, VQAv2, TextVQA), "Avg tokens" (the run's realised average visual tokens per layer, from its
 reduction logs, averaged over its benchmarks) and "Avg (%)": the mean over the benchmarks both runs have of
 100 x score / baseline score, as the paper computes it. A result over part of its run (fewer answers than
@@ -131,19 +132,32 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
     return rows
 
 
+def with_encoder(method: str | None) -> bool:
+    """The run reduces before the language model (an encoder-side method, alone or composed): the paper's w/ VE."""
+    from pio import get_method, method_names
+
+    if not method or method == "none":
+        return False
+    first = method.split("+")[0]
+    return "+" in method or (first in method_names() and get_method(first).where == "pre_llm")
+
+
 def _paper_order(row: AccuracyRow) -> tuple:
-    """Baseline; then budgets from the largest; within one, the comparison methods in registry order, PIO last."""
+    """Baseline; then budgets from the largest, each with its w/o VE block before its w/ VE block; within a block
+    the comparison methods in registry order, PIO (alone or composed) last."""
     from pio import method_names
 
     names = [n for n in method_names() if n != "pio"] + ["pio"]
-    rank = names.index(row.method) if row.method in names else len(names)
-    return (not row.is_baseline, row.budget is None, -(row.budget or 0.0), rank, row.model)
+    last = (row.method or "").split("+")[-1]
+    rank = names.index(last) if last in names else len(names)
+    return (not row.is_baseline, row.budget is None, -(row.budget or 0.0), with_encoder(row.method), rank,
+            row.method or "", row.model)
 
 
 def budget_label(row: AccuracyRow) -> str:
     if row.method == "none" or (row.is_baseline and row.method is None):
         return "all"
-    return "-" if row.budget is None else f"{row.budget:g}"
+    return ("-" if row.budget is None else f"{row.budget:g}") + (" w/ VE" if with_encoder(row.method) else "")
 
 
 def method_label(row: AccuracyRow) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pio.encoder import EncoderMethod, EncoderSelection
+from pio.state import SelectionEvent
 
 
 @dataclass
@@ -46,10 +47,14 @@ class _EncoderStage:
             raise RuntimeError(f"method {self._method.name} asked for {what!r} without declaring it in its needs "
                                f"({', '.join(sorted(self._method.needs))})")
 
+    def _event(self, kind: str) -> None:
+        if self._state is not None:  # rows = crops: the FLOPs accounting sums over them
+            self._state.events.append(SelectionEvent(kind, 0, self._hidden[0].shape[1], self.features.shape[0]))
+
     def cls_attention(self, layer: int) -> torch.Tensor:
         self._need("cls_attention")
-        with self.timed("encoder_attention"):
-            return self._tower.cls_attention(self._hidden, layer)
+        self._event("encoder_attention")
+        return self._tower.cls_attention(self._hidden, layer)
 
     def hidden(self, index: int) -> torch.Tensor:
         self._need("hidden")
@@ -62,19 +67,18 @@ class _EncoderStage:
 
     def keys(self, layer: int) -> torch.Tensor:
         self._need("keys")
+        self._event("encoder_keys")
         return self._tower.layer_keys(self._hidden, layer)
 
     def timed(self, name: str) -> AbstractContextManager:
-        if self._state is None:
-            return nullcontext()
-        return self._state.timed(name, self.features.device)
+        return nullcontext()  # the whole selection is timed once, as "encoder_selection" (no nested phases)
 
 
 def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
                  crops: Sequence[tuple[int, int]], state=None) -> list[ReducedCrop]:
     """Run ``method`` on the crops' projected ``features`` (N, P, D); one :class:`ReducedCrop` per crop."""
     stage = _EncoderStage(method, tower, projector, hidden_states, features, crops, state)
-    with stage.timed("encoder_selection"):
+    with state.timed("encoder_selection", features.device) if state is not None else nullcontext():
         sel: EncoderSelection = method.select(stage)
     if len(sel.keep) != features.shape[0]:
         raise ValueError(f"{method.name} returned {len(sel.keep)} selections for {features.shape[0]} crops")

@@ -119,6 +119,7 @@ class LlavaMetaForCausalLM:
             offset += n
         if state is not None:
             state.encoder_counts = full
+            state.vision_crops = feats.shape[0]
         return out
 
     def _merge_image(self, crops: list[ReducedCrop], i: int, image_sizes: Any | None) -> tuple[torch.Tensor, int]:
