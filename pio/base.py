@@ -241,9 +241,9 @@ class ReductionMethod(ABC):
         """The full configuration as JSON-serialisable data (method, schedule, hyper-parameters)."""
         return {"method": self.name, "schedule": self.schedule.to_dict(), **self.options()}
 
-    def describe(self) -> str:
+    def describe(self, n0: int = PAPER_N0) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
-        return f"{self.name}: {self.schedule.describe()}" + (f" ({opts})" if opts else "")
+        return f"{self.name}: {self.schedule.describe(n0)}" + (f" ({opts})" if opts else "")
 
 
 def active_samples(inputs: StageInputs) -> list[bool]:

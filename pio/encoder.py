@@ -177,7 +177,7 @@ class Pipeline:
         return {"method": self.name, "pre": self.pre.config(), "llm": self.llm.config()}
 
     def describe(self) -> str:
-        return f"{self.pre.describe()}; then {self.llm.describe()}"
+        return f"{self.pre.describe()}; then {self.llm.describe(self.pre.tokens)}"
 
 
 def split_reducer(reducer: Any) -> tuple[EncoderMethod | None, ReductionMethod | None]:

@@ -37,11 +37,26 @@ def get_method(name: str) -> type[ReductionMethod]:
     return _METHODS[key]
 
 
-def make_method(name: str, **kwargs: Any) -> ReductionMethod:
-    """An instance of the method ``name``: ``make_method("fastv", budget=64)`` (a paper budget label,
-    solved with the method's published shape) or ``make_method("pio", schedule=Schedule(...), tau=0.8)``."""
+def make_method(name: str, **kwargs: Any) -> Any:
+    """An instance of the method ``name``: ``make_method("fastv", budget=64)`` (a paper budget label, solved with
+    the method's published shape), ``make_method("pio", schedule=Schedule(...), tau=0.8)``,
+    ``make_method("visionzip", budget=64)`` (tokens per crop), or ``make_method("scan+pio", budget=64)`` (the
+    paper's "w/ VE" row: a :class:`~pio.encoder.Pipeline`; options go to the in-LLM method)."""
+    from .encoder import EncoderMethod, Pipeline
+
+    names = str(name).split("+")
+    if len(names) == 2:
+        if "budget" not in kwargs:
+            raise ValueError(f"make_method({name!r}) builds the paper's w/ VE row: give budget=B, or build "
+                             "pio.encoder.Pipeline(encoder_method, llm_method) yourself")
+        pre, llm = get_method(names[0]), get_method(names[1])
+        if not (issubclass(pre, EncoderMethod) and not issubclass(llm, EncoderMethod)):
+            raise ValueError(f"{name!r}: the first method must act before the language model, the second inside it")
+        return Pipeline.from_budget(pre, llm, kwargs.pop("budget"), kwargs.pop("layers", None), **kwargs)
     cls = get_method(name)
     if "budget" in kwargs:
         budget = kwargs.pop("budget")
+        if issubclass(cls, EncoderMethod):
+            return cls.from_budget(budget, **kwargs)
         return cls.from_budget(budget, kwargs.pop("layers", None), **kwargs)
     return cls(**kwargs)

@@ -262,8 +262,9 @@ class Schedule:
 
     # -- reporting ----------------------------------------------------------------------------------------
 
-    def describe(self) -> str:
-        """One-line human-readable description for logs."""
+    def describe(self, n0: int = PAPER_N0) -> str:
+        """One-line human-readable description for logs; ``n0``: the visual tokens per image the language model
+        receives (576 for LLaVA-1.5; fewer after an encoder-side stage)."""
         where = "prune after layer(s) " + ",".join(str(x) for x in self.layers)
         if self.tokens is not None:
             return f"{where} to {','.join(str(x) for x in self.tokens)} visual tokens"
@@ -275,7 +276,7 @@ class Schedule:
         r = self.budget_ratio
         return (
             f"{where}, average budget {100 * r:.2f}% of each sample's visual tokens per layer "
-            f"({r * PAPER_N0:.4g} of {PAPER_N0})"
+            f"({r * n0:.4g} of {n0})"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -110,3 +110,14 @@ def test_registry_refuses_duplicates_and_names_known_methods():
     with pytest.raises(ValueError, match="known methods: pio"):
         make_method("nope", budget=64)
     assert make_method("pio", schedule=Schedule((1,), tokens=(5,)), tau=0.5).tau == 0.5
+
+
+def test_make_method_builds_encoder_methods_and_compositions_like_the_flags():
+    for spec, name in [("visionzip", "visionzip"), ("scan+pio", "scan+pio"), ("holov+fastv", "holov+fastv")]:
+        assert make_method(name, budget=64) == parse(f"--method {spec} --budget 64")
+    pipe = make_method("scan+pio", budget=64, tau=0.5)
+    assert pipe.llm.tau == 0.5 and "(64 of 96)" in pipe.describe()  # the share of what the encoder passed on
+    with pytest.raises(ValueError, match="give budget=B"):
+        make_method("scan+pio")
+    with pytest.raises(ValueError, match="first method must act before the language model"):
+        make_method("pio+scan", budget=64)
