@@ -355,6 +355,15 @@ conv_llava_v1_mmtag = Conversation(
     sep2="</s>",
     version="v1_mmtag",
 )
+conv_qwen2_5_vl = Conversation(
+    system="<|im_start|>system\nYou are a helpful assistant.",
+    roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    version="qwen",
+    sep_style=SeparatorStyle.MPT,
+    sep="<|im_end|>\n",
+)
+"""Qwen2.5-VL-Instruct's chat format (its chat template with the default system turn); ``<image>`` becomes
+``<|vision_start|><|image_pad|><|vision_end|>`` when the prompt is encoded (:func:`llava.eval.runner.encode`)."""
 
 default_conversation = conv_vicuna_v1
 """The template used when no mode is given (upstream's current default)."""
@@ -378,6 +387,7 @@ conv_templates: dict[str, Conversation] = {
     "llava_v1_mmtag": conv_llava_v1_mmtag,
     "llava_llama_2": conv_llava_llama_2,
     "mpt": conv_mpt,
+    "qwen2_5_vl": conv_qwen2_5_vl,
 }
 """Registry of templates by ``--conv-mode`` name. Call ``.copy()`` before appending messages."""
 

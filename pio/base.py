@@ -31,7 +31,7 @@ Adding a method touches three places: its class (``pio/methods/<name>.py``), its
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
@@ -151,6 +151,8 @@ class ReductionMethod(ABC):
             None: every stage keeps the same count.
         flags: method-specific command-line flags.
         source: where the defaults come from (paper, repository), for the docs and result files.
+        family_defaults: per model family (``"qwen2_5_vl"``), the authors' own settings there where they differ:
+            ``layers``, ``ve_layers``, ``anchors`` and ``options`` (hyper-parameter defaults).
     """
 
     name: ClassVar[str]
@@ -162,9 +164,24 @@ class ReductionMethod(ABC):
     anchors: ClassVar[Anchors | None] = None
     flags: ClassVar[tuple[Flag, ...]] = ()
     source: ClassVar[str] = ""
+    family_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     schedule: Schedule
     positions: str = "renumber"
+
+    @classmethod
+    def defaults(cls, family: str | None = None) -> dict[str, Any]:
+        """``layers``, ``ve_layers``, ``anchors`` and the hyper-parameter ``options`` for a model ``family`` (None:
+        LLaVA, the methods' published setting). Every method keeps its tokens' original positions on
+        Qwen2.5-VL (its M-RoPE ids; the PIO authors' Qwen choice) unless told otherwise."""
+        out: dict[str, Any] = {"layers": cls.default_layers, "ve_layers": cls.ve_layers, "anchors": cls.anchors,
+                               "options": {}}
+        if family in FAMILY_POSITIONS:
+            out["options"] = {"positions": FAMILY_POSITIONS[family]}
+        own = cls.family_defaults.get(family or "", {})
+        out.update({k: v for k, v in own.items() if k != "options"})
+        out["options"] = {**out["options"], **own.get("options", {})}
+        return out
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -178,11 +195,12 @@ class ReductionMethod(ABC):
         tokens: Sequence[int] | None = None,
         ratios: Sequence[float] | None = None,
         ratio_mode: str = "initial",
+        family: str | None = None,
     ) -> Schedule:
         """The method's schedule for one target: a paper budget label ``budget`` (64, 128, 192: the average
         visual tokens per layer as a fraction of 576, so exactly that on LLaVA-1.5 and the same share of each
         image's tokens on LLaVA-NeXT), ``budget_ratio``, an absolute average ``budget_tokens``, or explicit
-        ``tokens`` / ``ratios``. ``layers`` defaults to the method's published layers."""
+        ``tokens`` / ``ratios``. ``layers`` defaults to the method's published layers (for ``family``)."""
         given = {k: v for k, v in dict(budget=budget, budget_ratio=budget_ratio, budget_tokens=budget_tokens,
                                        tokens=tokens, ratios=ratios).items() if v is not None}
         if len(given) != 1:
@@ -194,20 +212,24 @@ class ReductionMethod(ABC):
                 raise ValueError(f"budget {budget:g} must be in (0, {PAPER_N0}]: the paper's average visual tokens "
                                  f"per layer out of LLaVA-1.5's {PAPER_N0} (e.g. 64, 128, 192)")
             budget_ratio = budget / PAPER_N0
+        d = cls.defaults(family)
         return Schedule(
-            layers=tuple(layers) if layers is not None else cls.default_layers,
+            layers=tuple(layers) if layers is not None else d["layers"],
             tokens=None if tokens is None else tuple(tokens),
             ratios=None if ratios is None else tuple(ratios),
             budget=budget_tokens,
             budget_ratio=budget_ratio,
             ratio_mode=ratio_mode,
-            anchors=cls.anchors,
+            anchors=d["anchors"],
         )
 
     @classmethod
-    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, **options: Any) -> ReductionMethod:
-        """The method at a paper budget label (64, 128, 192; see :meth:`schedule_for`)."""
-        return cls(cls.schedule_for(layers, budget=budget), **options)
+    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, family: str | None = None,
+                    **options: Any) -> ReductionMethod:
+        """The method at a paper budget label (64, 128, 192; see :meth:`schedule_for`) with its defaults for
+        ``family``; ``options`` override them."""
+        return cls(cls.schedule_for(layers, budget=budget, family=family),
+                   **{**cls.defaults(family)["options"], **options})
 
     # -- what the model asks ----------------------------------------------------------------------------------
     @property
@@ -244,6 +266,10 @@ class ReductionMethod(ABC):
     def describe(self, n0: int = PAPER_N0) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{self.name}: {self.schedule.describe(n0)}" + (f" ({opts})" if opts else "")
+
+
+FAMILY_POSITIONS = {"qwen2_5_vl": "original"}
+"""Positions after a prune per model family where every method keeps the original ones (M-RoPE ids)."""
 
 
 def active_samples(inputs: StageInputs) -> list[bool]:

@@ -200,7 +200,8 @@ def _flag_of(method: str, field: str) -> str:
 def method_from_args(args: argparse.Namespace) -> Any:
     """The reducer the flags describe (module docstring): an in-LLM method, an encoder-side one, a
     :class:`~pio.encoder.Pipeline` of both (``--method scan+pio``; ``--visual_token_num T`` puts the authors' scan
-    before the in-LLM method), or None for the unpruned model.
+    before the in-LLM method), or None for the unpruned model. ``args.family`` (set by the runners from the
+    checkpoint, e.g. ``"qwen2_5_vl"``) selects the methods' defaults for that model family.
 
     Raises:
         ValueError: an unknown method, a flag of another method, conflicting or missing targets, a malformed
@@ -283,6 +284,7 @@ def _targets(sched: dict[str, Any]) -> list[str]:
 
 def _llm_method(cls: type[ReductionMethod], sched: dict[str, Any], options: dict[str, Any],
                 args: argparse.Namespace) -> ReductionMethod:
+    family = getattr(args, "family", None)
     targets = _targets(sched)
     if not targets:
         raise ValueError(f"--method {cls.name} needs a target: --budget 64|128|192 (the paper's budgets), or "
@@ -299,8 +301,9 @@ def _llm_method(cls: type[ReductionMethod], sched: dict[str, Any], options: dict
         tokens=None if sched["tokens"] is None else parse_counts(sched["tokens"]),
         ratios=None if sched["ratios"] is None else parse_ratios(sched["ratios"]),
         ratio_mode=sched["ratio_mode"] or cls.default_ratio_mode,
+        family=family,
     )
-    options = dict(options)
+    options = {**cls.defaults(family)["options"], **options}
     if getattr(args, "positions", None) is not None:
         options["positions"] = args.positions
     return cls(schedule, **options)
@@ -337,7 +340,7 @@ def _pipeline(pre: Any, llm: Any, sched: dict[str, Any], pre_tokens: int | None,
     if pre_tokens is None and sched["budget"] is not None and len(_targets(sched)) == 1:
         budget = _to_float(sched["budget"], "--budget", sched["budget"])
         layers = None if sched["layers"] is None else parse_layers(sched["layers"])
-        pipe = Pipeline.from_budget(pre, llm, budget, layers, **llm_options)
+        pipe = Pipeline.from_budget(pre, llm, budget, layers, getattr(args, "family", None), **llm_options)
         return Pipeline(pre(tokens=pipe.pre.tokens, **pre_options), pipe.llm)
     if pre_tokens is None:
         raise ValueError(f"--method {pre.name}+{llm.name} needs --budget B (the paper's w/ VE row) or --pre-tokens T "

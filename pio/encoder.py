@@ -157,7 +157,7 @@ class Pipeline:
 
     @classmethod
     def from_budget(cls, pre: type[EncoderMethod], llm: type[ReductionMethod], budget: float,
-                    layers: Sequence[int] | None = None, **options: Any) -> Pipeline:
+                    layers: Sequence[int] | None = None, family: str | None = None, **options: Any) -> Pipeline:
         """The paper's "w/ VE" row B: the encoder keeps ``1.5 B`` per crop (the authors' 96 for 64), then the
         in-LLM method, after its w/ VE layers (PIO: 16, the authors' README), keeps what makes the average over the
         decoder layers B: for one stage after layer L/2, a third of the encoder's tokens (96 -> 32)."""
@@ -165,9 +165,10 @@ class Pipeline:
         if encoder_tokens > PAPER_N0:
             raise ValueError(f"budget {budget:g} w/ VE: the encoder would keep {encoder_tokens:g} of {PAPER_N0} per "
                              f"crop; the largest budget with an encoder stage is {PAPER_N0 / VE_SHARE:g}")
-        layers = layers if layers is not None else (llm.ve_layers or llm.default_layers)
-        schedule = llm.schedule_for(layers, budget_ratio=1 / VE_SHARE)
-        return cls(pre.from_budget(encoder_tokens), llm(schedule, **options))
+        d = llm.defaults(family)
+        layers = layers if layers is not None else (d["ve_layers"] or d["layers"])
+        schedule = llm.schedule_for(layers, budget_ratio=1 / VE_SHARE, family=family)
+        return cls(pre.from_budget(encoder_tokens), llm(schedule, **{**d["options"], **options}))
 
     def validate(self, num_layers: int) -> None:
         self.pre.validate()

@@ -379,6 +379,43 @@ def clip_vision_flops(
     return out
 
 
+def qwen_vision_flops(grids: Sequence[Sequence[int]], hidden: int = 1280, intermediate: int = 3420, depth: int = 32,
+                      out_dim: int = 3584, fullatt_blocks: Sequence[int] = (7, 15, 23, 31), patch_size: int = 14,
+                      temporal_patch_size: int = 2, merge: int = 2, window_size: int = 112, in_chans: int = 3
+                      ) -> dict[str, int]:
+    """FLOPs of Qwen2.5-VL's vision transformer and merger on images of patch grids ``grids`` ((t, h, w) each,
+    the processor's ``image_grid_thw``; defaults: Qwen2.5-VL-7B).
+
+    Per image of ``N = t*h*w`` patches: the patch embedding (a conv over ``in_chans * temporal_patch_size *
+    patch_size^2`` inputs), per block the q/k/v/o projections ``4 * 2*N*d^2``, attention ``2 * 2*d * sum of
+    n^2`` over its attention groups (the whole image in the full-attention blocks ``fullatt_blocks``, windows of
+    ``(window_size / patch_size)^2`` patches, ``merge x merge``-aligned and cut at the edges, elsewhere) and the
+    SwiGLU MLP ``3 * 2*N*d*m``; the merger's two matrices on the ``N / merge^2`` merged tokens. Norms,
+    activations and rotary embeddings are ignored.
+    """
+    d, m = hidden, intermediate
+    side = window_size // patch_size // merge  # merged tokens per window side
+    out = {"patch_embed": 0, "attn_proj": 0, "attention": 0, "mlp": 0, "merger": 0}
+    n_full = sum(1 for b in fullatt_blocks if 0 <= b < depth)
+    for t, h, w in grids:
+        n = t * h * w
+        hm, wm = h // merge, w // merge
+        windows = 0
+        for r in range(0, hm, side):
+            for c in range(0, wm, side):
+                windows += (min(side, hm - r) * min(side, wm - c) * merge * merge) ** 2
+        windows *= t
+        full = t * (h * w) ** 2  # every frame attends within itself
+        out["patch_embed"] += 2 * n * in_chans * temporal_patch_size * patch_size * patch_size * d
+        out["attn_proj"] += depth * 4 * 2 * n * d * d
+        out["attention"] += 2 * 2 * d * (n_full * full + (depth - n_full) * windows)
+        out["mlp"] += depth * 3 * 2 * n * d * m
+        wide = d * merge * merge
+        out["merger"] += 2 * (n // (merge * merge)) * wide * (wide + out_dim)
+    out["total"] = sum(out.values())
+    return out
+
+
 def projector_flops(n_tokens: int, in_dim: int, out_dim: int, kind: str = "mlp2x_gelu") -> int:
     """FLOPs of the multimodal projector on ``n_tokens`` tokens.
 

@@ -145,7 +145,7 @@ def sliced_proxy(
         o = torch.einsum("bgkd,ghd->bgkh", mixed, w_v)  # (B, Hkv, G*K, hd)
         if attn.v_proj.bias is not None:
             o = o + attn.v_proj.bias.view(1, n_kv, 1, hd)
-        o = o.view(B, n_kv * groups, K, hd).transpose(1, 2).reshape(B, K, -1)  # (B, K, H*hd)
+        o = o.reshape(B, n_kv * groups, K, hd).transpose(1, 2).reshape(B, K, -1)  # (B, K, H*hd)
         y = _rows(x, rows) + attn.o_proj(o)
         y = y + layer.mlp(layer.post_attention_layernorm(y))
         return head(norm(y))
@@ -153,24 +153,25 @@ def sliced_proxy(
     return proxy
 
 
-def full_proxy(
-    layer: Any,
-    norm: torch.nn.Module,
-    head: torch.nn.Module,
-    attention_mask: torch.Tensor | None,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    position_ids: torch.Tensor,
-) -> ProxyFn:
+def full_proxy(layer: Any, norm: torch.nn.Module, head: torch.nn.Module, layer_kwargs: dict[str, Any]) -> ProxyFn:
     """Proxy that runs the whole decoder layer (the model's attention backend) and slices afterwards.
 
-    ``attention_mask`` is what the backend expects for a causal + padding mask over the current sequence
-    (a 4D additive mask for eager/SDPA, the 2D mask for FlashAttention-2); never ``None`` with padding.
+    ``layer_kwargs`` is what the layer is called with for the current sequence: its ``attention_mask`` in the
+    form the backend expects for a causal + padding mask (a 4D additive mask for eager/SDPA, the 2D mask for
+    FlashAttention-2; never ``None`` with padding), its rotary ``position_embeddings``, ...
     """
     def proxy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        cos, sin = (_usable(t) for t in position_embeddings)
-        mask = _usable(attention_mask) if attention_mask is not None else None
-        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=(cos, sin))
+        kwargs = {k: _usable_tree(v) for k, v in layer_kwargs.items()}
+        out = layer(x, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
         return head(norm(_rows(y, rows)))
 
     return proxy
+
+
+def _usable_tree(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return _usable(v)
+    if isinstance(v, tuple):
+        return tuple(_usable_tree(t) for t in v)
+    return v

@@ -41,7 +41,8 @@ def make_method(name: str, **kwargs: Any) -> Any:
     """An instance of the method ``name``: ``make_method("fastv", budget=64)`` (a paper budget label, solved with
     the method's published shape), ``make_method("pio", schedule=Schedule(...), tau=0.8)``,
     ``make_method("visionzip", budget=64)`` (tokens per crop), or ``make_method("scan+pio", budget=64)`` (the
-    paper's "w/ VE" row: a :class:`~pio.encoder.Pipeline`; options go to the in-LLM method)."""
+    paper's "w/ VE" row: a :class:`~pio.encoder.Pipeline`; options go to the in-LLM method). ``family="qwen2_5_vl"``
+    gives the method's defaults for that model family (e.g. PIO's layers 1, 8, 14 and current-layer proxy)."""
     from .encoder import EncoderMethod, Pipeline
 
     names = str(name).split("+")
@@ -57,6 +58,8 @@ def make_method(name: str, **kwargs: Any) -> Any:
     if "budget" in kwargs:
         budget = kwargs.pop("budget")
         if issubclass(cls, EncoderMethod):
+            kwargs.pop("family", None)
             return cls.from_budget(budget, **kwargs)
         return cls.from_budget(budget, kwargs.pop("layers", None), **kwargs)
-    return cls(**kwargs)
+    family = kwargs.pop("family", None)
+    return cls(**{**cls.defaults(family)["options"], **kwargs}) if family else cls(**kwargs)

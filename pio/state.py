@@ -86,6 +86,7 @@ class PruneState:
         self.kv_bytes: int | None = None  # measured after prefill when profiling
         self.encoder_counts: list[int] | None = None  # per image, tokens before an encoder-side stage
         self.vision_crops = 0  # crops the vision tower encoded (every image's views)
+        self.vision_grids: list[list[int]] = []  # patch grids (t, h, w) a Qwen-style vision transformer encoded
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
         self._encoder_counts: list[list[int]] | None = None
@@ -147,9 +148,10 @@ class PruneState:
             self.stage_widths[layer] = keep.index.shape[1]
             assert self.origin is not None
             origin = self.origin
-            if keep.n_merged:  # merged tokens have no origin: point them at the span start (a visual position)
+            if keep.n_merged:  # merged tokens have no origin: point them at the span's first token's origin
                 starts = torch.tensor([s[0] if s else 0 for s in self.spans], device=origin.device)
-                origin = torch.cat([origin, starts[:, None].expand(-1, keep.n_merged)], dim=1)
+                first = torch.gather(origin, 1, starts[:, None])
+                origin = torch.cat([origin, first.expand(-1, keep.n_merged)], dim=1)
             self.origin = torch.gather(origin, 1, keep.index)
         for b, k in enumerate(selection.keep):
             if self.spans[b] is None:

@@ -26,13 +26,20 @@ def tiny_v16(tmp_path_factory) -> str:
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llava-v1.6-tiny", "llava-v1.6", seed=1))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> str:
+    from llava.model.tiny_qwen import write_tiny_qwen_checkpoint
+
+    return str(write_tiny_qwen_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen2.5-vl-tiny", seed=2))
+
+
 @pytest.fixture(scope="module")
-def models(tiny_v15, tiny_v16):
-    """``{"v15": (tokenizer, model, processor), "v16": ...}`` loaded once per test module."""
+def models(tiny_v15, tiny_v16, tiny_qwen):
+    """``{"v15": (tokenizer, model, processor), "v16": ..., "qwen": ...}`` loaded once per test module."""
     from tests.helpers import load
 
     out = {}
-    for name, path in (("v15", tiny_v15), ("v16", tiny_v16)):
+    for name, path in (("v15", tiny_v15), ("v16", tiny_v16), ("qwen", tiny_qwen)):
         tok, model, proc, _ = load(path)
         out[name] = (tok, model, proc)
     return out

@@ -31,11 +31,31 @@ def pixels(images, processor, model):
     return process_images(images, processor, model.config)
 
 
-def load(path: str, attn: str = "sdpa", dtype: str = "float32"):
-    """Load a tiny checkpoint on CPU through the real builder."""
-    from llava.model.builder import load_pretrained_model
+QWEN_TEST_PIXELS = (3136, 100352)  # tiny Qwen tests: 4 to 128 merged visual tokens per image (not 1008^2)
 
-    return load_pretrained_model(path, device="cpu", torch_dtype=dtype, attn_implementation=attn)
+
+def load(path: str, attn: str = "sdpa", dtype: str = "float32"):
+    """Load a tiny checkpoint on CPU through the real builder (Qwen2.5-VL at :data:`QWEN_TEST_PIXELS`)."""
+    from llava.model.builder import checkpoint_family, load_pretrained_model
+
+    extra = {}
+    if checkpoint_family(path) == "qwen2_5_vl":
+        extra = dict(zip(("min_pixels", "max_pixels"), QWEN_TEST_PIXELS, strict=True))
+    return load_pretrained_model(path, device="cpu", torch_dtype=dtype, attn_implementation=attn, **extra)
+
+
+def encode(models, arch: str, question: str, images=(), mode: str | None = None):
+    """``(input_ids (1, T), kwargs)`` of one question with ``images`` for ``models[arch]``; kwargs carry the
+    pixels and sizes (LLaVA: image sizes; Qwen2.5-VL: its grids) under the names ``generate`` and ``forward``
+    take (``images``, ``image_sizes``)."""
+    from llava.eval.runner import QWEN_CONV_MODE, chat_prompt
+    from llava.eval.runner import encode as encode_prompt
+
+    tok, model, proc = models[arch]
+    mode = mode or (QWEN_CONV_MODE if arch == "qwen" else "vicuna_v1")
+    prompt = chat_prompt("<image>\n" * len(images) + question, mode)
+    ids, px, sizes = encode_prompt(prompt, list(images), tok, proc, model.config)
+    return ids, ({"images": px, "image_sizes": sizes} if images else {})
 
 
 def left_padded_pair(tok, proc, model, dtype=torch.float64):

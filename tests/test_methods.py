@@ -19,9 +19,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
 from pio import PruneState, Schedule, get_method, method_names
-from tests.helpers import image, left_padded_pair, load, pixels, prompt_ids
+from tests.helpers import encode, image, left_padded_pair, load, pixels, prompt_ids
+
+FAMILY = {"v15": None, "v16": None, "qwen": "qwen2_5_vl"}
+
+
+def parts(model):
+    """``(layers, final norm, rotary embedding, LM head)`` of a model's language model (LLaVA or Qwen2.5-VL)."""
+    lm = model.model.language_model if hasattr(model.model, "language_model") else model.get_model()
+    return lm.layers, lm.norm, lm.rotary_emb, model.lm_head
+
+
+def run_layer(layer, h, **kw) -> torch.Tensor:
+    out = layer(h, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def rotate(model, k, pe):
+    """Keys (1, H, S, hd) rotated by the model's own rotary rule (Qwen: transformers' M-RoPE sections)."""
+    cos, sin = pe
+    if cos.dim() == 4:
+        return apply_multimodal_rotary_pos_emb(k, k, cos, sin, model.config.text_config.rope_scaling["mrope_section"])[1]
+    return apply_rotary_pos_emb(k, k, cos, sin)[1]
 
 
 # ------------------------------------------------------------------------------------------ naive references
@@ -35,7 +57,7 @@ class Ctx:
     h: torch.Tensor  # (1, S, D) its output
     pe: tuple
     mask: torch.Tensor  # (1, 1, S, S) additive causal
-    positions: torch.Tensor  # (1, S)
+    positions: torch.Tensor  # (1, S); Qwen2.5-VL: (3, 1, S)
     start: int
     length: int
     k: int
@@ -69,13 +91,14 @@ def top_k(values, k: int) -> list[int]:
 
 
 def naive_pio(c: Ctx):
-    m, lm = c.method, c.model.get_model()
-    proxy = lm.layers[c.layer] if m.proxy == "next" else lm.layers[c.layer - 1]
+    m = c.method
+    layers, norm, _, head = parts(c.model)
+    proxy = layers[c.layer] if m.proxy == "next" else layers[c.layer - 1]
     S = c.h.shape[1]
     with torch.enable_grad():
         x = c.h.detach().clone().requires_grad_(True)
-        y = proxy(x, attention_mask=c.mask, position_ids=c.positions, position_embeddings=c.pe)
-        logits = c.model.lm_head(lm.norm(y))[0]  # (S, V): every position, full vocabulary
+        y = run_layer(proxy, x, attention_mask=c.mask, position_ids=c.positions, position_embeddings=c.pe)
+        logits = head(norm(y))[0]  # (S, V): every position, full vocabulary
         if m.include_last:
             sel = logits[sorted({max(S - 1 - t, 0) for t in range(m.k_pos)})]
         else:  # the authors' rule on shifted logits
@@ -106,12 +129,12 @@ def naive_pio(c: Ctx):
 
 
 def naive_fastv(c: Ctx):
-    w = eager_attention(c.model.get_model().layers[c.layer - 1], c.h_in, c.pe, c.mask)
+    w = eager_attention(parts(c.model)[0][c.layer - 1], c.h_in, c.pe, c.mask)
     return top_k(w[0].mean(0)[-1, c.start : c.start + c.length], c.k), None
 
 
 def naive_pdrop(c: Ctx):
-    w = eager_attention(c.model.get_model().layers[c.layer], c.h, c.pe, c.mask)
+    w = eager_attention(parts(c.model)[0][c.layer], c.h, c.pe, c.mask)
     return top_k(w[0].mean(0)[-1, c.start : c.start + c.length], c.k), None
 
 
@@ -121,7 +144,7 @@ def naive_sparsevlm(c: Ctx):
     V, T = e[s0 : s0 + n0], e[s0 + n0 :]
     share = torch.stack([torch.softmax(V[i] @ T.T, dim=0) for i in range(n0)]).mean(0)
     raters = [j for j in range(T.shape[0]) if share[j] > share.mean()] or list(range(T.shape[0]))
-    w = eager_attention(c.model.get_model().layers[c.layer - 1], c.h_in, c.pe, c.mask)[0].mean(0)
+    w = eager_attention(parts(c.model)[0][c.layer - 1], c.h_in, c.pe, c.mask)[0].mean(0)
     text_start = c.start + c.length
     score = torch.stack([w[text_start + r, c.start : c.start + c.length] for r in raters]).mean(0)
     k = min(c.k, c.length - 1)
@@ -148,18 +171,17 @@ def naive_sparsevlm(c: Ctx):
 
 
 def naive_dart(c: Ctx):
-    lm = c.model.get_model()
-    layer = lm.layers[c.layer - 1]
+    layers, norm, _, _ = parts(c.model)
+    layer = layers[c.layer - 1]
     attn = layer.self_attn
     S = c.h.shape[1]
     k = attn.k_proj(layer.input_layernorm(c.h_in)).view(1, S, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = c.pe
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)  # (1, Hkv, S, hd)
+    k = rotate(c.model, k, c.pe)  # (1, Hkv, S, hd)
     l1 = k[0].abs().sum(dim=(0, 2))  # (S,)
     text = list(range(c.start + c.length, S))
     img_piv = sorted(order_desc(l1[c.start : c.start + c.length])[: c.method.pivot_image])
     txt_piv = [text[j] for j in order_desc(l1[text])[: c.method.pivot_text]]
-    f = F.normalize(lm.norm(c.h)[0], dim=-1)
+    f = F.normalize(norm(c.h)[0], dim=-1)
     pivots = sorted([c.start + j for j in img_piv] + txt_piv)
     kept, free = list(img_piv), [j for j in range(c.length) if j not in img_piv]
     base, extra = divmod(c.k - len(img_piv), len(pivots))
@@ -195,44 +217,50 @@ CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
 NAMES = [n for n in method_names() if get_method(n).where == "llm"]
 
 
-def make(name: str, case: int = 0):
+def make(name: str, case: int = 0, arch: str = "v15"):
+    """The method of ``CASES[name][case]`` with its defaults for ``arch``'s model family."""
     schedule, options = CASES[name][case]
-    return get_method(name)(schedule, **options)
+    cls = get_method(name)
+    return cls(schedule, **{**cls.defaults(FAMILY[arch])["options"], **options})
 
 
-def naive_run(model, embeds, span, method) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+def naive_run(model, embeds, span, method, positions=None) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
     """The method on one unpadded sample, layer by layer, with ``REFERENCES[method.name]`` choosing: the kept
-    original positions per stage (-1: a merged token) and the merged tokens per layer."""
+    original positions per stage (-1: a merged token) and the merged tokens per layer. ``positions``: the
+    prefill's (Qwen2.5-VL: its M-RoPE ids (3, 1, S)); default 0..S-1."""
     select = REFERENCES[method.name]
-    lm = model.get_model()
-    L = model.config.num_hidden_layers
+    layers, _, rotary, _ = parts(model)
+    L = len(layers)
     start, length = span
     counts = method.counts(length, L)
-    h, positions = embeds, torch.arange(embeds.shape[1])[None]
+    h = embeds
+    positions = torch.arange(embeds.shape[1])[None] if positions is None else positions
     local, log, merged_at = list(range(length)), [], {}
-    for i, layer in enumerate(lm.layers):
+    for i, layer in enumerate(layers):
         S_ = h.shape[1]
-        pe = lm.rotary_emb(h, positions)
+        pe = rotary(h, positions)
         mask = causal(S_, h.dtype)
         h_in = h
-        h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe)
+        h = run_layer(layer, h, attention_mask=mask, position_ids=positions, position_embeddings=pe)
         rank = i + 1
         if rank not in method.layers:
             continue
         k = counts[method.layers.index(rank)]
-        if k >= length:
+        if k >= length:  # the stage keeps the whole span
+            log.append(list(local))
             continue
         ctx = Ctx(model, rank, h_in, h, pe, mask, positions, start, length, k, embeds, span, method)
         keep, merged = select(ctx)
         m = 0 if merged is None else merged.shape[0]
         rows = [start + j for j in keep]
-        parts = [h[:, :start], h[:, rows]] + ([merged[None].to(h.dtype)] if m else []) + [h[:, start + length:]]
-        h = torch.cat(parts, dim=1)
+        pieces = [h[:, :start], h[:, rows]] + ([merged[None].to(h.dtype)] if m else []) + [h[:, start + length:]]
+        h = torch.cat(pieces, dim=1)
         if method.positions == "renumber":
-            positions = torch.arange(h.shape[1])[None]
+            positions = torch.arange(h.shape[1]).expand(*positions.shape[:-1], -1)
         else:
-            p = positions[0]
-            positions = torch.cat([p[:start], p[rows], p[start].repeat(m), p[start + length:]])[None]
+            p = positions
+            positions = torch.cat([p[..., :start], p[..., rows], p[..., start:start + 1].repeat_interleave(m, -1),
+                                   p[..., start + length:]], dim=-1)
         local = [local[j] for j in keep] + [-1] * m
         log.append(list(local))
         if m:
@@ -242,10 +270,9 @@ def naive_run(model, embeds, span, method) -> tuple[list[list[int]], dict[int, t
 
 
 def single_input(models, arch, seed, question="Is there a red circle in the image? Answer yes or no."):
-    tok, model, proc = models[arch]
+    """``(input_ids, kwargs with images and image_sizes)`` of one image question."""
     size = [(640, 427), (500, 500), (333, 700), (800, 300), (640, 480)][seed % 5]
-    img = image(*size, seed=seed)
-    return img, pixels([img], proc, model), prompt_ids(tok, question)[None]
+    return encode(models, arch, question, [image(*size, seed=seed)])
 
 
 # ------------------------------------------------------------------------------------------ the suite
@@ -254,22 +281,27 @@ def test_every_method_has_a_test_entry():
     assert set(method_names()) == set(NAMES) | set(ENCODER_REFERENCES)
 
 
+ARCHES = ["v15", "v16", "qwen"]
+
+
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("arch", ["v15", "v16"])
+@pytest.mark.parametrize("arch", ARCHES)
 def test_kept_positions_equal_naive_reference(models, name, arch):
     tok, model, proc = models[arch]
     model.to(torch.float64)
     try:
         cases = range(len(CASES[name])) if arch == "v15" else range(1)
         for case in cases:
-            method = make(name, case)
-            img, x, ids = single_input(models, arch, seed=case + (5 if arch == "v16" else 0))
-            mm = model.prepare_multimodal_inputs(ids, None, x.to(torch.float64), [img.size])
+            method = make(name, case, arch)
+            ids, kw = single_input(models, arch, seed=case + {"v15": 0, "v16": 5, "qwen": 3}[arch])
+            mm = model.prepare_multimodal_inputs(ids, None, kw["images"].to(torch.float64), kw["image_sizes"])
             state = PruneState()
             state.set_inputs(mm.spans, mm.padding_side)
-            model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, reducer=method, prune_state=state)
+            model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
+                  reducer=method, prune_state=state)
             ours = [st.kept for st in state.samples[0].stages]
-            ref, ref_merged = naive_run(model, mm.inputs_embeds, mm.spans[0][0], method)
+            qwen_ids = mm.position_ids if arch == "qwen" else None
+            ref, ref_merged = naive_run(model, mm.inputs_embeds, mm.spans[0][0], method, qwen_ids)
             assert len(ref) >= 1, (name, case)
             assert ours == ref, (name, case)
             merged = {layer: sel.merged[0] for layer, sel in state.selections.items() if sel.merged is not None}
@@ -281,68 +313,76 @@ def test_kept_positions_equal_naive_reference(models, name, arch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_keep_all_is_identity(models, name):
-    tok, model, proc = models["v15"]
+@pytest.mark.parametrize("arch", ["v15", "qwen"])
+def test_keep_all_is_identity(models, name, arch):
+    tok, model, proc = models[arch]
     schedule, options = CASES[name][0]
-    method = get_method(name)(Schedule(schedule.layers, tokens=(576,) * len(schedule.layers)), **options)
-    img, x, ids = single_input(models, "v15", seed=1)
-    base = model(ids, images=x).logits
+    method = get_method(name)(Schedule(schedule.layers, tokens=(5000,) * len(schedule.layers)), **options)
+    ids, kw = single_input(models, arch, seed=1)
+    base = model(ids, **kw).logits
     st = PruneState()
-    same = model(ids, images=x, reducer=method, prune_state=st).logits
+    same = model(ids, reducer=method, prune_state=st, **kw).logits
     assert torch.equal(base, same)
-    assert not st.stage_masks and [s.after for s in st.samples[0].stages] == [576] * len(schedule.layers)
+    n = st.samples[0].n_visual
+    assert not st.stage_masks and [s.after for s in st.samples[0].stages] == [n] * len(schedule.layers)
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("arch", ["v15", "v16"])
+@pytest.mark.parametrize("arch", ARCHES)
 def test_cached_decoding_equals_recomputation(models, name, arch):
     tok, model, proc = models[arch]
-    method = make(name)
-    img, x, ids = single_input(models, arch, seed=5, question="How many objects are there?")
+    method = make(name, 0, arch)
+    ids, kw = single_input(models, arch, seed=5, question="How many objects are there?")
     st = PruneState()
-    out = model.generate(ids, images=x, image_sizes=[img.size], do_sample=False, max_new_tokens=5, min_new_tokens=5,
+    out = model.generate(ids, **kw, do_sample=False, max_new_tokens=5, min_new_tokens=5, repetition_penalty=1.0,
                          reducer=method, prune_state=st, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0].tolist()
     assert len(tokens) == 5 and st.stage_masks, "the method pruned nothing"
     for t in range(5):
         full = torch.cat([ids, torch.tensor([tokens[:t]], dtype=ids.dtype)], dim=1)
         replay = PruneState(forced=st.selections)
-        logits = model(full, images=x, image_sizes=[img.size], use_cache=False, reducer=method,
-                       prune_state=replay).logits[0, -1]
+        logits = model(full, **kw, use_cache=False, reducer=method, prune_state=replay).logits[0, -1]
         torch.testing.assert_close(logits, out.logits[t][0], atol=2e-5, rtol=1e-4)
         assert int(logits.argmax()) == tokens[t]
 
 
-def batch(models, side):
-    tok, model, proc = models["v15"]
-    imgs = [image(640, 427, seed=11), image(300, 500, seed=12)]
+def batch(models, side, arch="v15"):
+    """Three questions (two images of different sizes, one text-only) padded on ``side``: ``(questions, per-sample
+    (ids, kwargs), ids, mask, kwargs of the batch's images)``."""
     qs = [("Is there a cat?", 0), ("What is written on the sign in the picture?", None), ("Name the colour.", 1)]
-    seqs = [prompt_ids(tok, q, with_image=im is not None) for q, im in qs]
-    width = max(len(s) for s in seqs)
+    imgs = [image(640, 427, seed=11), image(300, 500, seed=12)]
+    singles = [encode(models, arch, q, [imgs[im]] if im is not None else []) for q, im in qs]
+    width = max(ids.shape[1] for ids, _ in singles)
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros(3, width, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[b, sl], mask[b, sl] = s, 1
-    return qs, imgs, seqs, ids, mask
+    for b, (s, _) in enumerate(singles):
+        sl = slice(width - s.shape[1], width) if side == "left" else slice(0, s.shape[1])
+        ids[b, sl], mask[b, sl] = s[0], 1
+    with_images = [kw for _, kw in singles if kw]
+    if arch == "qwen":
+        kw = {"images": torch.cat([k["images"] for k in with_images]),
+              "image_sizes": torch.cat([k["image_sizes"] for k in with_images])}
+    else:
+        kw = {"images": torch.cat([k["images"] for k in with_images]),
+              "image_sizes": [size for k in with_images for size in k["image_sizes"]]}
+    return qs, singles, ids, mask, kw
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_batch_equals_single(models, name):
-    tok, model, proc = models["v15"]
-    method = make(name)
-    qs, imgs, seqs, ids_l, mask_l = batch(models, "left")
+@pytest.mark.parametrize("arch", ["v15", "qwen"])
+def test_batch_equals_single(models, name, arch):
+    tok, model, proc = models[arch]
+    method = make(name, 0, arch)
+    qs, singles, ids_l, mask_l, kw_l = batch(models, "left", arch)
     single = []
-    for (_, im), s in zip(qs, seqs):
-        kw = {"images": pixels([imgs[im]], proc, model)} if im is not None else {}
+    for s, kw in singles:
         st = PruneState()
-        logits = model(s[None], reducer=method, prune_state=st, **kw).logits[0, -1]
-        gen = model.generate(s[None], do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=method, **kw)
+        logits = model(s, reducer=method, prune_state=st, **kw).logits[0, -1]
+        gen = model.generate(s, do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=method, **kw)
         single.append((logits, [t.kept for t in st.samples[0].stages], gen[0].tolist()))
-    x = pixels(imgs, proc, model)
     for side in ("left", "right"):
-        _, _, _, ids, mask = batch(models, side)
-        mm = model.prepare_multimodal_inputs(ids, mask, x, padding_side=side)
+        _, _, ids, mask, kw = batch(models, side, arch)
+        mm = model.prepare_multimodal_inputs(ids, mask, kw["images"], kw["image_sizes"], padding_side=side)
         st = PruneState()
         st.set_inputs(mm.spans, side)
         logits = model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
@@ -352,8 +392,8 @@ def test_batch_equals_single(models, name):
             last = int(final[b].nonzero().max())
             torch.testing.assert_close(logits[b, last], single[b][0], atol=1e-4, rtol=1e-4)
             assert [t.kept for t in st.samples[b].stages] == single[b][1], (side, b)
-    gen = model.generate(ids_l, images=x, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
-                         reducer=method)
+    gen = model.generate(ids_l, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                         reducer=method, **kw_l)
     assert [g.tolist() for g in gen] == [s[2] for s in single]
 
 
@@ -595,24 +635,22 @@ def test_encoder_side_batch_and_cached_decoding(models, name):
 
     tok, model, proc = models["v15"]
     pipe = Pipeline(make_encoder(name, 64), FastV(Schedule((2,), tokens=(20,))))
-    qs, imgs, seqs, ids_l, mask_l = batch(models, "left")
+    qs, singles, ids_l, mask_l, kw_l = batch(models, "left")
     single = []
-    for (_, im), s in zip(qs, seqs):
-        kw = {"images": pixels([imgs[im]], proc, model)} if im is not None else {}
+    for s, kw in singles:
         st = PruneState()
-        out = model.generate(s[None], do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=pipe,
+        out = model.generate(s, do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=pipe,
                              prune_state=st, output_logits=True, return_dict_in_generate=True, **kw)
         single.append((out.sequences[0].tolist(), [t.kept for t in st.samples[0].stages]))
-        if im is not None:  # cached decoding == recomputation with the prefill's decisions replayed
+        if kw:  # cached decoding == recomputation with the prefill's decisions replayed
             toks = out.sequences[0].tolist()
             for t in range(4):
-                full = torch.cat([s[None], torch.tensor([toks[:t]], dtype=s.dtype)], dim=1)
+                full = torch.cat([s, torch.tensor([toks[:t]], dtype=s.dtype)], dim=1)
                 logits = model(full, use_cache=False, reducer=pipe, prune_state=PruneState(forced=st.selections),
                                **kw).logits[0, -1]
                 torch.testing.assert_close(logits, out.logits[t][0], atol=2e-5, rtol=1e-4)
-    x = pixels(imgs, proc, model)
     st = PruneState()
-    gen = model.generate(ids_l, images=x, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
-                         reducer=pipe, prune_state=st)
+    gen = model.generate(ids_l, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                         reducer=pipe, prune_state=st, **kw_l)
     assert [g.tolist() for g in gen] == [s[0] for s in single]
     assert [[t.kept for t in smp.stages] for smp in st.samples] == [s[1] for s in single]

@@ -14,7 +14,6 @@ import logging
 import os
 
 from llava.eval import runner
-from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +48,7 @@ def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processo
     q = item.data
     image = runner.load_image(os.path.join(args.image_folder, q["image"]))
     prompt = build_prompt(q["text"], args.conv_mode, getattr(config, "mm_use_im_start_end", False))
-    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
-    return ids, process_images([image], processor, config), [image.size]
+    return runner.encode(prompt, [image], tokenizer, processor, config)
 
 
 def record(item: runner.Question, text: str, model_name: str) -> dict:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 from llava.eval import runner
 from llava.eval.eval_mmbench import MISSING_VALUES  # pandas' default NaN strings, as the scorer reads them
-from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +204,7 @@ def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processo
     q, (round_id, options, option_char) = item.data
     prompt = build_prompt(question_text(q, options), args.conv_mode, bool(getattr(config, "mm_use_im_start_end", False)),
                           args.single_pred_prompt, args.lang)
-    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
-    image = decode_image(q.image)
-    return ids, process_images([image], processor, config), [image.size]
+    return runner.encode(prompt, [decode_image(q.image)], tokenizer, processor, config)
 
 
 def record(item: runner.Question, text: str, model_name: str) -> dict:

@@ -32,7 +32,6 @@ import os
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval import runner
-from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +128,9 @@ def prepare(args: argparse.Namespace, item: runner.Question, tokenizer, processo
     """Prompt, and image and pixels for image questions (in a DataLoader worker)."""
     prompt, _ = build_prompts(item.data, args.conv_mode, bool(getattr(config, "mm_use_im_start_end", False)),
                               args.single_pred_prompt)
-    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
     rel = image_file(item.data)
-    if rel is None:
-        return ids, None, None
-    image = runner.load_image(os.path.join(args.image_folder, rel))
-    return ids, process_images([image], processor, config), [image.size]
+    images = [runner.load_image(os.path.join(args.image_folder, rel))] if rel is not None else []
+    return runner.encode(prompt, images, tokenizer, processor, config)
 
 
 def record(args: argparse.Namespace, item: runner.Question, text: str, model_name: str) -> dict:

@@ -16,6 +16,7 @@ from pio.flops import (
     fastv_prefill_flops,
     kv_cache_bytes,
     projector_flops,
+    qwen_vision_flops,
     selection_flops,
 )
 
@@ -23,6 +24,12 @@ from pio.flops import (
 def vision_flops(model: Any, state: PruneState) -> dict[str, int]:
     """``vision``: the tower on every crop plus the projector on every patch (what an encoder-side method does not
     save: it reduces after them); ``encoder_selection``: what such a method computed on top."""
+    if getattr(state, "vision_grids", None) and hasattr(model.config, "vision_config"):  # Qwen2.5-VL
+        v = model.config.vision_config
+        total = qwen_vision_flops(state.vision_grids, v.hidden_size, v.intermediate_size, v.depth, v.out_hidden_size,
+                                  v.fullatt_block_indexes, v.patch_size, v.temporal_patch_size, v.spatial_merge_size,
+                                  v.window_size, v.in_chans)["total"]
+        return {"vision": total, "encoder_selection": 0}
     tower = model.get_vision_tower() if hasattr(model, "get_vision_tower") else None
     if tower is None or not state.vision_crops:
         return {"vision": 0, "encoder_selection": 0}

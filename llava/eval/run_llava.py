@@ -14,7 +14,6 @@ from llava.constants import (
     IMAGE_PLACEHOLDER,
 )
 from llava.eval import runner
-from llava.mm_utils import process_images, tokenizer_image_token
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         query = re.sub(re.escape(IMAGE_PLACEHOLDER), image_token, query)
     else:
         query = "\n".join([image_token] * len(images) + [query])
-    ids = tokenizer_image_token(runner.chat_prompt(query, args.conv_mode), tok, return_tensors="pt")[None]
-    pixels = runner.to_model(process_images(images, proc, model.config), model)
-    text, state, _ = runner.generate(model, tok, ids, pixels, [im.size for im in images], args, method)
+    ids, pixels, sizes = runner.encode(runner.chat_prompt(query, args.conv_mode), images, tok, proc, model.config)
+    text, state, _ = runner.generate(model, tok, ids, runner.to_model(pixels, model), sizes, args, method)
     if method is not None:
         for rec in state.report():
             logger.info("visual tokens %d -> %s (average %.1f per layer)", rec["n_visual"],

@@ -38,7 +38,10 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--model-path", type=str, default="liuhaotian/llava-v1.5-7b")
     p.add_argument("--model-base", type=str, default=None)
     p.add_argument("--answers-file", type=str, default="answer.jsonl")
-    p.add_argument("--conv-mode", type=str, default=conv_mode)
+    p.add_argument("--conv-mode", type=str, default=None,
+                   help=f"conversation template (default: {conv_mode or 'from the model name'} for LLaVA, "
+                        f"{QWEN_CONV_MODE} for Qwen2.5-VL)")
+    p.set_defaults(llava_conv_mode=conv_mode)
     p.add_argument("--num-chunks", type=int, default=1)
     p.add_argument("--chunk-idx", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.2)
@@ -59,12 +62,17 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers preparing images and prompts (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="Qwen2.5-VL: smallest image area in pixels (default 1008*1008, the PIO authors' setting)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="Qwen2.5-VL: largest image area in pixels (default 1008*1008)")
     add_method_args(p)
 
 
 def check_args(args: argparse.Namespace) -> ReductionMethod | None:
     """Validate the flags that need no model (conversation template, decoding, reduction method) and return
     the method they describe; raises ValueError naming what is wrong."""
+    resolve_family_args(args)
     check_conv_mode(args.conv_mode)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
@@ -75,14 +83,54 @@ def check_args(args: argparse.Namespace) -> ReductionMethod | None:
     return method
 
 
+def decoder_depth(config: Any) -> int:
+    """The language model's number of layers (Qwen2.5-VL keeps it in its text config)."""
+    text = getattr(config, "text_config", None)
+    return int(text.num_hidden_layers if text is not None else config.num_hidden_layers)
+
+
+def resolve_family_args(args: argparse.Namespace) -> None:
+    """The model family's defaults, and its options refused for the other family: Qwen2.5-VL builds prompts with
+    its chat template (``--conv-mode qwen2_5_vl``, the default) and takes ``--min-pixels``/``--max-pixels``;
+    LLaVA takes its conversation templates and ``--model-base``."""
+    from llava.model.builder import checkpoint_family
+
+    path = os.path.expanduser(args.model_path)
+    if os.path.isdir(path):
+        family = checkpoint_family(path)
+    else:  # a hub id: by its name (no network before loading; load_model checks the loaded config again)
+        family = "qwen2_5_vl" if "qwen2.5-vl" in path.lower() else "llava"
+    if family == "qwen2_5_vl":
+        if args.conv_mode not in (None, QWEN_CONV_MODE):
+            raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint: it builds prompts with its own chat "
+                             f"template; drop --conv-mode {args.conv_mode} (allowed: {QWEN_CONV_MODE})")
+        if getattr(args, "model_base", None):
+            raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint; --model-base applies to LLaVA "
+                             "projector-only checkpoints")
+        args.conv_mode = QWEN_CONV_MODE
+        args.family = family
+        return
+    if args.conv_mode == QWEN_CONV_MODE:
+        raise ValueError(f"--conv-mode {QWEN_CONV_MODE} is Qwen2.5-VL's chat template; {args.model_path} is a LLaVA "
+                         "checkpoint (e.g. vicuna_v1)")
+    given = [f for f in ("min_pixels", "max_pixels") if getattr(args, f, None) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to Qwen2.5-VL; {args.model_path} is a LLaVA "
+                         "checkpoint, whose resolution is its vision tower's")
+    if args.conv_mode is None:
+        args.conv_mode = getattr(args, "llava_conv_mode", None) or "vicuna_v1"
+    args.family = None
+
+
 def _checkpoint_depth(model_path: str) -> int | None:
     """``num_hidden_layers`` of a local checkpoint's config.json (None when it cannot be read cheaply)."""
     cfg = os.path.join(os.path.expanduser(model_path), "config.json")
     try:
         with open(cfg, encoding="utf-8") as f:
-            value = json.load(f).get("num_hidden_layers")
+            data = json.load(f)
     except (OSError, ValueError):
         return None
+    value = data.get("num_hidden_layers", (data.get("text_config") or {}).get("num_hidden_layers"))
     return int(value) if isinstance(value, int) else None
 
 
@@ -103,6 +151,44 @@ def check_conv_mode(name: str) -> None:
     get_conv_template(name)  # raises with the allowed modes
 
 
+QWEN_CONV_MODE = "qwen2_5_vl"
+QWEN_IMAGE_PAD = "<|image_pad|>"
+QWEN_IMAGE = "<|vision_start|>" + QWEN_IMAGE_PAD + "<|vision_end|>"
+
+
+def is_qwen(config: Any) -> bool:
+    return getattr(config, "model_type", None) == "qwen2_5_vl"
+
+
+def encode(prompt: str, images: Sequence[Any], tokenizer, processor, config) -> Prepared:
+    """Token ids (1, T), pixels and image sizes of a templated ``prompt`` whose ``<image>`` marks stand for
+    ``images`` (PIL, in order; empty for a text-only prompt), for the model family of ``config``.
+
+    LLaVA: upstream's ``tokenizer_image_token`` and ``process_images``. Qwen2.5-VL: each ``<image>`` (with the
+    newline LLaVA puts after it) becomes Qwen's vision tokens and its processor expands them to the image's
+    grid; "sizes" are then its ``image_grid_thw``.
+    """
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    n_marks = prompt.count(DEFAULT_IMAGE_TOKEN)
+    if n_marks != len(images):
+        raise ValueError(f"the prompt has {n_marks} {DEFAULT_IMAGE_TOKEN} mark(s) for {len(images)} image(s)")
+    if is_qwen(config):
+        text = prompt.replace(DEFAULT_IMAGE_TOKEN + "\n", QWEN_IMAGE).replace(DEFAULT_IMAGE_TOKEN, QWEN_IMAGE)
+        if not images:
+            return tokenizer(text, return_tensors="pt")["input_ids"], None, None
+        out = processor(images=list(images), return_tensors="pt")
+        merge = int(getattr(processor, "merge_size", 2))
+        counts = (out["image_grid_thw"].prod(-1) // merge**2).tolist()
+        parts = text.split(QWEN_IMAGE_PAD)  # one image token per merged patch, as Qwen's processor expands them
+        text = parts[0] + "".join(QWEN_IMAGE_PAD * int(n) + rest for n, rest in zip(counts, parts[1:], strict=True))
+        return tokenizer(text, return_tensors="pt")["input_ids"], out["pixel_values"], out["image_grid_thw"]
+    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
+    if not images:
+        return ids, None, None
+    return ids, process_images(list(images), processor, config), [im.size for im in images]
+
+
 # --------------------------------------------------------------------------- loading
 def load_model(args: argparse.Namespace, method: ReductionMethod | None = None, loaded: tuple | None = None):
     """``(tokenizer, model, image_processor, model_name)`` from the flags; ``method`` is checked against the
@@ -117,10 +203,14 @@ def load_model(args: argparse.Namespace, method: ReductionMethod | None = None, 
         name = get_model_name_from_path(model_path)
         tok, model, proc, _ = load_pretrained_model(
             model_path, args.model_base, name, device=args.device, torch_dtype=args.dtype,
-            attn_implementation=args.attn_implementation,
+            attn_implementation=args.attn_implementation, min_pixels=getattr(args, "min_pixels", None),
+            max_pixels=getattr(args, "max_pixels", None),
         )
+    if is_qwen(model.config) != (args.conv_mode == QWEN_CONV_MODE):
+        raise ValueError(f"{args.model_path} loaded as {model.config.model_type}, but the prompts were set up for the "
+                         f"other family (--conv-mode {args.conv_mode})")
     if method is not None:
-        method.validate(model.config.num_hidden_layers)
+        method.validate(decoder_depth(model.config))
         logger.info("reduction on: %s", method.describe())
     return tok, model, proc, name
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -88,12 +89,60 @@ def load_llava_config(model_path: str) -> LlavaConfig:
     return cfg
 
 
-def check_loading_info(model_path: str, info: dict) -> None:
+QWEN_PIXELS = 1008 * 1008  # the PIO authors' Qwen2.5-VL evaluation: min_pixels = max_pixels = 1008^2
+FAMILIES = {"llava_llama": "llava", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+
+
+def checkpoint_family(model_path: str) -> str:
+    """``"llava"`` or ``"qwen2_5_vl"`` from the checkpoint's ``model_type``; another model type is an error."""
+    cfg_file = os.path.join(model_path, "config.json")
+    if os.path.isdir(model_path):
+        check_checkpoint_dir(model_path, tokenizer=False, weights=False)
+        with open(cfg_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    else:
+        from transformers import PretrainedConfig
+
+        model_type = PretrainedConfig.get_config_dict(model_path)[0].get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{model_path}: model_type {model_type!r} is not supported; allowed: llava_llama (LLaVA-1.5, "
+                         "LLaVA-NeXT Vicuna), qwen2_5_vl (Qwen2.5-VL)")
+    return FAMILIES[model_type]
+
+
+def _load_qwen(model_path: str, dev: torch.device, device_map: Any, load_kwargs: dict[str, Any],
+               min_pixels: int | None, max_pixels: int | None) -> tuple[Any, Any, Any, int]:
+    # the tokenizer and the image processor, not AutoProcessor: transformers 4.57 builds Qwen's video processor
+    # with it, which needs torchvision; prompts are templated and their image tokens expanded by the runners
+    from transformers import AutoImageProcessor
+
+    from .language_model.qwen2_5_vl import Qwen2_5_VLForReduction
+
+    check_checkpoint_dir(model_path)
+    lo = QWEN_PIXELS if min_pixels is None else int(min_pixels)
+    hi = QWEN_PIXELS if max_pixels is None else int(max_pixels)
+    if not 0 < lo <= hi:
+        raise ValueError(f"--min-pixels {lo} and --max-pixels {hi}: need 0 < min-pixels <= max-pixels")
+    image_processor = AutoImageProcessor.from_pretrained(model_path, min_pixels=lo, max_pixels=hi)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    model, info = Qwen2_5_VLForReduction.from_pretrained(model_path, low_cpu_mem_usage=True, output_loading_info=True,
+                                                         **load_kwargs)
+    check_loading_info(model_path, info, vision_optional=False)
+    if device_map is None:
+        model.to(dev)
+    model.requires_grad_(False)
+    model.eval()
+    context_len = getattr(model.config.text_config, "max_position_embeddings", None) or 32768
+    return tokenizer, model, image_processor, context_len
+
+
+def check_loading_info(model_path: str, info: dict, vision_optional: bool = True) -> None:
     """Strict loading: a tensor the model has but the checkpoint lacks (it would stay random), or one the model
     does not know, is an error listing them. The vision tower's own weights may be absent or present: the tower
     loads from its checkpoint unless the LLaVA checkpoint carries it (``unfreeze_mm_vision_tower``)."""
     def relevant(keys: list[str]) -> list[str]:
-        return sorted(k for k in keys if ".vision_tower." not in f".{k}")
+        return sorted(k for k in keys if not vision_optional or ".vision_tower." not in f".{k}")
 
     missing, unexpected = relevant(info.get("missing_keys", [])), relevant(info.get("unexpected_keys", []))
     mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
@@ -117,20 +166,26 @@ def load_pretrained_model(
     torch_dtype: str | torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     use_flash_attn: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
     **kwargs: Any,
-) -> tuple[Any, LlavaLlamaForCausalLM, Any, int]:
-    """Load an official LLaVA-1.5 / LLaVA-NeXT (Vicuna) checkpoint.
+) -> tuple[Any, Any, Any, int]:
+    """Load an official LLaVA-1.5 / LLaVA-NeXT (Vicuna) or Qwen2.5-VL checkpoint (by its ``model_type``).
 
     Args:
-        model_path: directory or hub id, e.g. ``liuhaotian/llava-v1.5-7b``, ``liuhaotian/llava-v1.6-vicuna-7b``.
+        model_path: directory or hub id, e.g. ``liuhaotian/llava-v1.5-7b``, ``liuhaotian/llava-v1.6-vicuna-7b``,
+            ``Qwen/Qwen2.5-VL-7B-Instruct``.
         model_base: base LLM for projector-only checkpoints (``mm_projector.bin`` in ``model_path``).
         model_name: kept for upstream compatibility (LoRA checkpoints are recognised by "lora" in it).
         device: default CUDA if available, else CPU. ``device_map`` (e.g. "auto") spreads layers instead.
         torch_dtype: default fp16 on CUDA, fp32 on CPU.
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2`` (``use_flash_attn=True``
             is upstream's spelling of the latter).
+        min_pixels, max_pixels: Qwen2.5-VL's image resolution bounds (default both ``1008 * 1008``, the
+            resolution the PIO authors evaluate at: about 1296 visual tokens per image).
     Returns:
-        ``(tokenizer, model, image_processor, context_len)``.
+        ``(tokenizer, model, image_processor, context_len)``; for Qwen2.5-VL the third is its processor (chat
+        template and image processor).
     """
     if use_flash_attn:
         attn_implementation = "flash_attention_2"
@@ -163,6 +218,15 @@ def load_pretrained_model(
         load_kwargs["device_map"] = device_map
     load_kwargs.update(kwargs)
 
+    family = checkpoint_family(model_path)
+    if family == "qwen2_5_vl":
+        if model_base is not None:
+            raise ValueError(f"{model_path} is a Qwen2.5-VL checkpoint; --model-base applies to LLaVA projector-only "
+                             "checkpoints")
+        return _load_qwen(model_path, dev, device_map, load_kwargs, min_pixels, max_pixels)
+    if min_pixels is not None or max_pixels is not None:
+        raise ValueError(f"{model_path} is a LLaVA checkpoint; --min-pixels/--max-pixels apply to Qwen2.5-VL (LLaVA's "
+                         "resolution is its vision tower's)")
     if model_base is None:
         check_checkpoint_dir(model_path)
         cfg = load_llava_config(model_path)

@@ -95,3 +95,55 @@ def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, feature
         lead = sel.lead[c].to(feats.dtype) if sel.lead is not None and sel.lead[c] is not None else None
         out.append(ReducedCrop(mask, feats, extra, lead))
     return out
+
+
+class _FeatureStage:
+    """:class:`pio.encoder.EncoderInputs` over one image of a vision transformer without a CLS token (Qwen2.5-VL):
+    only the projected features (1, P, D) of its merged-token grid."""
+
+    def __init__(self, method: EncoderMethod, features: torch.Tensor, grid: tuple[int, int]):
+        self._method = method
+        self.features, self.grid = features[None], grid
+        self.crops = [(0, 0)]
+        self.targets = [method.target(features.shape[0])]
+
+    def _missing(self, what: str):
+        raise ValueError(f"{self._method.name} needs {what}, which this vision encoder does not provide (no CLS "
+                         "token); encoder-side methods on projected features only run here (divprune)")
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        self._missing("the CLS attention")
+
+    def hidden(self, index: int) -> torch.Tensor:
+        self._missing("the encoder's hidden states")
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        self._missing("the projector")
+
+    def keys(self, layer: int) -> torch.Tensor:
+        self._missing("the encoder's keys")
+
+    def timed(self, name: str) -> AbstractContextManager:
+        return nullcontext()
+
+
+def reduce_image_features(method: EncoderMethod, features: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]],
+                          state=None) -> list[ReducedCrop]:
+    """Run ``method`` on each image's projected ``features`` (P_i, D) (grids of merged tokens ``grids``, e.g.
+    Qwen2.5-VL's, one crop per image); one :class:`ReducedCrop` per image. Tokens merged into kept ones replace
+    their features; extra tokens are not supported (they would need positions of their own)."""
+    out = []
+    with state.timed("encoder_selection", features[0].device) if state is not None and features else nullcontext():
+        for f, grid in zip(features, grids, strict=True):
+            sel: EncoderSelection = method.select(_FeatureStage(method, f, grid))
+            if (sel.extra is not None and sel.extra[0] is not None) or (sel.lead is not None and sel.lead[0] is not None):
+                raise ValueError(f"{method.name} adds tokens of its own, which this model family cannot place")
+            keep = sel.keep[0].to(f.device)
+            mask = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+            mask[keep] = True
+            feats = f
+            if sel.features is not None and sel.features[0] is not None:
+                feats = f.clone()
+                feats[keep] = sel.features[0].to(f.dtype)
+            out.append(ReducedCrop(mask, feats))
+    return out

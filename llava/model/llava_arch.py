@@ -29,11 +29,12 @@ class MultimodalInputs:
     Attributes:
         inputs_embeds: (B, S, D).
         attention_mask: (B, S) long, 1 for real tokens.
-        position_ids: (B, S) long, 0.. over the real tokens (padding gets 1).
+        position_ids: (B, S) long, 0.. over the real tokens (padding gets 1); Qwen2.5-VL: its M-RoPE ids (3, B, S).
         labels: (B, S) or None; image and padding positions are IGNORE_INDEX.
         spans: per sample, the (start, length) of each image's features in the padded sequence.
         padding_side: side the batch was padded on.
         encoder_counts: per sample, each image's token count before an encoder-side reduction (None: none ran).
+        rope_deltas: Qwen2.5-VL: (B, 1) the position where decoding continues minus the sequence length.
     """
 
     inputs_embeds: torch.Tensor
@@ -43,6 +44,7 @@ class MultimodalInputs:
     spans: list[list[Span]]
     padding_side: str
     encoder_counts: list[list[int]] | None = None
+    rope_deltas: torch.Tensor | None = None
 
 
 class LlavaMetaModel:

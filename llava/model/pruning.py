@@ -1,12 +1,12 @@
 """The one prune step every model family calls, over a small decoder adapter (DESIGN.md §1).
 
-A decoder forward builds a :class:`PruneStep` for the call and, after each layer the method acts at, hands it
-the layer's input and output::
+A decoder forward (:func:`run_decoder`, shared by every family) builds a :class:`PruneStep` for the call and,
+after each layer the method acts at, hands it the layer's input and output::
 
     step = PruneStep.begin(adapter, reducer, state, key_mask, attention_mask, h)
     seg = step.segment(h, key_mask, position_ids)
-    for i, layer in enumerate(layers):
-        h_in, h = h, layer(h, **seg.layer_kwargs())
+    for i, layer in enumerate(adapter.layers):
+        h_in, h = h, layer(h, **adapter.layer_kwargs(seg))
         if i + 1 in step.layers:
             h, seg = step(i + 1, h_in, h, seg)
 
@@ -66,10 +66,6 @@ class Segment:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (B, q, head_dim)
     cache_position: torch.Tensor  # (q,)
 
-    def layer_kwargs(self) -> dict[str, Any]:
-        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids,
-                "cache_position": self.cache_position, "position_embeddings": self.position_embeddings}
-
 
 class DecoderAdapter(ABC):
     """What the prune step needs to know about a decoder: its layers, final norm, LM head, attention backend,
@@ -92,6 +88,11 @@ class DecoderAdapter(ABC):
     @abstractmethod
     def rotary(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary (cos, sin), each (B, q, head_dim), in the standard rotate-half layout."""
+
+    def layer_kwargs(self, seg: Segment) -> dict[str, Any]:
+        """What a decoder layer of this family is called with for ``seg`` (besides the cache)."""
+        return {"attention_mask": seg.attention_mask, "position_ids": seg.position_ids,
+                "cache_position": seg.cache_position, "position_embeddings": seg.position_embeddings}
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -171,7 +172,9 @@ class _Stage:
         else:
             mask = backend_mask(adapter.attn_implementation, seg.key_mask, self.hidden.shape[1], self.hidden.dtype,
                                 explicit=True)
-            fn = full_proxy(module, adapter.norm, adapter.head, mask, seg.position_embeddings, seg.position_ids)
+            kwargs = adapter.layer_kwargs(seg)
+            kwargs.pop("cache_position", None)
+            fn = full_proxy(module, adapter.norm, adapter.head, {**kwargs, "attention_mask": mask})
         events, layer = self._step.state.events, self.layer
 
         def recorded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -262,6 +265,29 @@ class PruneStep:
             h = gather_rows(h, keep, merged=extra)
             state.record(layer, selection, keep)
         return h, self.segment(h, keep.mask)
+
+
+def run_decoder(adapter: DecoderAdapter, h: torch.Tensor, key_mask: torch.Tensor, *, reducer: ReductionMethod | None,
+                state: PruneState, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                cache: Any, use_cache: bool, output_hidden_states: bool = False, **kwargs: Any
+                ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The decoder loop every family shares: each layer, then the prune step after the layers it acts at.
+
+    ``h`` (B, q, D) is the call's input over ``key_mask`` (B, past + q); ``position_ids`` the first segment's
+    positions (None: the adapter's). Returns the last layer's output (before the final norm) and, with
+    ``output_hidden_states``, the input and every layer's output.
+    """
+    step = PruneStep.begin(adapter, reducer, state, key_mask, attention_mask, h)
+    seg = step.segment(h, key_mask, position_ids)
+    hidden = [h] if output_hidden_states else None
+    for i, layer in enumerate(adapter.layers):
+        out = layer(h, past_key_values=cache, use_cache=use_cache, **adapter.layer_kwargs(seg), **kwargs)
+        h_in, h = h, out[0] if isinstance(out, tuple) else out
+        if i + 1 in step.layers:
+            h, seg = step(i + 1, h_in, h, seg)
+        if hidden is not None:
+            hidden.append(h)
+    return h, hidden
 
 
 def _stack(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,14 @@ ANCHORS = Anchors(
     source="authors' scripts (64, 128: scripts/v1_5/eval/*.sh, textvqa_set*.sh); 192: linear extrapolation",
 )
 
+QWEN_ANCHORS = Anchors(
+    layers=(1, 8, 14), num_layers=28, n0=576,
+    schedules=((192, (346, 203, 83)),),
+    source="authors' Qwen2.5-VL defaults (qwen/eval/model_vqa_mmbench.py, model_vqa_science.py): ratios 0.6003, "
+           "0.3519, 0.1436 after layers 1, 8, 14, which average exactly 1/3 of the visual tokens (the 192 row) as "
+           "fractions of the initial count (x 576 here); their code compounds them (24.6 %)",
+)
+
 
 @dataclass(frozen=True)
 class PIO(ReductionMethod):
@@ -61,6 +69,12 @@ class PIO(ReductionMethod):
     default_layers = ANCHORS.layers
     ve_layers = (16,)  # the authors' README default w/ VE: 96 tokens at the encoder, then 32 after layer 16
     anchors = ANCHORS
+    family_defaults = {
+        # the authors' Qwen code: layers 1, 8, 14, the proxy re-applies the layer that just ran; w/ VE: the
+        # encoder keeps 16.7 %, then a third of it after layer 14 (their README: 11.1 %)
+        "qwen2_5_vl": {"layers": QWEN_ANCHORS.layers, "ve_layers": (14,), "anchors": QWEN_ANCHORS,
+                       "options": {"proxy": "current"}},
+    }
     source = "PIO-FVLM / TRIO, arXiv 2602.04657; github.com/ocy1/TRIO (docs/method.md)"
     flags = (
         Flag("tau", "pio-tau", float, "NMS cosine threshold (0.8)"),

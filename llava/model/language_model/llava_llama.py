@@ -21,7 +21,7 @@ from pio.flops import measured_kv_bytes
 from pio.state import PruneState
 
 from ..llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
-from ..pruning import LlamaAdapter, PruneStep, warn_if_parameters_need_grad
+from ..pruning import LlamaAdapter, run_decoder, warn_if_parameters_need_grad
 
 
 class LlavaConfig(LlamaConfig):
@@ -66,15 +66,10 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
             attention_mask.bool() if attention_mask is not None else torch.ones(B, past + q, dtype=torch.bool, device=h.device)
         )
         state = prune_state if prune_state is not None else PruneState()
-        step = PruneStep.begin(LlamaAdapter(self, lm_head), reducer, state, key_mask, attention_mask, h)
-        seg = step.segment(h, key_mask, position_ids)
-        hidden_states = [h] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            h_in, h = h, layer(h, past_key_values=cache, use_cache=use_cache, **seg.layer_kwargs(), **kwargs)
-            if i + 1 in step.layers:
-                h, seg = step(i + 1, h_in, h, seg)
-            if hidden_states is not None:
-                hidden_states.append(h)
+        h, hidden_states = run_decoder(
+            LlamaAdapter(self, lm_head), h, key_mask, reducer=reducer, state=state, attention_mask=attention_mask,
+            position_ids=position_ids, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            **kwargs)
         h = self.norm(h)
         return BaseModelOutputWithPast(
             last_hidden_state=h,

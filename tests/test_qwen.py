@@ -1,0 +1,88 @@
+"""Qwen2.5-VL: our forward equals transformers' own model, prompts equal the checkpoint's chat template, and
+each family refuses the other's options with one message."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from llava.eval import runner
+from pio import PruneState, make_method
+from pio.cli import method_from_args
+from tests.helpers import encode, image, load
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen):
+    return load(tiny_qwen)[:3]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_unpruned_equals_transformers(tiny_qwen, attn):
+    tok, ours, proc, _ = load(tiny_qwen, attn=attn)
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen, attn_implementation=attn).eval()
+    models = {"qwen": (tok, ours, proc)}
+    for size in ((640, 427), (300, 500)):
+        ids, kw = encode(models, "qwen", "What is in the image?", [image(*size, seed=size[0])])
+        hf = {"pixel_values": kw["images"], "image_grid_thw": kw["image_sizes"]}
+        with torch.no_grad():
+            a = ref(input_ids=ids, **hf).logits
+            b = ours(ids, **kw).logits
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        want = ref.generate(input_ids=ids, **hf, do_sample=False, max_new_tokens=6, min_new_tokens=6)[:, ids.shape[1]:]
+        got = ours.generate(ids, **kw, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+        assert got.tolist() == want.tolist()
+
+
+def test_prompt_equals_the_chat_template(qwen):
+    tok, model, proc = qwen
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a dog?"}]}]
+    template = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert runner.chat_prompt("<image>\nIs there a dog?", runner.QWEN_CONV_MODE).replace(
+        "<image>\n", runner.QWEN_IMAGE) == template
+    img = image(500, 400, seed=3)
+    ids, px, grid = runner.encode(runner.chat_prompt("<image>\nIs there a dog?", runner.QWEN_CONV_MODE), [img], tok,
+                                  proc, model.config)
+    n_pad = int((ids == model.config.image_token_id).sum())
+    assert n_pad == int(grid.prod()) // 4 and n_pad > 4
+    assert px.shape[0] == int(grid.prod())
+
+
+def test_reduced_generation_keeps_qwen_positions(qwen):
+    tok, model, proc = qwen
+    models = {"qwen": qwen}
+    ids, kw = encode(models, "qwen", "Describe the picture.", [image(640, 480, seed=4)])
+    st = PruneState()
+    method = make_method("pio", budget=192, layers=(1, 2), family="qwen2_5_vl")
+    assert method.proxy == "current" and method.positions == "original"
+    out = model.generate(ids, **kw, reducer=method, prune_state=st, do_sample=False, max_new_tokens=3)
+    assert out.shape[1] == 3
+    n0 = st.samples[0].n_visual
+    assert [s.after for s in st.samples[0].stages] == method.counts(n0, 4)
+
+
+def _args(**kw):
+    p = argparse.ArgumentParser()
+    runner.add_common_args(p)
+    return p.parse_args([f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k.replace('_', '-')}"
+                         for k, v in kw.items()])
+
+
+def test_each_family_refuses_the_other_ones_options(tiny_qwen, tiny_v15):
+    with pytest.raises(ValueError, match="Qwen2.5-VL checkpoint: it builds prompts with its own chat template"):
+        runner.check_args(_args(model_path=tiny_qwen, conv_mode="vicuna_v1"))
+    with pytest.raises(ValueError, match="--model-base applies to LLaVA"):
+        runner.check_args(_args(model_path=tiny_qwen, model_base="x"))
+    with pytest.raises(ValueError, match="--min-pixels applies to Qwen2.5-VL"):
+        runner.check_args(_args(model_path=tiny_v15, min_pixels=1000))
+    with pytest.raises(ValueError, match="is Qwen2.5-VL's chat template"):
+        runner.check_args(_args(model_path=tiny_v15, conv_mode="qwen2_5_vl"))
+    args = _args(model_path=tiny_qwen, method="pio", budget=64)
+    runner.resolve_family_args(args)
+    method = method_from_args(args)  # the authors' Qwen defaults (the 4-layer tiny model cannot run them)
+    assert args.conv_mode == runner.QWEN_CONV_MODE
+    assert (method.layers, method.proxy, method.positions) == ((1, 8, 14), "current", "original")
+    assert runner.check_args(_args(model_path=tiny_qwen, method="pdrop", tokens=30, layers=2)).positions == "original"
