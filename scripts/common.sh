@@ -1,4 +1,4 @@
-# Shared helpers for scripts/{v1_5,next}/eval/*.sh. Sourced, not run.
+# Shared helpers for scripts/{v1_5,next,qwen2_5_vl}/eval/*.sh. Sourced, not run.
 #
 # Environment read by eval_init (every value has a default):
 #   MODEL_PATH   checkpoint dir or hub id           (default: the script's model)
@@ -11,7 +11,8 @@
 #   CKPT         name used in output paths           (default: basename of MODEL_PATH + method tag)
 #   DATA_ROOT    benchmark root                      (default ./playground/data/eval)
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
-#   CONV_MODE    conversation template               (default vicuna_v1)
+#   CONV_MODE    conversation template               (default vicuna_v1; qwen2_5_vl in scripts/qwen2_5_vl)
+#   MIN_PIXELS MAX_PIXELS  Qwen2.5-VL image area bounds (default: the runner's, 1008*1008 both)
 #   EXTRA_ARGS   more runner flags, word-split       (default empty)
 #   PYTHON       interpreter                         (default: the project's .venv/bin/python when there is
 #                                                    one, else python)
@@ -128,6 +129,8 @@ eval_init() {
     RUN_FLAGS=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE")
     if [[ -n "${DEVICE:-}" ]]; then RUN_FLAGS+=(--device "$DEVICE"); fi
     if [[ -n "${DTYPE:-}" ]]; then RUN_FLAGS+=(--dtype "$DTYPE"); fi
+    if [[ -n "${MIN_PIXELS:-}" ]]; then RUN_FLAGS+=(--min-pixels "$MIN_PIXELS"); fi
+    if [[ -n "${MAX_PIXELS:-}" ]]; then RUN_FLAGS+=(--max-pixels "$MAX_PIXELS"); fi
     RUN_FLAGS+=("${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"}")
     local extra=()
     read -r -a extra <<< "${EXTRA_ARGS:-}"

@@ -85,6 +85,18 @@ def test_bench_every_method_side_by_side(capsys):
     assert "ideal (calibrated)" not in capsys.readouterr().out
 
 
+def test_bench_qwen_shape():
+    """The Qwen2.5-VL shapes: its image tokens, its methods' family defaults, vision FLOPs counted, GQA KV cache."""
+    result = bench.main(["--shape", "qwen-tiny", "--methods", "pio,fastv", "--budget", "300", "--layers", "1",
+                         "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu"])
+    base, pio, fastv = result["rows"]
+    n = base["visual_per_stage"][0]
+    assert n == (336 // 28) ** 2 and pio["visual_per_stage"][0] == n > pio["visual_per_stage"][1]
+    assert fastv["visual_per_stage"] == pio["visual_per_stage"]  # one stage after layer 1, the same counts
+    assert base["flops_vision"] > 0 and pio["flops_selection"] > fastv["flops_selection"] > 0
+    assert pio["kv_mb"] < base["kv_mb"] and "ideal_speedup_calibrated" in pio
+
+
 def test_fast_random_weights_are_generic(tmp_path):
     model, _ = bench.build_shape("tiny", torch.device("cpu"), torch.float32, tmp_path)
     w = model.get_model().layers[0].self_attn.q_proj.weight

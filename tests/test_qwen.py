@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from llava.eval import runner
-from pio import PruneState, make_method
+from pio import PruneState, Schedule, make_method
 from pio.cli import method_from_args
 from tests.helpers import encode, image, load
 
@@ -86,3 +86,35 @@ def test_each_family_refuses_the_other_ones_options(tiny_qwen, tiny_v15):
     assert args.conv_mode == runner.QWEN_CONV_MODE
     assert (method.layers, method.proxy, method.positions) == ((1, 8, 14), "current", "original")
     assert runner.check_args(_args(model_path=tiny_qwen, method="pdrop", tokens=30, layers=2)).positions == "original"
+
+
+def test_encoder_side_on_qwen(qwen):
+    """DivPrune (projected features only) runs on Qwen's merged tokens, equals the naive reference, and the
+    language model then sees the kept tokens with their own M-RoPE ids; a composition prunes further."""
+    from llava.model.encoder_stage import reduce_image_features
+    from pio.encoder import Pipeline
+    from tests.test_methods import naive_divprune
+
+    tok, model, proc = qwen
+    ids, kw = encode({"qwen": qwen}, "qwen", "What is it?", [image(500, 400, seed=9)])
+    feats = model.model.get_image_features(kw["images"], kw["image_sizes"])[0]
+    method = make_method("divprune", budget=64)
+    target = method.target(feats.shape[0])
+    red = reduce_image_features(method, [feats], [(1, 1)])[0]
+    keep, *_ = naive_divprune({"features": feats[None]}, 0, method, target)
+    assert red.mask.nonzero().flatten().tolist() == keep
+    mm = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"], pre=method)
+    full = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"])
+    (start, length), = mm.spans[0]
+    assert length == target and mm.encoder_counts == [[feats.shape[0]]]
+    kept_ids = full.position_ids[:, 0, start + torch.tensor(keep)]
+    assert torch.equal(mm.position_ids[:, 0, start:start + length], kept_ids)
+    assert int(mm.rope_deltas) == int(full.position_ids.max()) + 1 - mm.inputs_embeds.shape[1]
+    st = PruneState()
+    pipe = Pipeline(method, make_method("pio", schedule=Schedule((2,), tokens=(5,)),
+                                        family="qwen2_5_vl"))
+    model.generate(ids, **kw, reducer=pipe, prune_state=st, do_sample=False, max_new_tokens=2)
+    rec = st.samples[0]
+    assert (rec.n_encoder, rec.n_visual, [s.after for s in rec.stages]) == (feats.shape[0], target, [5])
+    with pytest.raises(ValueError, match="visionzip needs the CLS attention"):
+        model(ids, **kw, reducer=make_method("visionzip", budget=64))

@@ -78,12 +78,16 @@ def test_chunks_cover_every_question_once(tiny_v15, questions):
     assert len(many) <= 1
 
 
-def test_run_llava_prints_answer(tiny_v15, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_run_llava_prints_answer(tiny_v15, tiny_qwen, tmp_path, capsys, caplog, family):
+    caplog.set_level("INFO")
     image(300, 200).save(tmp_path / "x.png")
-    run_llava.main(["--model-path", tiny_v15, "--image-file", str(tmp_path / "x.png"), "--query", "What is this?",
-                    "--max_new_tokens", "5", "--temperature", "0", "--pio-layers", "2", "--pio-tokens", "64"])
+    extra = ["--min-pixels", "3136", "--max-pixels", "50176"] if family == "qwen" else []
+    run_llava.main(["--model-path", tiny_v15 if family == "llava" else tiny_qwen, "--image-file",
+                    str(tmp_path / "x.png"), "--query", "What is this?", "--max_new_tokens", "5", "--temperature",
+                    "0", "--pio-layers", "2", "--pio-tokens", "16", *extra])
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) >= 1
+    assert len(out) >= 1 and "-> [16]" in caplog.text  # the log line of what the reduction kept
 
 
 @pytest.mark.parametrize("problem", ["missing_image", "unreadable_image", "malformed_line", "missing_field",

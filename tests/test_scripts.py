@@ -19,7 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 COMMON = SCRIPTS / "common.sh"
 BENCHES = ("gqa", "mme", "pope", "textvqa", "sqa", "mmbench", "mmbench_cn", "vqav2")
-FAMILIES = ("v1_5", "next")
+FAMILIES = ("v1_5", "next", "qwen2_5_vl")
+DEFAULT_MODELS = {"v1_5": "liuhaotian/llava-v1.5-7b", "next": "liuhaotian/llava-v1.6-vicuna-7b",
+                  "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
+CONV_MODES = {"v1_5": "vicuna_v1", "next": "vicuna_v1", "qwen2_5_vl": "qwen2_5_vl"}
 ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FAMILIES for b in BENCHES]
 CUSTOM = "--pio-layers 1,10,15 --pio-tokens 92,54,22"
 
@@ -47,7 +50,7 @@ def bash(snippet: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (
         "MODEL_PATH", "CKPT", "PIO", "PIO_ARGS", "METHOD", "BUDGET", "METHOD_ARGS", "DATA_ROOT", "DEVICE", "DTYPE", "CONV_MODE", "EXTRA_ARGS",
-        "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE")}
+        "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE", "MIN_PIXELS", "MAX_PIXELS")}
     env.update(extra)
     return env
 
@@ -78,7 +81,7 @@ def test_script_conventions(path):
     assert os.access(path, os.X_OK)
 
 
-def test_both_families_have_every_benchmark():
+def test_every_family_has_every_benchmark():
     for family in FAMILIES:
         names = sorted(p.stem for p in (SCRIPTS / family / "eval").glob("*.sh"))
         assert names == sorted(BENCHES)
@@ -219,7 +222,7 @@ def test_script_calls(fake, family, bench):
     done, calls = fake(SCRIPTS / family / "eval" / f"{bench}.sh", PIO="64", DEVICE="cpu", DTYPE="bfloat16",
                        EXTRA_ARGS="--max_new_tokens 4", CUDA_VISIBLE_DEVICES="3,5")
     assert done.returncode == 0, done.stderr
-    model = "liuhaotian/llava-v1.5-7b" if family == "v1_5" else "liuhaotian/llava-v1.6-vicuna-7b"
+    model = DEFAULT_MODELS[family]
     ckpt = model.split("/")[1] + "-pio64"
     runs = [c for c in calls if c["module"] == runner]
     scores = [c for c in calls if c["module"] == f"llava.eval.{SCORERS[bench]}"]
@@ -227,7 +230,7 @@ def test_script_calls(fake, family, bench):
     bench_root = str(fake.data / data_dir)
     for r in runs:
         a = r["args"]
-        assert opt(a, "--model-path") == model and opt(a, "--conv-mode") == "vicuna_v1"
+        assert opt(a, "--model-path") == model and opt(a, "--conv-mode") == CONV_MODES[family]
         assert opt(a, "--temperature") == "0" and opt(a, "--method") == "pio" and opt(a, "--budget") == "64"
         assert opt(a, "--device") == "cpu" and opt(a, "--dtype") == "bfloat16"
         assert opt(a, "--max_new_tokens") == "4" and "--resume" in a
@@ -354,11 +357,12 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
         pytest.skip("no runner (llava.eval.model_vqa_*) is written yet")
     root = tmp_path_factory.mktemp("ckpt")
     out, procs = {}, []
-    for family, arch in (("v1_5", "llava-v1.5"), ("next", "llava-v1.6")):  # built side by side
-        out[family] = root / f"{arch}-tiny"
-        procs.append(subprocess.Popen([sys.executable, "-m", "llava.model.tiny", "--arch", arch, "--out",
-                                       str(out[family])], cwd=REPO, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
+    writers = {"v1_5": ("llava.model.tiny", "--arch", "llava-v1.5"), "next": ("llava.model.tiny", "--arch", "llava-v1.6"),
+               "qwen2_5_vl": ("llava.model.tiny_qwen",)}
+    for family, (module, *arch) in writers.items():  # built side by side
+        out[family] = root / f"{(arch or ['qwen2.5-vl'])[-1]}-tiny"
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *arch, "--out", str(out[family])], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -373,6 +377,8 @@ def mini_data(tmp_path_factory) -> Path:
 
 
 def run_e2e(script: Path, ckpt: Path, data: Path, **env: str) -> subprocess.CompletedProcess:
+    if "qwen2_5_vl" in script.parts:  # about 320 visual tokens per image (above the tiny schedules), not 1296
+        env = {"MIN_PIXELS": "250880", "MAX_PIXELS": "250880", **env}
     full = clean_env(PYTHON=sys.executable, MODEL_PATH=str(ckpt), DATA_ROOT=str(data), DEVICE="cpu",
                      EXTRA_ARGS="--max_new_tokens 4", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                      TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env)
@@ -455,16 +461,33 @@ def _tiny_run(name: str) -> tuple[str, str]:
     return "", tiny_method_args(name)
 
 
+def runs_on(method: str, family: str) -> bool:
+    """Qwen2.5-VL's vision transformer has no CLS token: encoder-side methods that read CLS attention, the
+    encoder's hidden states or keys do not run there (they say so)."""
+    from pio import get_method
+
+    pre = get_method(method.split("+")[0])
+    return family != "qwen2_5_vl" or pre.where != "pre_llm" or pre.needs <= {"features"}
+
+
 METHOD_NAMES = _method_names() + ["scan+pio"]
 TINY_METHODS = {name: _tiny_run(name) for name in METHOD_NAMES}
 TINY_METHODS["pio"] = ("192", "--layers 1,2")  # one in-LLM method through BUDGET as well
-# every script once with a method, the methods taken in turn (each on several scripts of both families)
-ROTATION = [(f, b, METHOD_NAMES[i % len(METHOD_NAMES)]) for i, (f, b) in
-            enumerate((f, b) for b in BENCHES for f in FAMILIES)]
+# every script once with a method, the methods taken in turn (each on several scripts of every family)
+FAMILY_METHODS = {f: [m for m in METHOD_NAMES if runs_on(m, f)] for f in FAMILIES}
+ROTATION = [(f, b, FAMILY_METHODS[f][(k * len(BENCHES) + j) % len(FAMILY_METHODS[f])])
+            for k, f in enumerate(FAMILIES) for j, b in enumerate(BENCHES)]
 
 
 def test_rotation_covers_every_method():
     assert {m for _, _, m in ROTATION} == set(METHOD_NAMES)
+    assert {m for f, _, m in ROTATION if f == "qwen2_5_vl"} >= {"pio", "fastv", "divprune"}
+
+
+def test_qwen_refuses_cls_attention_methods(tiny_ckpts, mini_data):
+    done = run_e2e(SCRIPTS / "qwen2_5_vl" / "eval" / "pope.sh", tiny_ckpts["qwen2_5_vl"], mini_data,
+                   METHOD="visionzip", BUDGET="64")
+    assert done.returncode == 2 and "visionzip needs the CLS attention" in done.stderr
 
 
 def run_method_e2e(family: str, bench: str, method: str, ckpt: Path, data: Path) -> dict:
@@ -499,23 +522,26 @@ def test_end_to_end_with_method(family, bench, method, tiny_ckpts, mini_data):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("bench", BENCHES)
 def test_end_to_end_every_method(bench, family, method, tiny_ckpts, tmp_path_factory):
-    """The full matrix (16 scripts x 6 methods, about 7 minutes): ``make test-all``."""
+    """The full matrix (every script x every method the family runs): ``make test-all``."""
     from llava.eval.fixtures import write_fixtures
 
+    if not runs_on(method, family):
+        pytest.skip(f"{method} reads CLS attention, which {family} does not have")
     data = write_fixtures(tmp_path_factory.mktemp("eval"), seed=0, n_per_bench=2)
     run_method_e2e(family, bench, method, tiny_ckpts[family], data)
 
 
-def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, capsys):
+@pytest.mark.parametrize("family", ["v1_5", "qwen2_5_vl"])
+def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, capsys, family):
     """The unpruned and method runs of the scripts above (run here when missing) in the paper's layout."""
     from llava.eval import summarize
 
-    ckpt = tiny_ckpts["v1_5"]
+    ckpt = tiny_ckpts[family]
     for method in ("pio", "fastv"):
         if not list((mini_data / "pope" / "results").glob(f"{ckpt.name}-{method}*.json")):
-            run_method_e2e("v1_5", "pope", method, ckpt, mini_data)
+            run_method_e2e(family, "pope", method, ckpt, mini_data)
     if not (mini_data / "pope" / "results" / f"{ckpt.name}.json").is_file():
-        assert run_e2e(SCRIPTS / "v1_5" / "eval" / "pope.sh", ckpt, mini_data).returncode == 0
+        assert run_e2e(SCRIPTS / family / "eval" / "pope.sh", ckpt, mini_data).returncode == 0
     rows = summarize.main(["--data-root", str(mini_data), "--runs", f"{ckpt.name}*"])
     out = capsys.readouterr().out
     assert rows[0].is_baseline and rows[0].method == "none" and rows[0].ratio == pytest.approx(100.0)

@@ -38,7 +38,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval import runner
 from llava.eval.profiling import profile_record
 from llava.mm_utils import process_images
-from llava.model.pruning import backend_mask
+from llava.model.pruning import Segment, backend_mask
 from pio import ReductionMethod, get_method, method_names
 from pio.cli import add_method_args, method_from_args, parse_layers
 from pio.encoder import Pipeline
@@ -52,7 +52,18 @@ SHAPES: dict[str, dict[str, Any]] = {
                           vision="vit-l", image=(640, 480)),
     "tiny": dict(arch="llava-v1.5", hidden=64, intermediate=176, layers=4, heads=4, vocab=1000, vision="tiny",
                  image=(336, 336)),
+    # Qwen2.5-VL-7B-Instruct at the PIO authors' resolution (min = max pixels = 1008^2: 1296 visual tokens)
+    "qwen2.5-vl-7b": dict(arch="qwen2.5-vl", hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4,
+                          vocab=152064, vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                                    fullatt_block_indexes=[7, 15, 23, 31], window_size=112),
+                          image=(1008, 1008), pixels=1008 * 1008),
+    "qwen-tiny": dict(arch="qwen2.5-vl", hidden=64, intermediate=176, layers=4, heads=4, kv_heads=2, vocab=1046,
+                      vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
+                                  fullatt_block_indexes=[1, 3], window_size=56),
+                      image=(336, 336), pixels=336 * 336),
 }
+QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                vision_end_token_id=151653)  # Qwen2.5-VL's, inside the 7B vocabulary
 
 
 def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Path):
@@ -67,6 +78,8 @@ def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Pa
     if name not in SHAPES:
         raise ValueError(f"unknown --shape {name!r}; allowed: {', '.join(SHAPES)}")
     s = SHAPES[name]
+    if s["arch"] == "qwen2.5-vl":
+        return build_qwen_shape(s, device, dtype)
     vcfg = vision_config(s["vision"])
     write_vision_configs(workdir / "vision_tower", vcfg)
     cfg = LlavaConfig(**tiny_config(
@@ -81,6 +94,34 @@ def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Pa
     fill_random(model, std=cfg.initializer_range, seed=0)
     model.requires_grad_(False).eval()
     return model, model.get_vision_tower().image_processor
+
+
+def build_qwen_shape(s: dict[str, Any], device: torch.device, dtype: torch.dtype):
+    """A random-weight Qwen2.5-VL of shape ``s`` and its image processor at ``s["pixels"]``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessor
+
+    from llava.model.language_model.qwen2_5_vl import Qwen2_5_VLForReduction
+    from llava.model.tiny import CLIP_MEAN, CLIP_STD
+    from llava.model.tiny_qwen import mrope_section
+
+    head_dim = s["hidden"] // s["heads"]
+    ids = {k: min(v, s["vocab"] - 4 + i) for i, (k, v) in enumerate(QWEN_IDS.items())}
+    rope = {"type": "mrope", "mrope_section": mrope_section(head_dim)}
+    text = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                rope_scaling=rope, rope_theta=1e6, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, use_sliding_window=False)
+    vision = dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_chans=3,
+                  out_hidden_size=s["hidden"], **s["vision"])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **text, **ids)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForReduction._from_config(cfg, dtype=dtype)
+    model.to_empty(device=device)
+    fill_random(model, std=0.02, seed=0)
+    model.requires_grad_(False).eval()
+    proc = Qwen2VLImageProcessor(min_pixels=s["pixels"], max_pixels=s["pixels"], patch_size=14, temporal_patch_size=2,
+                                 merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return model, proc
 
 
 BLOCK = 1_000_003  # a prime: rows of any power-of-two width start at different offsets of the block
@@ -111,15 +152,25 @@ def fill_random(model: torch.nn.Module, std: float, seed: int) -> None:
                 module.position_ids.copy_(torch.arange(module.num_positions, device=module.position_ids.device)[None])
 
 
-def synthetic_input(vocab: int, size: tuple[int, int], n_text: int = 60, seed: int = 0):
-    """Token ids with one image placeholder after a system-prompt-long prefix, and a structured image."""
+def synthetic_input(model, proc, size: tuple[int, int], n_text: int = 60, seed: int = 0):
+    """``(ids, pixels, sizes)``: random text ids with one image after a system-prompt-long prefix (LLaVA's
+    placeholder; Qwen2.5-VL's vision tokens, one per merged patch) and a structured image."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, size=n_text - 1).tolist()
-    ids = [1, *ids[:34], IMAGE_TOKEN_INDEX, *ids[34:]]
+    cfg = model.config
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
-    arr = np.stack([xx % 256, yy % 256, rng.integers(0, 256, size=(h, w))], -1).astype(np.uint8)
-    return torch.tensor([ids]), Image.fromarray(arr)
+    img = Image.fromarray(np.stack([xx % 256, yy % 256, rng.integers(0, 256, size=(h, w))], -1).astype(np.uint8))
+    if runner.is_qwen(cfg):
+        out = proc(images=[img], return_tensors="pt")
+        n = int(out["image_grid_thw"].prod()) // proc.merge_size**2
+        special = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id)
+        text = rng.integers(3, special, size=n_text - 1).tolist()
+        image = [cfg.vision_start_token_id, *[cfg.image_token_id] * n, cfg.vision_end_token_id]
+        ids = [*text[:34], *image, *text[34:]]
+        return torch.tensor([ids]), out["pixel_values"], out["image_grid_thw"]
+    text = rng.integers(3, cfg.vocab_size, size=n_text - 1).tolist()
+    ids = [1, *text[:34], IMAGE_TOKEN_INDEX, *text[34:]]
+    return torch.tensor([ids]), process_images([img], proc, cfg), [img.size]
 
 
 def machine() -> dict[str, Any]:
@@ -135,7 +186,9 @@ def machine() -> dict[str, Any]:
 
 
 def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
-    """``--methods a,b --budget B`` (each method at the paper budget B), or one method from the method flags."""
+    """``--methods a,b --budget B`` (each method at the paper budget B, with its defaults for the model family),
+    or one method from the method flags."""
+    family = args.family = "qwen2_5_vl" if _is_qwen_run(args) else None
     single = method_from_args(args) if not args.methods else None
     if args.methods:
         if args.budget is None:
@@ -148,11 +201,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         for n in names:
             if "+" in n:  # the paper's w/ VE row of a composition
                 pre, llm = (get_method(x) for x in n.split("+", 1))
-                out.append(Pipeline.from_budget(pre, llm, float(args.budget), layers))
+                out.append(Pipeline.from_budget(pre, llm, float(args.budget), layers, family))
             elif get_method(n).where == "pre_llm":
                 out.append(get_method(n).from_budget(float(args.budget)))
             else:
-                out.append(get_method(n).from_budget(float(args.budget), layers))
+                out.append(get_method(n).from_budget(float(args.budget), layers, family))
         return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
@@ -160,22 +213,33 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
     return [single]
 
 
+def _is_qwen_run(args: argparse.Namespace) -> bool:
+    if args.shape:
+        return SHAPES.get(args.shape, {}).get("arch") == "qwen2.5-vl"
+    from llava.model.builder import checkpoint_family
+
+    path = os.path.expanduser(args.model_path)
+    return checkpoint_family(path) == "qwen2_5_vl" if os.path.isdir(path) else "qwen2.5-vl" in path.lower()
+
+
 def time_layer(model, n: int, repeats: int) -> float:
     """Median seconds of the model's first decoder layer on ``n`` tokens (prefill, causal, no cache)."""
-    lm = model.get_model()
-    layer = lm.layers[0]
+    adapter = model.decoder_adapter()
+    layer = adapter.layers[0]
     dev, dtype = model.device, model.dtype
-    h = torch.randn(1, n, model.config.hidden_size, generator=torch.Generator().manual_seed(n)).to(dev, dtype)
-    pos = torch.arange(n, device=dev)[None]
-    pe = lm.rotary_emb(h, pos)
-    mask = backend_mask(model.config._attn_implementation, torch.ones(1, n, dtype=torch.bool, device=dev), n, dtype)
+    h = torch.randn(1, n, adapter.norm.weight.shape[0], generator=torch.Generator().manual_seed(n)).to(dev, dtype)
+    key_mask = torch.ones(1, n, dtype=torch.bool, device=dev)
+    pos = adapter.positions(key_mask, n)
+    seg = Segment(key_mask, pos, backend_mask(adapter.attn_implementation, key_mask, n, dtype),
+                  adapter.rotary(h, pos), torch.arange(n, device=dev))
+    kwargs = adapter.layer_kwargs(seg)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
-            layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            layer(h, **kwargs)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
@@ -193,7 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model_path:
             _, model, proc, _ = load_pretrained_model(args.model_path, args.model_base, device=device,
                                                       torch_dtype=dtype, attn_implementation=args.attn_implementation)
-            size = (640, 480) if getattr(model.config, "image_aspect_ratio", "pad") == "anyres" else (336, 336)
+            anyres = getattr(model.config, "image_aspect_ratio", "pad") == "anyres" or runner.is_qwen(model.config)
+            size = (640, 480) if anyres else (336, 336)
         else:
             model, proc = build_shape(args.shape, device, dtype, Path(tmp))
             model.config._attn_implementation = args.attn_implementation
@@ -201,9 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     logger.info("model ready in %.1f s", build_s)
     for m in methods:
-        m.validate(model.config.num_hidden_layers)
-    ids, img = synthetic_input(model.config.vocab_size, size)
-    pixels = process_images([img], proc, model.config).to(device, dtype)
+        m.validate(runner.decoder_depth(model.config))
+    ids, pixels, sizes = synthetic_input(model, proc, size)
+    pixels = pixels.to(device, dtype)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
     runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
@@ -211,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[dict]] = {name: [] for name, _ in runs}
     for rnd in range(args.warmup + args.repeats):
         for name, method in runs:  # alternate, so drift affects every run alike
-            _, state, timing = runner.timed_generate(model, ids, pixels, [img.size], gen, method, profile=True)
+            _, state, timing = runner.timed_generate(model, ids, pixels, sizes, gen, method, profile=True)
             if rnd >= args.warmup:
                 samples[name].append(profile_record(model, state, timing))
         logger.info("round %d/%d done", rnd + 1, args.warmup + args.repeats)

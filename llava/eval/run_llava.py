@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     runner.setup_logging()
     from llava.mm_utils import get_model_name_from_path
 
-    if args.conv_mode is None:
-        args.conv_mode = infer_conv_mode(get_model_name_from_path(args.model_path))
+    args.llava_conv_mode = infer_conv_mode(get_model_name_from_path(args.model_path))  # when --conv-mode is not given
     method = runner.check_args(args)
     images = load_images(args.image_file, args.sep)
     tok, model, proc, _ = runner.load_model(args, method)

@@ -20,7 +20,7 @@ from pio.encoder import split_reducer
 from pio.flops import measured_kv_bytes
 from pio.state import PruneState
 
-from ..llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from ..llava_arch import LlavaMetaForCausalLM, LlavaMetaModel, head_rows
 from ..pruning import LlamaAdapter, run_decoder, warn_if_parameters_need_grad
 
 
@@ -94,6 +94,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def decoder_adapter(self) -> LlamaAdapter:
+        """The language model as the prune step sees it (layers, norm, head, rotary, positions)."""
+        return LlamaAdapter(self.model, self.lm_head)
+
     # -- forward / generate -------------------------------------------------------------------------------
     def forward(
         self,
@@ -145,8 +149,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if prefill and prune_state.profile and out.past_key_values is not None:
             prune_state.kv_bytes = measured_kv_bytes(out.past_key_values)
         h = out.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep, :])
+        logits = self.lm_head(head_rows(h, logits_to_keep))
         loss = None
         if labels is not None:
             if prune_state.stage_masks:

@@ -28,7 +28,7 @@ from pio.flops import measured_kv_bytes
 from pio.gather import Span, build_keep_index, contiguous_positions, gather_rows
 from pio.state import PruneState
 
-from ..llava_arch import MultimodalInputs
+from ..llava_arch import MultimodalInputs, head_rows
 from ..pruning import DecoderAdapter, Segment, run_decoder, warn_if_parameters_need_grad
 
 __all__ = ["Qwen2_5_VLForReduction", "QwenAdapter", "mrope_merge"]
@@ -97,6 +97,10 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
     budget=64))`` takes the processor's outputs under the names every runner of this codebase passes (and
     ``pixel_values`` / ``image_grid_thw`` as well); it returns the new tokens only.
     """
+
+    def decoder_adapter(self) -> QwenAdapter:
+        """The language model as the prune step sees it (layers, norm, head, M-RoPE, positions)."""
+        return QwenAdapter(self.model.language_model, self.lm_head)
 
     # -- inputs --------------------------------------------------------------------------------------------
     def prepare_multimodal_inputs(
@@ -234,15 +238,14 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
             past_key_values = DynamicCache(config=self.config.text_config)
         text = self.model.language_model
         h, hidden = run_decoder(
-            QwenAdapter(text, self.lm_head), h, key_mask, reducer=llm, state=state, attention_mask=attention_mask,
+            self.decoder_adapter(), h, key_mask, reducer=llm, state=state, attention_mask=attention_mask,
             position_ids=position_ids, cache=past_key_values if use_cache else None, use_cache=use_cache,
             output_hidden_states=bool(output_hidden_states),
             **{k: v for k, v in kwargs.items() if k not in ("output_attentions", "return_dict")})
         h = text.norm(h)
         if prefill and state.profile and use_cache:
             state.kv_bytes = measured_kv_bytes(past_key_values)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep, :])
+        logits = self.lm_head(head_rows(h, logits_to_keep))
         loss = None
         if labels is not None:
             if state.stage_masks:
