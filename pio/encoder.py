@@ -14,7 +14,13 @@ after them (merged "contextual" tokens). What it may ask the model for (``needs`
     the encoder's hidden states (N, 1 + P, C), CLS first, e.g. the selected feature layer's, and ``project`` to
     map such features through the projector (merging before the projector, as VisionZip does);
 ``"keys"``
-    an encoder layer's keys of the patches (N, P, H, head_dim).
+    an encoder layer's keys of the patches (N, P, H, head_dim);
+``"received_attention"``
+    for a vision transformer without a CLS token (Qwen2.5-VL's), the attention each token receives at a layer,
+    summed over heads and averaged over the query rows (and over the patches merged into one token).
+
+``encoders`` says which vision encoders a method can read: ``"clip"`` (LLaVA's CLIP, with a CLS token) and
+``"merged"`` (Qwen2.5-VL's vision transformer: patches merged 2 x 2 into the tokens the LLM sees, no CLS).
 
 A run composes an encoder-side method and an in-language-model one with :class:`Pipeline`
 (``--method visionzip+pio``); the in-LLM stages then see the reduced span. The budget of a composition is still
@@ -34,9 +40,10 @@ import torch
 from .base import Flag, ReductionMethod
 from .schedule import PAPER_N0
 
-__all__ = ["ENCODER_NEEDS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline", "split_reducer"]
+__all__ = ["ENCODER_KINDS", "ENCODER_NEEDS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline", "split_reducer"]
 
-ENCODER_NEEDS = ("features", "cls_attention", "hidden", "keys")
+ENCODER_NEEDS = ("features", "cls_attention", "hidden", "keys", "received_attention")
+ENCODER_KINDS = ("clip", "merged")
 LEAD, KEPT, EXTRA = "lead", "kept", "extra"
 
 
@@ -48,12 +55,17 @@ class EncoderInputs(Protocol):
         grid: (rows, cols) of a crop's patch grid (24 x 24 for CLIP ViT-L/14 at 336 px).
         crops: per crop ``(image index, crop index)``; crop 0 of an image is its base view.
         targets: per crop the number of tokens to keep.
+        encoder: ``"clip"`` or ``"merged"`` (module docstring).
+        full_attention_layers: the encoder layers that attend over the whole image (every layer of CLIP; Qwen's
+            full-attention blocks between its windowed ones).
     """
 
     features: torch.Tensor
     grid: tuple[int, int]
     crops: Sequence[tuple[int, int]]
     targets: Sequence[int]
+    encoder: str
+    full_attention_layers: Sequence[int]
 
     def cls_attention(self, layer: int) -> torch.Tensor:
         """(N, H, P) float32: the CLS query's softmax attention (over CLS and patches) at the patches, in encoder
@@ -71,6 +83,11 @@ class EncoderInputs(Protocol):
 
     def keys(self, layer: int) -> torch.Tensor:
         """(N, P, H, head_dim): layer ``layer``'s keys of the patches, per head."""
+        ...
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        """(N, P) float32: the softmax attention each token receives in encoder layer ``layer`` (negative: from
+        the end), summed over heads, averaged over the query rows and over the patches merged into the token."""
         ...
 
     def timed(self, name: str) -> AbstractContextManager:
@@ -99,6 +116,7 @@ class EncoderMethod(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset({"features"})
+    encoders: ClassVar[frozenset[str]] = frozenset({"clip"})
     where: ClassVar[str] = "pre_llm"
     flags: ClassVar[tuple[Flag, ...]] = ()
     source: ClassVar[str] = ""
@@ -128,7 +146,8 @@ class EncoderMethod(ABC):
 
     @abstractmethod
     def select(self, inputs: EncoderInputs) -> EncoderSelection:
-        """Per crop the kept patches and their features (see :class:`EncoderSelection`)."""
+        """Per crop the kept patches and their features (see :class:`EncoderSelection`); called only when the
+        target is fewer than the crop's patches (the model leaves a crop whole otherwise)."""
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -333,14 +333,18 @@ def selection_flops(events: Iterable[Any], dims: LMDims) -> int:
 def encoder_selection_flops(events: Iterable[Any], width: int) -> int:
     """FLOPs an encoder-side method computed for its selection beyond the tower's own forward: per
     ``encoder_attention`` event one layer's keys for its ``seq_len`` tokens (``2*T*C^2``), the CLS query
-    (``2*C^2``) and its scores (``2*T*C``); per ``encoder_keys`` event the keys (``2*T*C^2``); ``C`` the tower's
-    width. Summed over the crops the events count."""
+    (``2*C^2``) and its scores (``2*T*C``); per ``encoder_keys`` event the keys (``2*T*C^2``); per
+    ``encoder_received`` event (every query row of a block over its ``T`` patches) the q/k/v projection
+    (``3*2*T*C^2``) and the scores (``2*T^2*C``); ``C`` the tower's width. Summed over the crops the events
+    count."""
     total = 0
     for ev in events:
         if ev.kind == "encoder_attention":
             total += ev.rows * (2 * ev.seq_len * width * width + 2 * width * width + 2 * ev.seq_len * width)
         elif ev.kind == "encoder_keys":
             total += ev.rows * 2 * ev.seq_len * width * width
+        elif ev.kind == "encoder_received":
+            total += ev.rows * (3 * 2 * ev.seq_len * width * width + 2 * ev.seq_len * ev.seq_len * width)
     return total
 
 

@@ -448,7 +448,8 @@ def cls_row(v: dict, layer: int, c: int) -> torch.Tensor:
 
 
 def naive_scan(v, c, method, target):
-    a_loc, a_glob = cls_row(v, method.local_layer, c).mean(0), cls_row(v, method.global_layer, c).mean(0)
+    a_loc = cls_row(v, 5 if method.local_layer is None else method.local_layer, c).mean(0)
+    a_glob = cls_row(v, -2 if method.global_layer is None else method.global_layer, c).mean(0)
     side = int(a_loc.numel() ** 0.5)
     k_w, n_glob = (target // 2) // 16, target - target // 2
     local = []

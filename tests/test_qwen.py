@@ -118,3 +118,73 @@ def test_encoder_side_on_qwen(qwen):
     assert (rec.n_encoder, rec.n_visual, [s.after for s in rec.stages]) == (feats.shape[0], target, [5])
     with pytest.raises(ValueError, match="visionzip needs the CLS attention"):
         model(ids, **kw, reducer=make_method("visionzip", budget=64))
+
+
+def naive_qwen_scan(model, pixels, grid, method, target):
+    """The authors' Qwen scan the plain way: every vision block's input caught, full softmax attention matrices
+    per image with transformers' own vision rotary, Python loops for windows and merging."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    visual = model.model.visual
+    caught = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw, i=i: caught.__setitem__(i, (a[0], kw)), with_kwargs=True)
+             for i, b in enumerate(visual.blocks)]
+    try:
+        feats = model.model.get_image_features(pixels, grid)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    window_index, _ = visual.get_window_index(grid)
+
+    def received(layer):
+        h, kw = caught[layer % len(visual.blocks)]
+        block = visual.blocks[layer % len(visual.blocks)]
+        S = h.shape[0]
+        q, k, _ = block.attn.qkv(block.norm1(h)).reshape(S, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
+        p = torch.softmax(torch.einsum("shd,thd->hst", q.float(), k.float()) / q.shape[-1] ** 0.5, dim=-1)
+        per_patch = p.sum(0).mean(0)  # one image: one attention group
+        in_window_order = [float(per_patch[4 * i:4 * i + 4].mean()) for i in range(S // 4)]
+        raster = [0.0] * (S // 4)
+        for i, w in enumerate(window_index.tolist()):
+            raster[w] = in_window_order[i]
+        return raster
+
+    local_a = received(visual.fullatt_block_indexes[0])
+    global_a = received(-1)
+    rows, cols = int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
+    nh, nw = max(1, rows // 4), max(1, cols // 4)
+    window = [min(r // 4, nh - 1) * nw + min(c // 4, nw - 1) for r in range(rows) for c in range(cols)]
+    n_local = target // 2
+    cap = -(-n_local // (nh * nw))
+    local, count = [], {}
+    for t in sorted(range(rows * cols), key=lambda t: (-local_a[t], t)):
+        if len(local) < n_local and count.get(window[t], 0) < cap:
+            local.append(t)
+            count[window[t]] = count.get(window[t], 0) + 1
+    others = sorted((t for t in range(rows * cols) if t not in local), key=lambda t: (-global_a[t], t))
+    keep = sorted(local + others[: target - n_local])
+    fn = torch.nn.functional.normalize(feats.float(), dim=-1)
+    groups = {k: [k] for k in keep}
+    for t in range(rows * cols):
+        if t not in groups:
+            groups[max(keep, key=lambda k: (float(fn[t] @ fn[k]), -k))].append(t)
+    return keep, torch.stack([feats[groups[k]].float().mean(0) for k in keep])
+
+
+@pytest.mark.parametrize("size", [(500, 400), (300, 640)])
+def test_authors_qwen_scan_equals_naive_reference(qwen, size):
+    from pio.methods.scan import Scan
+
+    tok, model, proc = qwen
+    ids, kw = encode({"qwen": qwen}, "qwen", "What is it?", [image(*size, seed=size[1])])
+    method = Scan(tokens=96)
+    n = int(kw["image_sizes"].prod()) // 4
+    target = method.target(n)
+    keep, merged = naive_qwen_scan(model, kw["images"], kw["image_sizes"], method, target)
+    mm = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"], pre=method, state=PruneState())
+    (start, length), = mm.spans[0]
+    assert length == target == len(keep) and n > target
+    torch.testing.assert_close(mm.inputs_embeds[0, start:start + length].float(), merged, atol=1e-5, rtol=1e-5)
+    full = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"])
+    assert torch.equal(mm.position_ids[:, 0, start:start + length], full.position_ids[:, 0, start + torch.tensor(keep)])

@@ -29,7 +29,7 @@ def vision_flops(model: Any, state: PruneState) -> dict[str, int]:
         total = qwen_vision_flops(state.vision_grids, v.hidden_size, v.intermediate_size, v.depth, v.out_hidden_size,
                                   v.fullatt_block_indexes, v.patch_size, v.temporal_patch_size, v.spatial_merge_size,
                                   v.window_size, v.in_chans)["total"]
-        return {"vision": total, "encoder_selection": 0}
+        return {"vision": total, "encoder_selection": encoder_selection_flops(state.events, v.hidden_size)}
     tower = model.get_vision_tower() if hasattr(model, "get_vision_tower") else None
     if tower is None or not state.vision_crops:
         return {"vision": 0, "encoder_selection": 0}

@@ -39,6 +39,8 @@ class _EncoderStage:
         self.features = features
         side = tower.num_patches_per_side
         self.grid = (side, side)
+        self.encoder = "clip"
+        self.full_attention_layers = tuple(range(len(hidden_states) - 1))
         self.crops = list(crops)
         self.targets = [method.target(features.shape[1])] * features.shape[0]
 
@@ -77,7 +79,11 @@ class _EncoderStage:
 def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
                  crops: Sequence[tuple[int, int]], state=None) -> list[ReducedCrop]:
     """Run ``method`` on the crops' projected ``features`` (N, P, D); one :class:`ReducedCrop` per crop."""
+    check_encoder(method, "clip")
     stage = _EncoderStage(method, tower, projector, hidden_states, features, crops, state)
+    if stage.targets[0] >= features.shape[1]:  # a target of every patch leaves the crops as they are
+        return [ReducedCrop(torch.ones(features.shape[1], dtype=torch.bool, device=features.device), f)
+                for f in features]
     with state.timed("encoder_selection", features.device) if state is not None else nullcontext():
         sel: EncoderSelection = method.select(stage)
     if len(sel.keep) != features.shape[0]:
@@ -97,19 +103,31 @@ def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, feature
     return out
 
 
-class _FeatureStage:
-    """:class:`pio.encoder.EncoderInputs` over one image of a vision transformer without a CLS token (Qwen2.5-VL):
-    only the projected features (1, P, D) of its merged-token grid."""
+class _MergedStage:
+    """:class:`pio.encoder.EncoderInputs` over one image of a vision transformer that merges patches into the
+    language model's tokens and has no CLS token (Qwen2.5-VL): the projected features (1, P, D) of its merged
+    grid and, on request, the attention its tokens receive (``attention(layer)`` -> (P,), from the model)."""
 
-    def __init__(self, method: EncoderMethod, features: torch.Tensor, grid: tuple[int, int]):
-        self._method = method
+    encoder = "merged"
+
+    def __init__(self, method: EncoderMethod, features: torch.Tensor, grid: tuple[int, int],
+                 full_attention_layers: Sequence[int], attention=None, state=None, patches_per_token: int = 4):
+        self._method, self._attention, self._state = method, attention, state
+        self._patches = features.shape[0] * patches_per_token
         self.features, self.grid = features[None], grid
+        self.full_attention_layers = tuple(full_attention_layers)
         self.crops = [(0, 0)]
         self.targets = [method.target(features.shape[0])]
 
+    def received_attention(self, layer: int) -> torch.Tensor:
+        if "received_attention" not in self._method.needs or self._attention is None:
+            raise RuntimeError(f"method {self._method.name} asked for 'received_attention' without declaring it")
+        if self._state is not None:
+            self._state.events.append(SelectionEvent("encoder_received", layer, self._patches, 1))
+        return self._attention(layer)[None]
+
     def _missing(self, what: str):
-        raise ValueError(f"{self._method.name} needs {what}, which this vision encoder does not provide (no CLS "
-                         "token); encoder-side methods on projected features only run here (divprune)")
+        raise ValueError(f"{self._method.name} needs {what}, which this vision encoder does not provide (no CLS token)")
 
     def cls_attention(self, layer: int) -> torch.Tensor:
         self._missing("the CLS attention")
@@ -127,15 +145,35 @@ class _FeatureStage:
         return nullcontext()
 
 
+def check_encoder(method: EncoderMethod, encoder: str) -> None:
+    """``method`` can read ``encoder`` (``"clip"`` or ``"merged"``), or a ValueError naming the ones that can."""
+    if encoder not in method.encoders:
+        from pio.encoder import EncoderMethod as Base
+        from pio.registry import get_method, method_names
+
+        able = [n for n in method_names() if issubclass(get_method(n), Base) and encoder in get_method(n).encoders]
+        what = "the CLS attention of a CLIP tower" if encoder == "merged" else "a patch-merging vision transformer"
+        raise ValueError(f"{method.name} needs {what}, which this model's vision encoder does not have; encoder-side "
+                         f"methods that run here: {', '.join(able)}")
+
+
 def reduce_image_features(method: EncoderMethod, features: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]],
-                          state=None) -> list[ReducedCrop]:
+                          full_attention_layers: Sequence[int] = (), attention=None, state=None,
+                          patches_per_token: int = 4) -> list[ReducedCrop]:
     """Run ``method`` on each image's projected ``features`` (P_i, D) (grids of merged tokens ``grids``, e.g.
-    Qwen2.5-VL's, one crop per image); one :class:`ReducedCrop` per image. Tokens merged into kept ones replace
-    their features; extra tokens are not supported (they would need positions of their own)."""
+    Qwen2.5-VL's, one crop per image); one :class:`ReducedCrop` per image. ``attention(image, layer)`` gives the
+    attention an image's tokens receive at an encoder layer (for methods that need it). Tokens merged into kept
+    ones replace their features; extra tokens are not supported (they would need positions of their own)."""
+    check_encoder(method, "merged")
     out = []
     with state.timed("encoder_selection", features[0].device) if state is not None and features else nullcontext():
-        for f, grid in zip(features, grids, strict=True):
-            sel: EncoderSelection = method.select(_FeatureStage(method, f, grid))
+        for i, (f, grid) in enumerate(zip(features, grids, strict=True)):
+            per_image = (lambda layer, i=i: attention(i, layer)) if attention is not None else None
+            stage = _MergedStage(method, f, grid, full_attention_layers, per_image, state, patches_per_token)
+            if stage.targets[0] >= f.shape[0]:  # a target of every token leaves the image as it is
+                out.append(ReducedCrop(torch.ones(f.shape[0], dtype=torch.bool, device=f.device), f))
+                continue
+            sel: EncoderSelection = method.select(stage)
             if (sel.extra is not None and sel.extra[0] is not None) or (sel.lead is not None and sel.lead[0] is not None):
                 raise ValueError(f"{method.name} adds tokens of its own, which this model family cannot place")
             keep = sel.keep[0].to(f.device)

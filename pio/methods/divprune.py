@@ -27,6 +27,7 @@ from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
 class DivPrune(EncoderMethod):
     """DivPrune: greedy max-min diversity."""
 
+    encoders = frozenset({"clip", "merged"})
     name = "divprune"
     source = "DivPrune, CVPR'25, arXiv 2503.02175; github.com/vbdi/divprune (docs/methods.md)"
 
@@ -37,8 +38,6 @@ class DivPrune(EncoderMethod):
         P = feats.shape[1]
         target = inputs.targets[0]
         device = feats.device
-        if target >= P:
-            return EncoderSelection([torch.arange(P, device=device)] * len(inputs.targets))
         work = torch.float64 if feats.dtype == torch.float64 else torch.float32
         keep = []
         with inputs.timed("divprune"):

@@ -67,8 +67,6 @@ class HoloV(EncoderMethod):
         P = feats.shape[1]
         target = inputs.targets[0]
         device = feats.device
-        if target >= P:
-            return EncoderSelection([torch.arange(P, device=device)] * len(inputs.targets))
         work = torch.float64 if feats.dtype == torch.float64 else torch.float32
         attn = inputs.cls_attention(self.layer).mean(dim=1).to(work)  # (N, P)
         bounds = chunk_bounds(P, self.chunks(P, target))

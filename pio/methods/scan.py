@@ -11,6 +11,16 @@ Per 24 x 24 crop, keeping ``T`` tokens (``--visual_token_num T``, the authors' f
 
 So ``16 k_w + T - T // 2`` tokens are kept: exactly T when T is a multiple of 32 (64, 96, 128, 192, 288), fewer
 otherwise (218 keeps 205), which the log says. ``T = 576`` keeps every token (the authors' bypass).
+
+On Qwen2.5-VL (no CLS token; §5.2 of the same notes), per image of N merged tokens, keeping ``K`` (the same
+share of N, e.g. 16.7 % = 216 of 1296 for 96):
+
+* maps: the attention each token receives (heads summed, query rows averaged, a merged token's four patches
+  averaged), from the first full-attention vision block (local) and the last block (global);
+* local: the merged grid in windows of 4 x 4 tokens (the rows and columns that do not fill a window join the
+  last one); tokens are visited by local attention and taken while their window holds fewer than
+  ``ceil((K // 2) / windows)``, until ``K // 2`` are taken;
+* global: the ``K - K // 2`` other tokens with the most global attention; merging as above.
 """
 
 from __future__ import annotations
@@ -59,19 +69,30 @@ class Scan(EncoderMethod):
     """The authors' global + local scan with merging (module docstring)."""
 
     name = "scan"
-    needs = frozenset({"features", "cls_attention"})
+    needs = frozenset({"features", "cls_attention", "received_attention"})
+    encoders = frozenset({"clip", "merged"})
     source = "PIO-FVLM / TRIO release, llava/model/llava_arch.py (window_cls_selection, token_merging); VScan"
     flags = (
-        Flag("local_layer", "scan-local-layer", int, "encoder layer of the local (windowed) scan (5)"),
-        Flag("global_layer", "scan-global-layer", int, "encoder layer of the global scan (-2)"),
+        Flag("local_layer", "scan-local-layer", int,
+             "encoder layer of the local (windowed) scan (CLIP: 5; Qwen: its first full-attention block)"),
+        Flag("global_layer", "scan-global-layer", int, "encoder layer of the global scan (CLIP: -2; Qwen: -1)"),
         Flag("merge", "scan-no-merge", None, "drop the other tokens instead of merging them", const=False),
     )
 
     tokens: int
-    local_layer: int = 5
-    global_layer: int = -2
+    local_layer: int | None = None
+    global_layer: int | None = None
     windows: int = 4
     merge: bool = True
+
+    def layers(self, inputs: EncoderInputs) -> tuple[int, int]:
+        """``(local, global)`` encoder layers: as given, else the authors' for this encoder."""
+        if inputs.encoder == "merged":
+            default = (inputs.full_attention_layers[0], -1)
+        else:
+            default = (5, -2)
+        return (default[0] if self.local_layer is None else self.local_layer,
+                default[1] if self.global_layer is None else self.global_layer)
 
     def kept(self, target: int) -> tuple[int, int]:
         """``(local per window, global)`` counts for a target of ``target`` tokens."""
@@ -80,16 +101,17 @@ class Scan(EncoderMethod):
     def select(self, inputs: EncoderInputs) -> EncoderSelection:
         P = inputs.features.shape[1]
         target = inputs.targets[0]
-        if target >= P:
-            return EncoderSelection([torch.arange(P, device=inputs.features.device)] * len(inputs.targets))
+        if inputs.encoder == "merged":
+            return self._select_merged(inputs, target)
+        local_layer, global_layer = self.layers(inputs)
         k_w, n_global = self.kept(target)
         if (target, P) not in _SAID and self.windows**2 * k_w + n_global != target:
             _SAID.add((target, P))
             logger.warning("scan keeps %d of the requested %d tokens per crop (%d windows x %d local + %d global): "
                            "the authors' rule is exact only for multiples of %d", self.windows**2 * k_w + n_global,
                            target, self.windows**2, k_w, n_global, 2 * self.windows**2)
-        local_a = inputs.cls_attention(self.local_layer).mean(dim=1)  # (N, P)
-        global_a = inputs.cls_attention(self.global_layer).mean(dim=1)
+        local_a = inputs.cls_attention(local_layer).mean(dim=1)  # (N, P)
+        global_a = inputs.cls_attention(global_layer).mean(dim=1)
         win = windows(*inputs.grid, self.windows, inputs.features.device)
         keep, feats = [], []
         with inputs.timed("scan"):
@@ -108,3 +130,35 @@ class Scan(EncoderMethod):
                 keep.append(kept)
                 feats.append(merge_into_nearest(inputs.features[c], kept) if self.merge else None)
         return EncoderSelection(keep, feats if self.merge else None)
+
+    def _select_merged(self, inputs: EncoderInputs, target: int) -> EncoderSelection:
+        """The authors' Qwen2.5-VL scan (module docstring) on one image's merged tokens."""
+        local_layer, global_layer = self.layers(inputs)
+        local_a = inputs.received_attention(local_layer)[0]  # (P,)
+        global_a = inputs.received_attention(global_layer)[0]
+        device = inputs.features.device
+        rows, cols = inputs.grid
+        per_side = (max(1, rows // self.windows), max(1, cols // self.windows))
+        r = torch.clamp(torch.arange(rows, device=device) // self.windows, max=per_side[0] - 1)
+        c = torch.clamp(torch.arange(cols, device=device) // self.windows, max=per_side[1] - 1)
+        win = (r[:, None] * per_side[1] + c[None, :]).flatten()  # (P,) window of each token
+        n_local = target // 2
+        cap = -(-n_local // (per_side[0] * per_side[1]))
+        with inputs.timed("scan"):
+            order, _ = stable_rank(local_a)
+            taken = torch.zeros(per_side[0] * per_side[1], dtype=torch.long, device=device)
+            local = []
+            for t in order.tolist():
+                if len(local) == n_local:
+                    break
+                if taken[win[t]] < cap:
+                    taken[win[t]] += 1
+                    local.append(t)
+            rest = torch.ones(global_a.numel(), dtype=torch.bool, device=device)
+            rest[local] = False
+            candidates = rest.nonzero().flatten()
+            order, _ = stable_rank(global_a[candidates])
+            kept = torch.sort(torch.cat([torch.tensor(local, dtype=torch.long, device=device),
+                                         candidates[order[:target - n_local]]])).values
+            feats = merge_into_nearest(inputs.features[0], kept) if self.merge else None
+        return EncoderSelection([kept], [feats] if self.merge else None)

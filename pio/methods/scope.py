@@ -41,8 +41,6 @@ class SCOPE(EncoderMethod):
         P = inputs.features.shape[1]
         target = inputs.targets[0]
         device = inputs.features.device
-        if target >= P:
-            return EncoderSelection([torch.arange(P, device=device)] * len(inputs.targets))
         hidden = inputs.hidden(self.layer)[:, 1:]  # (N, P, C)
         work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         saliency = inputs.cls_attention(self.layer).sum(dim=1).to(work) ** self.alpha  # (N, P)

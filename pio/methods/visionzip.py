@@ -59,8 +59,6 @@ class VisionZip(EncoderMethod):
         P = inputs.features.shape[1]
         target = inputs.targets[0]
         device = inputs.features.device
-        if target >= P:
-            return EncoderSelection([torch.arange(P, device=device)] * len(inputs.targets))
         dominant, contextual = self.split(target)
         attn = inputs.cls_attention(self.layer).sum(dim=1)  # (N, P)
         hidden = inputs.hidden(self.layer)  # (N, 1 + P, C): layer -2's output, CLS first

@@ -28,6 +28,7 @@ from pio.flops import measured_kv_bytes
 from pio.gather import Span, build_keep_index, contiguous_positions, gather_rows
 from pio.state import PruneState
 
+from ..encoder_stage import check_encoder, reduce_image_features
 from ..llava_arch import MultimodalInputs, head_rows
 from ..pruning import DecoderAdapter, Segment, run_decoder, warn_if_parameters_need_grad
 
@@ -90,6 +91,66 @@ def next_positions(position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return position_ids.masked_fill(~valid, -1).amax(dim=(0, 2)).add(1)[:, None]
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def received_attention(block: Any, h: torch.Tensor, cu_seqlens: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor], rows: int = 1024) -> torch.Tensor:
+    """(S,) float32: the softmax attention each position of ``h`` (S, C), a vision block's input, receives in
+    that block, summed over heads and averaged over the query rows of its attention group (``cu_seqlens``: the
+    groups' boundaries, e.g. one per image in a full-attention block). Recomputed from the block's own queries
+    and keys, ``rows`` query rows at a time, so the model's attention backend is untouched."""
+    attn = block.attn
+    S = h.shape[0]
+    q, k, _ = attn.qkv(block.norm1(h)).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = (t.float()[:, None] for t in position_embeddings)
+    q = q.float() * cos + _rotate_half(q.float()) * sin  # (S, H, hd)
+    k = k.float() * cos + _rotate_half(k.float()) * sin
+    scale = q.shape[-1] ** -0.5
+    out = torch.zeros(S, dtype=torch.float32, device=h.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        keys = k[a:b].transpose(0, 1)  # (H, n, hd)
+        total = torch.zeros(b - a, dtype=torch.float32, device=h.device)
+        for r in range(a, b, rows):
+            queries = q[r:min(r + rows, b)].transpose(0, 1)  # (H, c, hd)
+            total += ((queries @ keys.transpose(1, 2)) * scale).softmax(dim=-1).sum(dim=(0, 1))
+        out[a:b] = total / (b - a)
+    return out
+
+
+class _VisionMaps:
+    """The attention each image's merged tokens receive at the vision blocks an encoder-side method asks for,
+    from the block inputs caught while the vision transformer ran (per call; nothing stays on the model)."""
+
+    def __init__(self, visual: Any, grid_thw: torch.Tensor):
+        self.visual, self.grid_thw = visual, grid_thw
+        self.inputs: dict[int, tuple] = {}
+        self._maps: dict[int, list[torch.Tensor]] = {}
+
+    def catch(self):
+        def hook(index):
+            def pre(module, args, kwargs):
+                self.inputs[index] = (args[0] if args else kwargs["hidden_states"], kwargs["cu_seqlens"],
+                                      kwargs["position_embeddings"])
+            return pre
+        return [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(self.visual.blocks)]
+
+    def __call__(self, image: int, layer: int) -> torch.Tensor:
+        layer = layer % len(self.visual.blocks)
+        if layer not in self._maps:
+            h, cu, pe = self.inputs[layer]
+            per_patch = received_attention(self.visual.blocks[layer], h, cu, pe)  # the ViT's window order
+            unit = self.visual.spatial_merge_unit
+            window_index, _ = self.visual.get_window_index(self.grid_thw)
+            merged = per_patch.view(-1, unit).mean(dim=1)[torch.argsort(window_index.to(h.device))]  # raster
+            sizes = (self.grid_thw.prod(-1) // unit).tolist()
+            self._maps[layer] = list(merged.split(sizes))
+        return self._maps[layer][image]
+
+
 class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL (transformers' modules) with optional visual-token reduction, chosen per call.
 
@@ -125,10 +186,21 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("video inputs are not supported; pass images")
         n_tokens = is_image.sum(dim=1).tolist()
         features: list[torch.Tensor] = []
+        maps = None
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise ValueError("pixel_values without image_grid_thw: pass both, as the processor returns them")
-            features = list(self.model.get_image_features(pixel_values.to(device), image_grid_thw.to(device)))
+            image_grid_thw = image_grid_thw.to(device)
+            if pre is not None:
+                check_encoder(pre, "merged")
+                if "received_attention" in pre.needs:
+                    maps = _VisionMaps(self.model.visual, image_grid_thw)
+            hooks = maps.catch() if maps is not None else []
+            try:
+                features = list(self.model.get_image_features(pixel_values.to(device), image_grid_thw))
+            finally:
+                for hook in hooks:
+                    hook.remove()
             if state is not None:
                 state.vision_grids = [list(map(int, g)) for g in image_grid_thw.tolist()]
         if sum(n_tokens) != sum(int(f.shape[0]) for f in features):
@@ -143,21 +215,21 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
         encoder_counts = None
         if pre is not None and features:
             embeds, mask, positions, spans, encoder_counts = self._reduce_images(
-                pre, features, image_grid_thw, embeds, mask, positions, spans, side, state)
+                pre, features, image_grid_thw, maps, embeds, mask, positions, spans, side, state)
         return MultimodalInputs(embeds, mask.long(), positions, None, spans, side, encoder_counts,
                                 next_positions(positions, mask) - mask.shape[1])
 
     def _reduce_images(self, pre: EncoderMethod, features: list[torch.Tensor], image_grid_thw: torch.Tensor,
-                       embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, spans: list[list[Span]], side: str,
-                       state: PruneState | None):
+                       maps: _VisionMaps | None, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                       spans: list[list[Span]], side: str, state: PruneState | None):
         """Apply the encoder-side method to every image and drop the tokens it did not keep."""
-        from ..encoder_stage import reduce_image_features
-
         if any(len(s) > 1 for s in spans):
             raise ValueError("encoder-side reduction on Qwen2.5-VL handles one image per sample")
-        m = self.model.visual.spatial_merge_size
+        visual = self.model.visual
+        m = visual.spatial_merge_size
         grids = [(int(h) // m, int(w) // m) for _, h, w in image_grid_thw.tolist()]
-        reduced = iter(reduce_image_features(pre, features, grids, state))
+        reduced = iter(reduce_image_features(pre, features, grids, visual.fullatt_block_indexes, maps, state,
+                                             visual.spatial_merge_unit))
         keep_local, counts = [], []
         for b, s in enumerate(spans):
             if not s:
