@@ -33,11 +33,21 @@ class StageRecord:
     merged: int = 0  # merged tokens created at this stage (included in ``after``)
 
 
+@dataclass(frozen=True)
+class EncoderRecord:
+    """One image through an encoder-side stage: ``n`` tokens before it and, for each token after it, its
+    position among those ``n`` (-1: a token the method added, e.g. a merged contextual token)."""
+
+    n: int
+    kept: list[int]
+
+
 @dataclass
 class SampleRecord:
     n_visual: int
     stages: list[StageRecord] = field(default_factory=list)
     n_encoder: int | None = None  # visual tokens before an encoder-side reduction (None: none ran)
+    encoder_kept: list[int] | None = None  # EncoderRecord.kept of the sample's image
 
 
 @dataclass(frozen=True)
@@ -84,21 +94,21 @@ class PruneState:
         self.timings: dict[str, float] = defaultdict(float)
         self.events: list[SelectionEvent] = []
         self.kv_bytes: int | None = None  # measured after prefill when profiling
-        self.encoder_counts: list[int] | None = None  # per image, tokens before an encoder-side stage
+        self.encoder_images: list[EncoderRecord] | None = None  # per image of the batch, its encoder-side stage
         self.vision_crops = 0  # crops the vision tower encoded (every image's views)
         self.vision_grids: list[list[int]] = []  # patch grids (t, h, w) a Qwen-style vision transformer encoded
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
-        self._encoder_counts: list[list[int]] | None = None
+        self._encoder: list[list[EncoderRecord]] | None = None
 
     # ------------------------------------------------------------------ set-up by the model
     def set_inputs(self, spans: Sequence[Sequence[Span]], padding_side: str,
-                   encoder_counts: Sequence[Sequence[int]] | None = None) -> None:
-        """Visual spans of each sample in the (padded) input sequence, as prepared by the model, and each image's
-        token count before an encoder-side reduction (None: no such stage)."""
+                   encoder: Sequence[Sequence[EncoderRecord]] | None = None) -> None:
+        """Visual spans of each sample in the (padded) input sequence, as prepared by the model, and what an
+        encoder-side stage did to each sample's images (None: no such stage)."""
         self._visual_spans = [list(s) for s in spans]
         self.padding_side = padding_side
-        self._encoder_counts = [list(c) for c in encoder_counts] if encoder_counts is not None else None
+        self._encoder = [list(c) for c in encoder] if encoder is not None else None
 
     def begin_prefill(self, mask: torch.Tensor, num_layers: int, layers: Sequence[int] = (),
                       counts_fn: Callable[[int], Sequence[int]] | None = None, positions: str = "renumber") -> None:
@@ -128,12 +138,13 @@ class PruneState:
         self.selections.clear()
         self.stage_widths.clear()
         self.origin = torch.arange(S, device=mask.device).expand(B, S)
-        encoder = self._encoder_counts
+        encoder = self._encoder
         if encoder is not None and len(encoder) != B:
             encoder = [c for c in encoder for _ in range(B // max(len(encoder), 1))]  # generate() expanded the batch
-        self.samples = [SampleRecord(n_visual=s[1] if s else 0,
-                                     n_encoder=(sum(encoder[b]) if encoder[b] else 0) if encoder is not None else None)
-                        for b, s in enumerate(self.spans)]
+        self.samples = [SampleRecord(n_visual=s[1] if s else 0) for s in self.spans]
+        for b, rec in enumerate(self.samples if encoder is not None else []):
+            rec.n_encoder = sum(e.n for e in encoder[b])
+            rec.encoder_kept = list(encoder[b][0].kept) if len(encoder[b]) == 1 else None
         self._orig_local = [torch.arange(s[1], device=mask.device) if s else None for s in self.spans]
         self.targets = [list(counts_fn(r.n_visual)) if counts_fn else [] for r in self.samples]
         self.events = [e for e in self.events if e.kind.startswith("encoder_")]  # the encoder stage ran before
@@ -213,6 +224,8 @@ class PruneState:
             line = {"n_visual": rec.n_visual, "stages": [vars(st) for st in rec.stages], "avg_visual_tokens": avg}
             if rec.n_encoder is not None:
                 line["n_encoder"] = rec.n_encoder  # before the encoder-side stage; n_visual is after it
+            if rec.encoder_kept is not None:
+                line["encoder_kept"] = rec.encoder_kept  # each visual token's position among the n_encoder
             out.append(line)
         return out
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU demo of the whole loop (make demo): a tiny random LLaVA-1.5 checkpoint, the miniature benchmarks,
-# POPE and GQA without pruning, with PIO and with FastV, then the summary table. Numbers are meaningless (random
+# POPE and GQA without pruning, with PIO and with FastV, then the summary table and its plots, and a picture of
+# the tokens each method keeps on one image. Numbers are meaningless (random
 # weights); the point is that every step runs. Output: demo_out/ (DEMO_OUT), rewritten each time.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,9 +28,19 @@ for bench in pope gqa; do
 done
 
 echo
-"$PYTHON" -m llava.eval.summarize --data-root "$DATA_ROOT" --baseline "$BASELINE"
+"$PYTHON" -m llava.eval.summarize --data-root "$DATA_ROOT" --baseline "$BASELINE" --plot "$OUT/plots" \
+    --out-md "$OUT/table.md"
+
+# Which tokens each method keeps on one demo image (the paper's budget 192; stages moved to the tiny model's
+# layers as above): PIO, a text-to-image attention method, a diversity method and a CLS-attention method.
+IMAGE="$(ls "$DATA_ROOT"/pope/val2014/*.jpg | head -n 1)"
+"$PYTHON" -m llava.eval.visualize --model-path "$CKPT_DIR" --image-file "$IMAGE" --device cpu \
+    --query "Is there a triangle in the image?" --methods pio@1/2,fastv@1,dart@1,visionzip --budget 192 \
+    --out "$OUT/kept_tokens.png" > /dev/null
 echo
 echo "checkpoint:   $CKPT_DIR"
 echo "benchmarks:   $DATA_ROOT (miniature; python -m llava.eval.fixtures)"
 echo "answers:      $DATA_ROOT/{pope,gqa}/answers/"
 echo "result JSONs: $DATA_ROOT/{pope,gqa}/results/"
+echo "table, plots: $OUT/table.md, $OUT/plots/"
+echo "kept tokens:  $OUT/kept_tokens.png (python -m llava.eval.visualize)"

@@ -629,6 +629,27 @@ def test_encoder_side_keep_all_and_composition(models, name):
     assert [s.after for s in rec.stages] == [100, 40] and out.shape == (1, 3)
 
 
+@pytest.mark.parametrize("name", ["visionzip", "divprune"])
+@pytest.mark.parametrize("arch", ["v15", "v16"])
+def test_encoder_kept_points_into_the_unreduced_sequence(models, name, arch):
+    """The log's encoder_kept: every token after the encoder stage that the method did not add or re-weight is
+    the unreduced sequence's token at the position it names (NeXT: tiling, unpadding and newlines included)."""
+    tok, model, proc = models[arch]
+    img, x = encoder_input(models, arch, 2)
+    sizes = [img.size]
+    full = model.image_features(x, sizes)[0]
+    st = PruneState()
+    reduced = model.image_features(x, sizes, make_encoder(name, 40), st)[0]
+    (rec,) = st.encoder_images
+    assert rec.n == full.shape[0] and len(rec.kept) == reduced.shape[0]
+    kept = torch.tensor(rec.kept)
+    real = kept >= 0
+    assert int(real.sum()) >= 30 and kept[real].unique().numel() == int(real.sum())
+    if name == "divprune":  # keeps features as they are: every token is one of the unreduced sequence
+        assert bool(real.all())
+    torch.testing.assert_close(reduced[real], full[kept[real]])
+
+
 @pytest.mark.parametrize("name", ENCODER_NAMES)
 def test_encoder_side_batch_and_cached_decoding(models, name):
     from pio.encoder import Pipeline

@@ -106,7 +106,7 @@ def test_encoder_side_on_qwen(qwen):
     mm = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"], pre=method)
     full = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"])
     (start, length), = mm.spans[0]
-    assert length == target and mm.encoder_counts == [[feats.shape[0]]]
+    assert length == target and [[e.n for e in r] for r in mm.encoder] == [[feats.shape[0]]]
     kept_ids = full.position_ids[:, 0, start + torch.tensor(keep)]
     assert torch.equal(mm.position_ids[:, 0, start:start + length], kept_ids)
     assert int(mm.rope_deltas) == int(full.position_ids.max()) + 1 - mm.inputs_embeds.shape[1]

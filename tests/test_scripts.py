@@ -547,8 +547,11 @@ def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, caps
             run_method_e2e(family, "pope", method, ckpt, mini_data)
     if not (mini_data / "pope" / "results" / f"{ckpt.name}.json").is_file():
         assert run_e2e(SCRIPTS / family / "eval" / "pope.sh", ckpt, mini_data).returncode == 0
-    rows = summarize.main(["--data-root", str(mini_data), "--runs", f"{ckpt.name}*"])
+    plots = mini_data.parent / f"plots-{family}"
+    rows = summarize.main(["--data-root", str(mini_data), "--runs", f"{ckpt.name}*", "--plot", str(plots)])
     out = capsys.readouterr().out
+    for name in ("score_vs_budget.png", "retention_vs_speedup.png"):  # the scripts write profiles beside answers
+        assert (plots / name).stat().st_size > 10_000 and f"]({os.path.relpath(plots / name)})" in out
     assert rows[0].is_baseline and rows[0].method == "none" and rows[0].ratio == pytest.approx(100.0)
     methods = {r.method for r in rows[1:]}
     assert {"pio", "fastv"} <= methods

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from llava.eval import summarize
@@ -121,3 +122,62 @@ def test_partial_results_are_marked_and_left_out_of_the_avg(tmp_path, capsys):
     assert "| 64 | pio | m-pio64 | 57.0 | 100.0* |" in out
     assert "POPE is partial (5 of 12 questions answered, 5 logged): marked *, left out of the Avg" in out
     assert rows[1].ratio == pytest.approx(95.0) and rows[1].ratio_benchmarks == ["gqa"]
+
+
+def _with_profile(root, bench, model, prefill_times, **kw):
+    """A result whose answers have a --profile file beside them (as the scripts write), one line per question."""
+    answers = os.path.join(root, bench, "answers", f"{model}.jsonl")
+    os.makedirs(os.path.dirname(answers), exist_ok=True)
+    with open(answers[: -len(".jsonl")] + ".profile.jsonl", "w") as f:
+        for qid, t in enumerate(prefill_times):
+            f.write(json.dumps({"question_id": qid, "prefill_s": t, "vision_s": 0.5}) + "\n")
+    put(root, bench, model, kw.pop("score"), **kw)
+    path = os.path.join(root, bench, "results", f"{model}-2025-01-01.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["extra"] = {"result_file": "elsewhere/" + os.path.basename(answers)}  # scored from another folder
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_plots_from_result_files(tmp_path, capsys):
+    from PIL import Image
+
+    from llava.eval import plots
+
+    root = str(tmp_path / "eval")
+    for bench, base in (("gqa", 60.0), ("pope", 80.0)):
+        _with_profile(root, bench, "m", [3.5, 5.5], score=base, method="none")  # 4 s and 6 s with vision
+        for budget in (64, 128, 192):
+            for method, drop in (("pio", 1.0), ("fastv", 6.0), ("scan+pio", 0.5)):
+                # at 64, prefill with vision 1 s + 2 s on GQA (baseline 10 s), 2 s + 3 s on POPE (baseline 10 s)
+                t = [0.5, 1.5] if bench == "gqa" else [1.5, 2.5]
+                _with_profile(root, bench, f"m-{method}{budget}", t if budget == 64 else [3.5, 5.5],
+                              score=base - drop * 64 / budget, method=method, budget=float(budget))
+    put(root, "gqa", "m-odd", 50.0, method="random")  # no budget: not drawn, and said so
+    latest = summarize._latest_per_run(read_results(root))
+    speed = plots.prefill_speedups(latest, "m")
+    assert speed["m-pio64"] == pytest.approx((10 / 3 * 10 / 5) ** 0.5)  # the geometric mean over benchmarks
+    assert speed["m-pio192"] == pytest.approx(1.0) and speed["m"] == pytest.approx(1.0)
+    assert "m-odd" not in speed  # no profile beside its answers
+    out_md = tmp_path / "report" / "table.md"
+    summarize.main(["--data-root", root, "--plot", str(tmp_path / "report" / "plots"), "--out-md", str(out_md)])
+    text = out_md.read_text()
+    assert "![score vs budget](plots/score_vs_budget.png)" in text
+    assert "![retention vs speedup](plots/retention_vs_speedup.png)" in text
+    assert "runs without a paper budget are not drawn (m-odd)" in text
+    for name in ("score_vs_budget.png", "retention_vs_speedup.png"):
+        with Image.open(tmp_path / "report" / "plots" / name) as im:
+            arr = np.asarray(im.convert("RGB"))
+            assert im.size[0] >= 700 and (arr < 128).any() and (arr > 200).any()  # drawn on, not blank
+    series = plots._series(summarize.build_accuracy_table(read_results(root), "m"), lambda r: r.ratio)
+    assert [b for b, _ in series["pio"]] == [64.0, 128.0, 192.0]
+    assert series["fastv"][0][1] == pytest.approx(100 * (54 / 60 + 74 / 80) / 2)
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, data_root):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RuntimeError, match=r"pip install -e \"\.\[viz\]\""):
+        summarize.main(["--data-root", data_root, "--baseline", "base", "--plot", str(tmp_path / "p")])

@@ -62,15 +62,16 @@ def column_label(benchmark: str) -> str:
     return BENCHMARK_COLUMNS.get(benchmark, benchmark)
 
 
-def _latest_per_run(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+def _latest_per_run(results: Sequence[dict[str, Any]], warn: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
     runs: dict[str, dict[str, dict[str, Any]]] = {}
     for r in results:
         model, bench = str(r["model"]), str(r["benchmark"])
         current = runs.setdefault(model, {}).get(bench)
         if current is not None:
             newer = r if str(r.get("date") or "") >= str(current.get("date") or "") else current
-            logger.warning("%s / %s: several result files (%s, %s); using the newest, %s", model, bench,
-                           current.get("_path", "?"), r.get("_path", "?"), newer.get("_path", "?"))
+            if warn:
+                    logger.warning("%s / %s: several result files (%s, %s); using the newest, %s", model, bench,
+                               current.get("_path", "?"), r.get("_path", "?"), newer.get("_path", "?"))
             r = newer
         runs[model][bench] = r
     return runs
@@ -282,6 +283,10 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
                              "family per table)")
     parser.add_argument("--out-md", default=None, metavar="FILE", help="also write the Markdown table here")
     parser.add_argument("--out-csv", default=None, metavar="FILE", help="also write the table as CSV here")
+    parser.add_argument("--plot", default=None, metavar="DIR",
+                        help="also draw score against budget per method, and retention against measured prefill "
+                             "speed-up where profiles exist, as PNGs in DIR (needs matplotlib: pip install -e "
+                             "\".[viz]\"); the table links them")
     args = parser.parse_args(argv)
     configure_logging()
     if args.profile:
@@ -321,7 +326,18 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
     mme_metrics = {row.metrics["mme"] for row in rows if "mme" in row.metrics}
     if mme_metrics:
         messages.append("MME column: " + " / ".join(sorted(mme_metrics)))
+    plots: list[str] = []
+    if args.plot:
+        from llava.eval.plots import write_plots
+
+        plots, plot_messages = write_plots(results, rows, columns, args.plot)
+        messages += plot_messages
     text = format_markdown(rows, columns, with_ratio, messages)
+    if plots:
+        where = os.path.dirname(os.path.abspath(args.out_md)) if args.out_md else os.getcwd()
+        links = [f"![{os.path.splitext(os.path.basename(p))[0].replace('_', ' ')}]"
+                 f"({os.path.relpath(os.path.abspath(p), where)})" for p in plots]
+        text += "\n" + "\n".join(links) + "\n"
     print(text, end="")
     if args.out_md:
         os.makedirs(os.path.dirname(os.path.abspath(args.out_md)), exist_ok=True)

@@ -13,6 +13,7 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
 from pio.encoder import EncoderMethod
 from pio.gather import Span, contiguous_positions
+from pio.state import EncoderRecord
 
 from .encoder_stage import ReducedCrop, reduce_crops
 from .multimodal_encoder.clip_encoder import CLIPVisionTower, build_vision_tower
@@ -33,7 +34,7 @@ class MultimodalInputs:
         labels: (B, S) or None; image and padding positions are IGNORE_INDEX.
         spans: per sample, the (start, length) of each image's features in the padded sequence.
         padding_side: side the batch was padded on.
-        encoder_counts: per sample, each image's token count before an encoder-side reduction (None: none ran).
+        encoder: per sample, what an encoder-side reduction did to each image (None: none ran).
         rope_deltas: Qwen2.5-VL: (B, 1) the position where decoding continues minus the sequence length.
     """
 
@@ -43,7 +44,7 @@ class MultimodalInputs:
     labels: torch.Tensor | None
     spans: list[list[Span]]
     padding_side: str
-    encoder_counts: list[list[int]] | None = None
+    encoder: list[list[EncoderRecord]] | None = None
     rope_deltas: torch.Tensor | None = None
 
 
@@ -116,7 +117,7 @@ class LlavaMetaForCausalLM:
                        state: Any | None = None) -> list[torch.Tensor]:
         """One (n_i, D) feature sequence per image, following ``mm_patch_merge_type``; ``pre`` (an encoder-side
         method) reduces every crop first (:mod:`llava.model.encoder_stage`). With ``state``, each image's token
-        count without the reduction is recorded (``state.encoder_counts``)."""
+        count without the reduction and the positions it kept are recorded (``state.encoder_images``)."""
         crops = _as_crops(images)
         counts = [c.shape[0] for c in crops]
         feats, hidden = self._encode(torch.cat(crops, dim=0))  # (N, P, D)
@@ -127,37 +128,46 @@ class LlavaMetaForCausalLM:
         else:
             everything = torch.ones(feats.shape[1], dtype=torch.bool, device=feats.device)
             reduced = [ReducedCrop(everything, f) for f in feats]
-        out, full = [], []
+        out, records = [], []
         offset = 0
         for i, n in enumerate(counts):
-            seq, total = self._merge_image(reduced[offset : offset + n], i, image_sizes)
+            seq, record = self._merge_image(reduced[offset : offset + n], i, image_sizes)
             out.append(seq)
-            full.append(total)
+            records.append(record)
             offset += n
         if state is not None:
-            state.encoder_counts = full
+            state.encoder_images = records
             state.vision_crops = feats.shape[0]
         return out
 
-    def _merge_image(self, crops: list[ReducedCrop], i: int, image_sizes: Any | None) -> tuple[torch.Tensor, int]:
-        """One image's token sequence from its reduced crops, and its length without the reduction."""
+    def _merge_image(self, crops: list[ReducedCrop], i: int, image_sizes: Any | None
+                     ) -> tuple[torch.Tensor, EncoderRecord]:
+        """One image's token sequence from its reduced crops, its length without the reduction and where each
+        of its tokens sits in the sequence without the reduction (-1: added by the method)."""
 
         def kept(c: ReducedCrop) -> list[torch.Tensor]:
             return [t for t in (c.lead, c.features[c.mask], c.extra) if t is not None]
+
+        def origin(c: ReducedCrop, offset: int) -> list[int]:
+            added = [-1] * (len(c.lead) if c.lead is not None else 0)
+            return added + (c.mask.nonzero().flatten() + offset).tolist() + [-1] * (
+                len(c.extra) if c.extra is not None else 0)
 
         cfg = self.config
         merge = getattr(cfg, "mm_patch_merge_type", "flat")
         P = crops[0].mask.numel()
         if merge == "flat":
-            return torch.cat([t for c in crops for t in kept(c)]), P * len(crops)
+            return (torch.cat([t for c in crops for t in kept(c)]),
+                    EncoderRecord(P * len(crops), [k for j, c in enumerate(crops) for k in origin(c, j * P)]))
         if not merge.startswith("spatial"):
             raise ValueError(f"unknown mm_patch_merge_type {merge!r}; allowed: flat, spatial, spatial_unpad")
         newline = self.get_model().image_newline if "unpad" in merge else None
-        base = kept(crops[0])
+        base, base_origin = kept(crops[0]), origin(crops[0], 0)
         if len(crops) == 1:  # a single view: nothing to tile
             if newline is not None:
                 base.append(newline[None].to(base[0]))
-            return torch.cat(base), P + (newline is not None)
+                base_origin.append(P)
+            return torch.cat(base), EncoderRecord(P + (newline is not None), base_origin)
         if image_sizes is None or i >= len(image_sizes):
             raise ValueError("LLaVA-NeXT (anyres) images need image_sizes=[(width, height), ...] per image")
         tower = self.get_vision_tower()
@@ -178,7 +188,8 @@ class LlavaMetaForCausalLM:
             mask = mask.permute(0, 2, 1, 3, 4).flatten()
         # the grid crops' own tokens after the tiled grid: their lead tokens, then their extra ones
         extras = [c.lead for c in crops[1:] if c.lead is not None] + [c.extra for c in crops[1:] if c.extra is not None]
-        return torch.cat([*base, grid[mask], *extras]), P + mask.numel()
+        where = base_origin + (mask.nonzero().flatten() + P).tolist() + [-1] * sum(len(e) for e in extras)
+        return torch.cat([*base, grid[mask], *extras]), EncoderRecord(P + mask.numel(), where)
 
     def prepare_multimodal_inputs(
         self,
@@ -212,8 +223,8 @@ class LlavaMetaForCausalLM:
         seqs: list[torch.Tensor] = []
         labs: list[torch.Tensor] = []
         spans: list[list[Span]] = []
-        full = getattr(state, "encoder_counts", None) if pre is not None else None
-        encoder_counts: list[list[int]] = []
+        full = getattr(state, "encoder_images", None) if pre is not None else None
+        encoder: list[list[EncoderRecord]] = []
         next_image = 0
         for b in range(B):
             ids = input_ids[b][valid[b]]
@@ -241,7 +252,7 @@ class LlavaMetaForCausalLM:
             seqs.append(torch.cat(parts))
             labs.append(torch.cat(lparts))
             spans.append(sample_spans)
-            encoder_counts.append(sample_full)
+            encoder.append(sample_full)
         max_len = max(s.shape[0] for s in seqs)
         self._check_length(max_len)
         D = seqs[0].shape[1]
@@ -258,7 +269,7 @@ class LlavaMetaForCausalLM:
             spans[b] = [(st + lo, ln) for st, ln in spans[b]]
         pos = contiguous_positions(mask)
         return MultimodalInputs(emb, mask, pos, lab_out if labels is not None else None, spans, side,
-                                encoder_counts if full is not None else None)
+                                encoder if full is not None else None)
 
     def _check_length(self, n: int) -> None:
         limit = getattr(self.config, "max_position_embeddings", None)

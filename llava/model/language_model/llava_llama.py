@@ -131,7 +131,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                                                 state=prune_state)
             input_ids, inputs_embeds, attention_mask, labels = None, mm.inputs_embeds, mm.attention_mask, mm.labels
             position_ids = mm.position_ids
-            prune_state.set_inputs(mm.spans, mm.padding_side, mm.encoder_counts)
+            prune_state.set_inputs(mm.spans, mm.padding_side, mm.encoder)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -186,7 +186,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                 mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, padding_side="left",
                                                     pre=pre, state=prune_state)
             embeds, attention_mask = mm.inputs_embeds, mm.attention_mask
-            prune_state.set_inputs(mm.spans, "left", mm.encoder_counts)
+            prune_state.set_inputs(mm.spans, "left", mm.encoder)
         else:
             if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
                 raise ValueError("generation needs left padding: the last column of attention_mask has padding")

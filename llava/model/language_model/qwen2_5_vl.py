@@ -26,7 +26,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLCausalL
 from pio.encoder import EncoderMethod, split_reducer
 from pio.flops import measured_kv_bytes
 from pio.gather import Span, build_keep_index, contiguous_positions, gather_rows
-from pio.state import PruneState
+from pio.state import EncoderRecord, PruneState
 
 from ..encoder_stage import check_encoder, reduce_image_features
 from ..llava_arch import MultimodalInputs, head_rows
@@ -212,11 +212,11 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
             embeds = embeds.masked_scatter(is_image[..., None].expand_as(embeds), flat)
         positions, _ = self.model.get_rope_index(input_ids, image_grid_thw, None, attention_mask=mask)
         spans = visual_spans(is_image & mask.bool())
-        encoder_counts = None
+        encoder = None
         if pre is not None and features:
-            embeds, mask, positions, spans, encoder_counts = self._reduce_images(
+            embeds, mask, positions, spans, encoder = self._reduce_images(
                 pre, features, image_grid_thw, maps, embeds, mask, positions, spans, side, state)
-        return MultimodalInputs(embeds, mask.long(), positions, None, spans, side, encoder_counts,
+        return MultimodalInputs(embeds, mask.long(), positions, None, spans, side, encoder,
                                 next_positions(positions, mask) - mask.shape[1])
 
     def _reduce_images(self, pre: EncoderMethod, features: list[torch.Tensor], image_grid_thw: torch.Tensor,
@@ -230,22 +230,22 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
         grids = [(int(h) // m, int(w) // m) for _, h, w in image_grid_thw.tolist()]
         reduced = iter(reduce_image_features(pre, features, grids, visual.fullatt_block_indexes, maps, state,
                                              visual.spatial_merge_unit))
-        keep_local, counts = [], []
+        keep_local, records = [], []
         for b, s in enumerate(spans):
             if not s:
                 keep_local.append(None)
-                counts.append([])
+                records.append([])
                 continue
             crop = next(reduced)
             start, length = s[0]
             embeds[b, start:start + length] = crop.features.to(embeds.dtype)
             keep_local.append(crop.mask.nonzero().flatten())
-            counts.append([length])
+            records.append([EncoderRecord(length, keep_local[-1].tolist())])
         keep = build_keep_index(mask.bool(), [s[0] if s else None for s in spans], keep_local, side)
         embeds = gather_rows(embeds, keep)
         positions = torch.stack([gather_rows(p, keep, fill=1) for p in positions])
         new_spans = [[sp] if sp is not None else [] for sp in keep.spans]
-        return embeds, keep.mask.long(), positions, new_spans, counts
+        return embeds, keep.mask.long(), positions, new_spans, records
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(
@@ -292,7 +292,7 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
                                                     state)
                 inputs_embeds, attention_mask = mm.inputs_embeds, mm.attention_mask
                 position_ids, rope_deltas = mm.position_ids, mm.rope_deltas
-                state.set_inputs(mm.spans, mm.padding_side, mm.encoder_counts)
+                state.set_inputs(mm.spans, mm.padding_side, mm.encoder)
             else:
                 inputs_embeds = self.get_input_embeddings()(input_ids.to(self.lm_head.weight.device))
         elif mrope_positions is not None and prefill:
@@ -374,7 +374,7 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
         with state.timed("vision", self.device):
             mm = self.prepare_multimodal_inputs(inputs, attention_mask, pixel_values, image_grid_thw, pre, state,
                                                 padding_side="left")
-        state.set_inputs(mm.spans, "left", mm.encoder_counts)
+        state.set_inputs(mm.spans, "left", mm.encoder)
         return super().generate(
             inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
             mrope_positions=mm.position_ids.transpose(0, 1), rope_deltas=mm.rope_deltas,

@@ -1,0 +1,447 @@
+"""Pictures of which visual tokens each method keeps: the input image, then one panel per method and stage.
+
+Run the methods on one image and query::
+
+    python -m llava.eval.visualize --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg \\
+        --query "What is in the picture?" --methods pio,fastv,dart,visionzip --budget 64 --out fig.png
+
+or draw what a run already logged (``--pio-log`` of a runner; the model's config and image processor are read
+for the geometry, no weights)::
+
+    python -m llava.eval.visualize --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg \\
+        --pio-log answers/pio.log.jsonl --question-id 17 --out fig.png
+
+In a panel the image patches of the kept tokens are shown as they are and those of dropped tokens dimmed; its
+title names the method, the stage (before the language model, or after decoder layer L) and the kept count.
+Positions are mapped back to pixels the way the model's preprocessing laid them out: LLaVA-1.5's 24x24 grid on
+the padded (``pad``) or resized and centre-cropped square; LLaVA-NeXT's base view and its high-resolution grid
+of anyres crops (two rows per method; newline tokens have no pixels; unpadded rows and columns removed as the
+model removes them); Qwen2.5-VL's merged 2x2 patches on its resized grid. Tokens a method merged or added
+(SparseVLM's recycled tokens, VisionZip's contextual tokens) have no place in the image and are counted in the
+title. Only Pillow and numpy are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DIM = 0.25  # brightness of the patches of dropped tokens
+DISPLAY = 336  # longest side of a panel, in pixels
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass
+class View:
+    """One view of the image as the model tokenised it: for every display pixel, the position of the visual
+    token covering it in the image's unreduced token sequence (-1: no token covers it)."""
+
+    name: str
+    positions: np.ndarray  # (h, w) int64
+    tokens: np.ndarray  # the positions of this view's tokens, sorted
+
+
+@dataclass
+class Layout:
+    """The views of one image, the length of its unreduced token sequence (newline tokens included) and the
+    picture the views' pixels index (the image, or the padded square LLaVA-1.5 encodes)."""
+
+    views: list[View]
+    n_tokens: int
+    canvas: Any = None  # PIL image
+    note: str = ""  # how the canvas differs from the image
+
+
+def _display_size(size: tuple[int, int], longest: int = DISPLAY) -> tuple[int, int]:
+    w, h = size
+    scale = longest / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _pixel_centres(size: tuple[int, int], display: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Original-image coordinates (x (1, dw), y (dh, 1)) of the display pixels' centres."""
+    (w, h), (dw, dh) = size, display
+    return ((np.arange(dw) + 0.5) * w / dw)[None, :], ((np.arange(dh) + 0.5) * h / dh)[:, None]
+
+
+def _grid_positions(u: np.ndarray, v: np.ndarray, cols: int, rows: int, cell: float) -> np.ndarray:
+    """Row-major position on a ``rows x cols`` grid of ``cell``-sized cells of the points (u, v); -1 outside."""
+    c = np.floor(u / cell).astype(np.int64)
+    r = np.floor(v / cell).astype(np.int64)
+    c, r = np.broadcast_arrays(c, r)
+    inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
+    return np.where(inside, r * cols + c, -1)
+
+
+def _view(name: str, positions: np.ndarray, tokens: np.ndarray) -> View:
+    return View(name, positions, np.sort(tokens))
+
+
+def llava_layout(config: Any, processor: Any, side: int, size: tuple[int, int], display: tuple[int, int]) -> Layout:
+    """The layout of an image of ``size`` (width, height) for a LLaVA checkpoint (``side`` patches per crop
+    side), on a ``display`` (width, height) panel."""
+    from llava.mm_utils import (
+        _fit_size,
+        _processor_sizes,
+        parse_grid_pinpoints,
+        select_best_resolution,
+        unpad_image_shape,
+    )
+
+    w, h = size
+    x, y = _pixel_centres(size, display)
+    base_side, crop = _processor_sizes(processor)
+    cell = crop / side
+    P = side * side
+    aspect = getattr(config, "image_aspect_ratio", None)
+    merge = getattr(config, "mm_patch_merge_type", "flat")
+    if aspect == "pad":  # centred on a square of side max(w, h), resized to the crop
+        s = max(w, h)
+        scale = crop / s
+        pos = _grid_positions((x + (s - w) // 2) * scale, (y + (s - h) // 2) * scale, side, side, cell)
+        return Layout([_view("image", pos, np.arange(P))], P)
+    if aspect != "anyres":  # the processor's resize of the shortest edge, then its centre crop
+        scale = base_side / min(w, h)
+        rw, rh = int(round(w * scale)), int(round(h * scale))
+        left, top = (rw - crop) // 2, (rh - crop) // 2
+        pos = _grid_positions(x * rw / w - left, y * rh / h - top, side, side, cell)
+        return Layout([_view("image", pos, np.arange(P))], P)
+    # anyres: the base view is the whole image squashed onto the crop; the grid is the image fitted onto the best
+    # canvas of the pinpoints, centred, cut into crops
+    base = _grid_positions(x * crop / w, y * crop / h, side, side, cell)
+    bw, bh = select_best_resolution(size, parse_grid_pinpoints(config.image_grid_pinpoints))
+    nw, nh = _fit_size(size, (bw, bh))
+    cx, cy = x * nw / w + (bw - nw) // 2, y * nh / h + (bh - nh) // 2
+    cols, rows = bw // crop * side, bh // crop * side  # the whole feature map of the crops
+    c, r = np.broadcast_arrays(np.floor(cx / cell).astype(np.int64), np.floor(cy / cell).astype(np.int64))
+    if merge == "flat":  # the crops one after another
+        crop_index = (r // side) * (bw // crop) + c // side
+        grid = P * (1 + crop_index) + (r % side) * side + c % side
+        tokens = np.arange(P, P * (1 + (bw // crop) * (bh // crop)))
+        n = P + tokens.size
+    elif "unpad" in merge:  # rows/columns of canvas padding removed, one newline token after every row
+        uh, uw = unpad_image_shape(rows, cols, size)
+        top, left = (rows - uh) // 2, (cols - uw) // 2
+        r, c = r - top, c - left
+        grid = np.where((r >= 0) & (r < uh) & (c >= 0) & (c < uw), P + r * (uw + 1) + c, -1)
+        tokens = P + (np.arange(uh)[:, None] * (uw + 1) + np.arange(uw)[None, :]).ravel()
+        n = P + uh * (uw + 1)
+    else:  # "spatial": the tiled map, row-major
+        grid = P + r * cols + c
+        tokens = np.arange(P, P + rows * cols)
+        n = P + tokens.size
+    return Layout([_view("base view", base, np.arange(P)), _view("high-res grid", grid, tokens)], n)
+
+
+def qwen_layout(grid_thw: Sequence[int], merge: int, size: tuple[int, int], display: tuple[int, int]) -> Layout:
+    """The layout of an image Qwen2.5-VL's processor resized to a ``grid_thw`` grid of patches (one view: its
+    merged ``merge x merge`` patches, row-major)."""
+    _, gh, gw = (int(v) for v in grid_thw)
+    rows, cols = gh // merge, gw // merge
+    x, y = _pixel_centres(size, display)
+    pos = _grid_positions(x * cols / size[0], y * rows / size[1], cols, rows, 1.0)
+    return Layout([_view("image", pos, np.arange(rows * cols))], rows * cols)
+
+
+def image_layout(config: Any, processor: Any, image: Any, longest: int = DISPLAY) -> Layout:
+    """The layout of ``image`` (PIL) for a model of ``config`` and its image ``processor``, on panels whose
+    longest side is ``longest`` pixels. LLaVA's ``pad`` layout is drawn on the padded square the model encodes,
+    so that tokens of the padding show too."""
+    from llava.mm_utils import expand2square
+
+    image = image.convert("RGB")
+    if getattr(config, "model_type", None) == "qwen2_5_vl":
+        out = processor(images=[image], return_tensors="pt")
+        layout = qwen_layout(out["image_grid_thw"][0].tolist(), int(getattr(processor, "merge_size", 2)), image.size,
+                             _display_size(image.size, longest))
+    else:
+        canvas, note = image, ""
+        if getattr(config, "image_aspect_ratio", None) == "pad" and image.size[0] != image.size[1]:
+            canvas = expand2square(image, tuple(int(v * 255) for v in processor.image_mean))
+            note = "padded to a square"
+        layout = llava_layout(config, processor, llava_patches_per_side(config), canvas.size,
+                              _display_size(canvas.size, longest))
+        layout.canvas, layout.note = canvas, note
+    layout.canvas = layout.canvas or image
+    return layout
+
+
+def llava_patches_per_side(config: Any) -> int:
+    """Patches per crop side of a LLaVA checkpoint's CLIP tower (its config only; no weights are read)."""
+    from transformers import CLIPVisionConfig
+
+    tower = CLIPVisionConfig.from_pretrained(config.mm_vision_tower)
+    return tower.image_size // tower.patch_size
+
+
+# --------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    """What a method kept at one stage: ``kept`` positions in the image's unreduced token sequence, and the
+    tokens it kept that have no position there (merged or added by the method)."""
+
+    label: str
+    kept: np.ndarray
+    placeless: int = 0
+
+
+def stages_of(record: dict[str, Any]) -> list[Stage]:
+    """The stages of one reduction-log line (or :meth:`pio.PruneState.report` entry): the encoder-side stage
+    (``encoder_kept``) and each in-LLM stage, kept positions composed back to the unreduced sequence."""
+    out = []
+    enc = record.get("encoder_kept")
+    enc = np.asarray(enc, dtype=np.int64) if enc is not None else None
+    if enc is not None:
+        out.append(Stage("before the LLM", enc[enc >= 0], int((enc < 0).sum())))
+    for st in record.get("stages", []):
+        kept = np.asarray(st["kept"], dtype=np.int64)
+        real = kept[kept >= 0]
+        pos = enc[real] if enc is not None else real
+        out.append(Stage(f"after layer {st['layer']}", pos[pos >= 0], int((kept < 0).sum() + (pos < 0).sum())))
+    if not out:  # nothing pruned: every token kept
+        n = int(record.get("n_visual", 0))
+        out.append(Stage("no reduction", np.arange(n)))
+    return out
+
+
+# --------------------------------------------------------------------------- drawing
+@dataclass
+class Panel:
+    """One panel of a figure: ``origin`` (x, y) of its image in the figure, what it shows."""
+
+    method: str
+    stage: Stage
+    view: View
+    origin: tuple[int, int]
+    kept_in_view: int
+
+
+@dataclass
+class Figure:
+    image: Any  # PIL image
+    panels: list[Panel]
+    size: tuple[int, int]  # the panels' image size (width, height)
+    input_origin: tuple[int, int]  # where the undimmed input panel sits
+
+
+def overlay(pixels: np.ndarray, view: View, kept: np.ndarray) -> np.ndarray:
+    """``pixels`` (h, w, 3) uint8 with the pixels of tokens not in ``kept`` dimmed (and those no token covers)."""
+    lit = np.isin(view.positions, kept) & (view.positions >= 0)
+    dim = np.round(pixels.astype(np.float32) * DIM).astype(np.uint8)
+    return np.where(lit[..., None], pixels, dim)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def draw_figure(image: Any, layout: Layout, runs: Sequence[tuple[str, list[Stage]]], title: str | None = None
+                ) -> Figure:
+    """The figure: the input image, then per method (and view) one row of panels, one per stage.
+
+    Args:
+        image: the input (PIL).
+        layout: the image's layout (:func:`image_layout`).
+        runs: ``(method label, stages)`` per method.
+    """
+    from PIL import Image, ImageDraw
+
+    views = layout.views
+    dh, dw = views[0].positions.shape
+    pixels = np.asarray(layout.canvas.convert("RGB").resize((dw, dh), Image.Resampling.BICUBIC))
+    pad, band = 10, 40  # margins, and the title band above each panel
+    n_cols = 1 + max((len(st) for _, st in runs), default=0)
+    n_rows = max(1, len(runs) * len(views))
+    head = 28 if title else 0
+    W = pad + n_cols * (dw + pad)
+    H = head + pad + n_rows * (band + dh + pad)
+    fig = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    font, small = _font(14), _font(12)
+    if title:
+        draw.text((pad, 8), title, fill=(0, 0, 0), font=font)
+    top = head + pad
+    fig.paste(Image.fromarray(pixels), (pad, top + band))
+    draw.text((pad, top + 4), "input", fill=(0, 0, 0), font=font)
+    draw.text((pad, top + 22), f"{image.size[0]}x{image.size[1]} px{', ' + layout.note if layout.note else ''}",
+              fill=(90, 90, 90), font=small)
+    panels = []
+    row = 0
+    for label, stages in runs:
+        for view in views:
+            y = top + row * (band + dh + pad)
+            for j, st in enumerate(stages):
+                x = pad + (j + 1) * (dw + pad)
+                kept_in_view = int(np.isin(view.tokens, st.kept).sum())
+                fig.paste(Image.fromarray(overlay(pixels, view, st.kept)), (x, y + band))
+                draw.text((x, y + 4), f"{label} · {st.label}", fill=(0, 0, 0), font=font)
+                where = f"{view.name}: " if len(views) > 1 else ""
+                note = f"{where}{kept_in_view}/{len(view.tokens)} kept"
+                if st.placeless and view is views[-1]:
+                    note += f" (+{st.placeless} merged or added)"
+                draw.text((x, y + 22), note, fill=(90, 90, 90), font=small)
+                panels.append(Panel(label, st, view, (x, y + band), kept_in_view))
+            row += 1
+    return Figure(fig, panels, (dw, dh), (pad, top + band))
+
+
+# --------------------------------------------------------------------------- sources
+def read_log_record(path: str, question_id: str | None) -> dict[str, Any]:
+    """One line of a reduction log: the one of ``question_id``, or the only one."""
+    from llava.eval.results import read_jsonl
+
+    lines = read_jsonl(path)
+    if question_id is None:
+        if len(lines) != 1:
+            raise ValueError(f"{path} has {len(lines)} lines; choose one with --question-id")
+        return lines[0]
+    found = [r for r in lines if str(r.get("question_id")) == str(question_id)]
+    if not found:
+        shown = ", ".join(str(r.get("question_id")) for r in lines[:8])
+        raise ValueError(f"{path} has no line for question id {question_id} (it has {shown}{' ...' * (len(lines) > 8)})")
+    return found[0]
+
+
+def load_geometry(model_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """``(config, image processor)`` of a checkpoint, without its weights."""
+    from llava.model.builder import QWEN_PIXELS, checkpoint_family, load_llava_config
+
+    path = os.path.expanduser(model_path)
+    if checkpoint_family(path) == "qwen2_5_vl":
+        from transformers import AutoConfig, AutoImageProcessor
+
+        lo = QWEN_PIXELS if min_pixels is None else min_pixels
+        hi = QWEN_PIXELS if max_pixels is None else max_pixels
+        return AutoConfig.from_pretrained(path), AutoImageProcessor.from_pretrained(path, min_pixels=lo, max_pixels=hi)
+    from transformers import CLIPImageProcessor
+
+    cfg = load_llava_config(path)
+    return cfg, CLIPImageProcessor.from_pretrained(cfg.mm_vision_tower)
+
+
+def run_methods(args: argparse.Namespace, names: Sequence[str], image: Any, loaded: tuple | None = None
+                ) -> tuple[list[tuple[str, dict[str, Any]]], Any, Any]:
+    """Prefill ``image`` and ``args.query`` once per method; ``([(name, log record)], config, processor)``."""
+    import copy
+
+    from llava.eval import runner
+    from pio.cli import method_from_args
+    from pio.encoder import EncoderMethod
+    from pio.registry import get_method
+
+    methods = []
+    for spec in names:
+        ns = copy.copy(args)
+        name, _, layers = spec.partition("@")
+        ns.method = name
+        if layers:
+            ns.layers = layers.replace("/", ",")
+        elif "+" not in name and name != "none" and issubclass(get_method(name), EncoderMethod):
+            ns.layers = None  # the schedule flags are the in-LLM methods'; an encoder method takes the budget
+        runner.resolve_family_args(ns)
+        methods.append(method_from_args(ns))
+    runner.resolve_family_args(args)
+    runner.check_conv_mode(args.conv_mode)
+    tok, model, proc, _ = runner.load_model(args, None, loaded)
+    depth = runner.decoder_depth(model.config)
+    for m in methods:
+        if m is not None:
+            m.validate(depth)
+    token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
+    ids, pixels, sizes = runner.encode(runner.chat_prompt(f"{token}\n{args.query}", args.conv_mode), [image], tok,
+                                       proc, model.config)
+    pixels = runner.to_model(pixels, model)
+    args.max_new_tokens = 1  # the prefill decides; one token is enough
+    out = []
+    for name, m in zip(names, methods):
+        _, state, _ = runner.generate(model, tok, ids, pixels, sizes, args, m)
+        out.append((name, runner.log_record(None, state)))
+    return out, model.config, proc
+
+
+DEFAULT_METHODS = "pio,fastv,dart,visionzip"  # the paper's figure: PIO, text-to-image attention, diversity, CLS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llava.eval import runner
+
+    p = argparse.ArgumentParser(description="Draw which visual tokens each method keeps on one image.")
+    p.add_argument("--image-file", required=True)
+    p.add_argument("--query", default="Describe the image in detail.",
+                   help="the question the methods see (text-aware methods choose by it)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (default {DEFAULT_METHODS}): the registry's names, compositions such "
+                        "as scan+pio, or none; NAME@L1/L2 moves a method's stages to layers L1, L2 (e.g. on a small "
+                        "model); with --pio-log, the labels of the logs (default: their file names)")
+    p.add_argument("--question-id", default=None, help="with --pio-log: the logged question to draw")
+    p.add_argument("--out", default="kept_tokens.png")
+    runner.add_common_args(p, conv_mode=None, max_new_tokens=1)
+    p.set_defaults(temperature=0.0)
+    return p
+
+
+def make_figure(args: argparse.Namespace, loaded: tuple | None = None) -> Figure:
+    """The figure the flags describe (``loaded``: an already loaded ``(tokenizer, model, processor, name)``)."""
+    from llava.eval import runner
+
+    if args.method is not None:
+        raise ValueError("visualize takes --methods (one or more, comma-separated), not --method")
+    image = runner.load_image(args.image_file)
+    names = [n.strip() for n in (args.methods or DEFAULT_METHODS).split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--methods is empty; give at least one method, e.g. {DEFAULT_METHODS}")
+    if args.pio_log:
+        logs = [s.strip() for s in args.pio_log.split(",") if s.strip()]
+        if args.methods is not None and len(names) != len(logs):
+            raise ValueError(f"--methods names {len(names)} labels for {len(logs)} --pio-log files; give one each")
+        labels = names if args.methods is not None else [os.path.basename(f).split(".")[0] for f in logs]
+        records = [(lab, read_log_record(f, args.question_id)) for lab, f in zip(labels, logs)]
+        config, processor = load_geometry(args.model_path, args.min_pixels, args.max_pixels)
+        source = "from the run's log"
+    else:
+        if args.budget is None and not any(getattr(args, k, None) for k in ("tokens", "ratios", "budget_ratio",
+                                                                            "budget_tokens")):
+            args.budget = "64"  # the paper's tightest budget, where the methods differ most
+        records, config, processor = run_methods(args, names, image, loaded)
+        source = f"budget {args.budget}" if args.budget is not None else ""
+    layout = image_layout(config, processor, image)
+    for label, rec in records:
+        n = rec.get("n_encoder", rec.get("n_visual"))
+        if n != layout.n_tokens:
+            raise ValueError(f"{label}: the log has {n} visual tokens for this image, but the model lays it out in "
+                             f"{layout.n_tokens}: is it the image (and --min-pixels/--max-pixels) the run used?")
+    model = os.path.basename(os.path.normpath(args.model_path))
+    return draw_figure(image, layout, [(lab.partition("@")[0], stages_of(rec)) for lab, rec in records],
+                       title=f"{os.path.basename(args.image_file)} · {model}{' · ' + source if source else ''}")
+
+
+def main(argv: list[str] | None = None) -> str:
+    from llava.eval import runner
+
+    args = build_parser().parse_args(argv)
+    runner.setup_logging()
+    fig = make_figure(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.image.save(args.out)
+    logger.info("wrote %s (%d panels)", args.out, len(fig.panels))
+    print(args.out)
+    return args.out
+
+
+if __name__ == "__main__":
+    from llava.utils import cli
+
+    cli(main)
