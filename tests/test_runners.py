@@ -148,3 +148,44 @@ def test_loader_workers_give_the_same_answers(tiny_v15, questions):
     plain = run_loader(tiny_v15, qdir, qfile, qdir / "w0.jsonl", "--num-workers", "0")
     workers = run_loader(tiny_v15, qdir, qfile, qdir / "w2.jsonl", "--num-workers", "2")
     assert [(a["question_id"], a["text"]) for a in workers] == [(a["question_id"], a["text"]) for a in plain]
+
+
+def test_loyalty_to_the_unpruned_run(tiny_v15, questions):
+    """--loyalty-to: keep-all is loyal with zero divergence; a hard prune's divergence equals a direct forward's."""
+    from llava.eval.results import read_loyalty
+    from pio import PruneState
+    from pio.methods import FastV
+    from pio.schedule import Schedule
+    from tests.helpers import load, pixels, prompt_ids
+
+    qdir, qfile, lines = questions
+    base = run_loader(tiny_v15, qdir, qfile, qdir / "base.jsonl")
+    loyal = qdir / "all.pio.jsonl"
+    run_loader(tiny_v15, qdir, qfile, qdir / "all.jsonl", "--method", "fastv", "--layers", "2", "--tokens", "576",
+               "--pio-log", str(loyal), "--loyalty-to", str(qdir / "base.jsonl"))
+    for r in map(json.loads, loyal.read_text().splitlines()):
+        assert r["same_answer"] is True and r["first_token_same"] is True and abs(r["first_token_kl"]) < 1e-9
+    log = qdir / "fastv.pio.jsonl"
+    pruned = run_loader(tiny_v15, qdir, qfile, qdir / "fastv.jsonl", "--method", "fastv", "--layers", "1",
+                        "--tokens", "4", "--pio-log", str(log), "--loyalty-to", str(qdir / "base.jsonl"))
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["same_answer"] for r in recs] == [p["text"] == b["text"] for p, b in zip(pruned, base)]
+    tok, model, proc, _ = load(tiny_v15)
+    ids = prompt_ids(tok, lines[0]["text"])[None]
+    from PIL import Image
+
+    x = pixels([Image.open(qdir / "images" / "im0.png").convert("RGB")], proc, model)
+    with torch.no_grad():
+        p = torch.log_softmax(model(ids, images=x).logits[0, -1].double(), -1)
+        q = torch.log_softmax(model(ids, images=x, reducer=FastV(Schedule((1,), tokens=(4,))),
+                                    prune_state=PruneState()).logits[0, -1].double(), -1)
+    assert recs[0]["first_token_kl"] == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-5, abs=1e-9)
+    assert recs[0]["first_token_kl"] > 0 and recs[0]["first_token_same"] == bool(p.argmax() == q.argmax())
+    summary = read_loyalty(str(log))
+    assert summary["n"] == 4 and summary["same_answer"] == pytest.approx(25 * sum(r["same_answer"] for r in recs))
+    assert summary["first_token_kl"] == pytest.approx(sum(r["first_token_kl"] for r in recs) / 4)
+    with pytest.raises(ValueError, match="used a reduction method \\(fastv\\)"):
+        run_loader(tiny_v15, qdir, qfile, qdir / "x.jsonl", "--method", "fastv", "--layers", "1", "--tokens", "4",
+                   "--pio-log", str(qdir / "x.pio.jsonl"), "--loyalty-to", str(qdir / "fastv.jsonl"))
+    with pytest.raises(ValueError, match="needs --method and --pio-log"):
+        run_loader(tiny_v15, qdir, qfile, qdir / "y.jsonl", "--loyalty-to", str(qdir / "base.jsonl"))

@@ -181,3 +181,25 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, data
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeError, match=r"pip install -e \"\.\[viz\]\""):
         summarize.main(["--data-root", data_root, "--baseline", "base", "--plot", str(tmp_path / "p")])
+
+
+def test_loyalty_columns(tmp_path, capsys):
+    root = str(tmp_path)
+    put(root, "gqa", "m", 60.0, method="none")
+    put(root, "pope", "m", 80.0, method="none")
+    for bench, same, kl in (("gqa", 90.0, 0.2), ("pope", 70.0, 0.4)):
+        put(root, bench, "m-pio64", 55.0, method="pio", budget=64.0)
+        path = os.path.join(root, bench, "results", "m-pio64-2025-01-01.json")
+        with open(path) as f:
+            data = json.load(f)
+        data["loyalty"] = {"same_answer": same, "first_token_same": 95.0, "first_token_kl": kl, "n": 12}
+        with open(path, "w") as f:
+            json.dump(data, f)
+    csv_path = tmp_path / "t.csv"
+    rows = summarize.main(["--data-root", root, "--out-csv", str(csv_path)])
+    out = capsys.readouterr().out
+    assert rows[1].loyal == pytest.approx(80.0) and rows[1].kl == pytest.approx(0.3)
+    assert out.splitlines()[0].endswith("| Avg (%) | Loyal (%) | KL@1 |")
+    assert "| 64 | pio | m-pio64 | 55.0 | 55.0 | - |" in out and out.splitlines()[3].endswith("| 80.0 | 0.300 |")
+    assert out.splitlines()[2].endswith("| 100.0 | - | - |")  # the unpruned run measures no loyalty
+    assert csv_path.read_text().splitlines()[2].endswith(",80.0000,0.3000")

@@ -140,10 +140,13 @@ def plot_score_vs_budget(rows: Sequence[Any], columns: Sequence[str], path: str)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.8), squeeze=False)
     budgets = sorted({r.budget for r in rows if r.budget is not None})
+    # methods side by side around each budget, so that equal scores do not hide each other
+    step = 0.012 * ((budgets[-1] - budgets[0]) or 100.0)
+    shift = {label: (i - (len(styles) - 1) / 2) * step for i, label in enumerate(styles)}
     for ax, (title, value, reference) in zip(axes.flat, panels):
         for label, points in _series(rows, value).items():
             xs, ys = zip(*points)
-            ax.plot(xs, ys, **styles[label])
+            ax.plot([x + shift[label] for x in xs], ys, **styles[label])
         if reference is not None:
             ax.axhline(reference, color="#444444", linewidth=1, linestyle=":", label="unpruned (all tokens)")
         ax.set_title(title)

@@ -16,6 +16,10 @@ Result JSON schema (one object per file)::
     budget             float | null the paper budget it was asked for (--budget), else null
     method_config      dict | null  the method's full configuration (schedule, hyper-parameters)
     avg_visual_tokens  float | null mean of "avg_visual_tokens" over the reduction log lines; null without a log
+    loyalty            dict | null  against the unpruned run (runner --loyalty-to), from the log: same_answer (% of
+                              questions answered as the unpruned run did), first_token_same (% whose first answer
+                              token is the unpruned model's), first_token_kl (mean KL(unpruned || pruned) in nats
+                              at that token), n (questions); null when the log has none
     coverage           dict   answered (answer lines), expected (questions the run was asked, from its run
                               description; null without one), logged (reduction log lines; null without a log),
                               partial (answered < expected, or logged < answered)
@@ -62,6 +66,7 @@ RESULT_FIELDS: tuple[str, ...] = (
     "budget",
     "method_config",
     "avg_visual_tokens",
+    "loyalty",
     "coverage",
     "score",
     "metric",
@@ -285,6 +290,25 @@ def _pio_log_values(path: str | None) -> tuple[list[float], int | None]:
     return values, lines
 
 
+def read_loyalty(path: str | None) -> dict[str, Any] | None:
+    """The loyalty summary (module docstring) of a reduction log's ``same_answer``, ``first_token_same`` and
+    ``first_token_kl`` fields; None when no line has them."""
+    if not path or not os.path.isfile(path):
+        return None
+    same, first, kl = [], [], []
+    for _, rec in iter_jsonl(path, strict=False):
+        if "first_token_kl" not in rec:
+            continue
+        if rec.get("same_answer") is not None:
+            same.append(bool(rec["same_answer"]))
+        first.append(bool(rec.get("first_token_same")))
+        kl.append(float(rec["first_token_kl"]))
+    if not kl:
+        return None
+    return {"same_answer": pct(sum(same), len(same)) if same else None,
+            "first_token_same": pct(sum(first), len(first)), "first_token_kl": sum(kl) / len(kl), "n": len(kl)}
+
+
 # ----------------------------------------------------------------------------- result JSON
 
 
@@ -331,6 +355,7 @@ def build_result(
         "budget": run.get("budget"),
         "method_config": run.get("method_config"),
         "avg_visual_tokens": avg_tokens,
+        "loyalty": read_loyalty(getattr(args, "pio_log", None)),
         "coverage": coverage,
         "score": None if score is None else float(score),
         "metric": metric,

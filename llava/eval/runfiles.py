@@ -78,7 +78,9 @@ def run_identity(args: argparse.Namespace, method: Any, runner_options: dict[str
             "chunk": [args.chunk_idx, args.num_chunks],
         },
         "runner": runner_options,
-        "files": {"log": bool(args.pio_log), "profile": bool(args.profile)},
+        "files": {"log": bool(args.pio_log), "profile": bool(args.profile),
+                  # only when given, so that runs written before the flag existed still resume
+                  **({"loyalty_to": os.path.abspath(args.loyalty_to)} if getattr(args, "loyalty_to", None) else {})},
     }
 
 

@@ -59,6 +59,11 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--keep-first-duplicate", action="store_true",
                    help="answer a question id that appears twice once, the first time (default: an error)")
     p.add_argument("--profile", type=str, default=None, help="write one JSON line of timings/FLOPs/KV per sample")
+    p.add_argument("--loyalty-to", type=str, default=None, metavar="ANSWERS",
+                   help="an unpruned run's answers file on the same questions: the reduction log records per question "
+                        "whether the answer equals that run's (same_answer) and how far the first answer token's "
+                        "distribution moved from the unpruned model's (first_token_kl, first_token_same; one extra "
+                        "unpruned prefill per question); needs --method and --pio-log")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers preparing images and prompts (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -328,6 +333,9 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
         out = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes, reducer=method,
                              prune_state=state, **kw)
     t_end = time.perf_counter()
+    if not isinstance(out, torch.Tensor):  # return_dict_in_generate: keep the first token's logits
+        state.first_logits = out.logits[0] if out.logits else None
+        out = out.sequences
     timing = None
     if clock is not None and clock.times:
         first = clock.times[0]
@@ -338,12 +346,16 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes: Any, args: argparse.Namespace,
-             method: ReductionMethod | None = None, profile: bool = False) -> tuple[str, PruneState, dict | None]:
-    """Answer one prompt with the runner flags. Returns ``(text, prune_state, timing)``."""
+             method: ReductionMethod | None = None, profile: bool = False, first_logits: bool = False
+             ) -> tuple[str, PruneState, dict | None]:
+    """Answer one prompt with the runner flags. Returns ``(text, prune_state, timing)``; with ``first_logits``,
+    ``prune_state.first_logits`` holds the first answer token's logits (B, V)."""
     kw: dict[str, Any] = dict(
         do_sample=args.temperature > 0, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         use_cache=True, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
+    if first_logits:
+        kw.update(output_logits=True, return_dict_in_generate=True)
     if args.temperature > 0:
         kw.update(temperature=args.temperature, top_p=args.top_p)
     out, state, timing = timed_generate(model, input_ids, images, image_sizes, kw, method, profile)
@@ -372,6 +384,50 @@ def log_record(question_id: Any, state: PruneState, **extra: Any) -> dict:
     report = state.report()
     rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
     return {"question_id": question_id, **extra, **rec}
+
+
+# --------------------------------------------------------------------------- loyalty
+def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any]) -> dict[str, str]:
+    """``{question key: answer text}`` of an unpruned run's answers file (``--loyalty-to``); a file of a pruned
+    run, of other questions or without question keys is refused, naming what differs."""
+    from llava.eval.results import iter_jsonl
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--loyalty-to {path}: no such answers file (run the unpruned model first)")
+    info_path = os.path.splitext(path)[0] + ".run.json"
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            ref = json.load(f).get("identity") or {}
+        if ref.get("method") is not None:
+            raise ValueError(f"--loyalty-to {path}: that run used a reduction method ({ref['method'].get('method')}); "
+                             "loyalty is measured against the unpruned model's answers")
+        theirs, mine = (ref.get("questions") or {}).get("sha256"), run_identity_of_mine["questions"]["sha256"]
+        if theirs and mine and theirs != mine:
+            raise ValueError(f"--loyalty-to {path}: that run answered another question file (sha256 {theirs} vs "
+                             f"{mine})")
+    out = {}
+    for lineno, rec in iter_jsonl(path):
+        key = (rec.get("metadata") or {}).get("q")
+        if key is None:
+            raise ValueError(f"--loyalty-to {path}:{lineno}: an answer line without its question key (metadata.q); "
+                             "answers written by this codebase's runners have it")
+        out[str(key)] = str(rec.get("text", ""))
+    return out
+
+
+def loyalty_record(model, input_ids: torch.Tensor, images: Any, image_sizes: Any, pruned_logits: torch.Tensor,
+                   text: str, reference: str | None) -> dict[str, Any]:
+    """How far a pruned answer is from the unpruned model's: the answers' equality (None: the reference run has
+    no answer for the question) and, at the first answer token, the unpruned prefill's argmax agreement and
+    ``KL(p_unpruned || p_pruned)`` in nats."""
+    with torch.inference_mode():
+        ref = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes, do_sample=False,
+                             max_new_tokens=1, output_logits=True, return_dict_in_generate=True).logits[0]
+    log_p = torch.log_softmax(ref[0].double(), -1)
+    log_q = torch.log_softmax(pruned_logits[0].double().to(log_p.device), -1)
+    return {"same_answer": None if reference is None else text.strip() == reference.strip(),
+            "first_token_same": bool(log_p.argmax() == log_q.argmax()),
+            "first_token_kl": float((log_p.exp() * (log_p - log_q)).sum())}
 
 
 # --------------------------------------------------------------------------- the question loop
@@ -457,6 +513,12 @@ def run_questions(
     identity = run_identity(args, method, runner_options or {})
     summary = {"method": method.name if method is not None else "none", "budget": _budget_label(args, method),
                "method_config": method.config() if method is not None else None, "expected": expected}
+    reference = None
+    if getattr(args, "loyalty_to", None):
+        if method is None or not args.pio_log:
+            raise ValueError("--loyalty-to compares a pruned run with the unpruned one: it needs --method and "
+                             "--pio-log (where the per-question loyalty is written)")
+        reference = read_reference_answers(args.loyalty_to, identity)
     files = RunFiles(args, identity, summary)
     finished = False
     try:
@@ -472,13 +534,18 @@ def run_questions(
                 q = todo[i]
                 pixels = to_model(pixels, model) if pixels is not None else None
                 torch.manual_seed(question_seed(args.seed, q.key))
-                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling)
+                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
+                                               first_logits=reference is not None)
                 profile = None
                 if files.profiling:
                     from llava.eval.profiling import profile_record
 
                     profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
-                log = log_record(q.question_id, state, **q.log_extra) if files.logging else None
+                extra = dict(q.log_extra)
+                if reference is not None:
+                    extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
+                                                reference.get(q.key)))
+                log = log_record(q.question_id, state, **extra) if files.logging else None
                 files.write(q.key, record(q, text, name), log, profile)
         else:
             logger.info("nothing to do: every question of this chunk is answered")

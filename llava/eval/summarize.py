@@ -3,7 +3,7 @@
 Usage::
 
     python -m llava.eval.summarize --data-root playground/data/eval [--baseline CKPT] [--runs 'llava-v1.5-7b*'] \
-        [--out-md table.md] [--out-csv table.csv]
+        [--out-md table.md] [--out-csv table.csv] [--plot DIR]
 
 Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``). Rows are runs (the
 result's ``model``, i.e. CKPT), laid out as in the paper: the unpruned baseline first, then grouped by the
@@ -15,7 +15,8 @@ reduction logs, averaged over its benchmarks) and "Avg (%)": the mean over the b
 100 x score / baseline score, as the paper computes it. A result over part of its run (fewer answers than
 questions, or a log missing answered ones; the result file's ``coverage``) is marked ``*`` and left out of the
 Avg, with a note. The baseline is ``--baseline`` or else the one run
-whose method is none. Several results for one (run, benchmark): the newest ``date`` wins.
+whose method is none. Several results for one (run, benchmark): the newest ``date`` wins. ``--plot DIR`` also
+draws the table as curves (:mod:`llava.eval.plots`) and links them under it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class AccuracyRow:
     is_baseline: bool = False
     ratio: float | None = None  # mean of 100 * score / baseline score over `ratio_benchmarks`
     ratio_benchmarks: list[str] = field(default_factory=list)
+    loyal: float | None = None  # % of answers equal to the unpruned run's (runner --loyalty-to), over benchmarks
+    kl: float | None = None  # mean KL(unpruned || pruned) at the first answer token, nats
     partial: set[str] = field(default_factory=set)  # benchmarks whose result rests on part of the run
     notes: list[str] = field(default_factory=list)
 
@@ -84,7 +87,7 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
     rows: list[AccuracyRow] = []
     for model, by_bench in runs.items():
         row = AccuracyRow(model=model, is_baseline=model == baseline)
-        tokens = []
+        tokens, loyal, kl = [], [], []
         methods = {(r.get("method"), r.get("budget")) for r in by_bench.values()}
         row.method, row.budget = sorted(methods, key=str)[0]
         if len(methods) > 1:
@@ -100,7 +103,14 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
             row.metrics[bench] = str(r.get("metric") or "")
             if r.get("avg_visual_tokens") is not None:
                 tokens.append(float(r["avg_visual_tokens"]))
+            loyalty = r.get("loyalty") or {}
+            if loyalty.get("same_answer") is not None:
+                loyal.append(float(loyalty["same_answer"]))
+            if loyalty.get("first_token_kl") is not None:
+                kl.append(float(loyalty["first_token_kl"]))
         row.avg_tokens = sum(tokens) / len(tokens) if tokens else None
+        row.loyal = sum(loyal) / len(loyal) if loyal else None
+        row.kl = sum(kl) / len(kl) if kl else None
         rows.append(row)
     rows.sort(key=_paper_order)
     base = rows[0] if rows and rows[0].is_baseline else None
@@ -171,15 +181,21 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def table_header(columns: Sequence[str], with_ratio: bool) -> list[str]:
+def table_header(columns: Sequence[str], with_ratio: bool, with_loyalty: bool = False) -> list[str]:
     return ["Budget", "Method", "Run", *(column_label(c) for c in columns), "Avg tokens"] + (
-        ["Avg (%)"] if with_ratio else [])
+        ["Avg (%)"] if with_ratio else []) + (["Loyal (%)", "KL@1"] if with_loyalty else [])
+
+
+def has_loyalty(rows: Sequence[AccuracyRow]) -> bool:
+    """Some run measured its loyalty to the unpruned one (runner ``--loyalty-to``): the table shows it."""
+    return any(r.loyal is not None or r.kl is not None for r in rows)
 
 
 def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ratio: bool,
                     messages: Sequence[str] = ()) -> str:
     """The table as Markdown, followed by per-run notes and general messages."""
-    header = table_header(columns, with_ratio)
+    loyalty = has_loyalty(rows)
+    header = table_header(columns, with_ratio, loyalty)
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for row in rows:
         name = f"{row.model} (baseline)" if row.is_baseline else row.model
@@ -187,9 +203,14 @@ def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ra
                  *(_fmt(row.scores.get(c)) + ("*" if c in row.partial else "") for c in columns), _fmt(row.avg_tokens)]
         if with_ratio:
             cells.append(_fmt(row.ratio))
+        if loyalty:
+            cells += [_fmt(row.loyal), "-" if row.kl is None else f"{row.kl:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {row.model}: {note}" for row in rows for note in row.notes]
     notes += [f"- {m}" for m in messages]
+    if loyalty:
+        notes.append("- Loyal (%): answers equal to the unpruned run's; KL@1: KL(unpruned || pruned) in nats at the "
+                     "first answer token (runner --loyalty-to), both averaged over the run's benchmarks")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -204,13 +225,16 @@ def write_csv(path: str, rows: Sequence[AccuracyRow], columns: Sequence[str], wi
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
+        loyalty = has_loyalty(rows)
         writer.writerow(["budget", "method", "run", *(column_label(c) for c in columns), "avg_tokens"]
-                        + (["avg_pct"] if with_ratio else []))
+                        + (["avg_pct"] if with_ratio else []) + (["loyal_pct", "kl_first_token"] if loyalty else []))
         for row in rows:
             values = [budget_label(row), method_label(row), row.model, *(cell(row.scores.get(c)) for c in columns),
                       cell(row.avg_tokens)]
             if with_ratio:
                 values.append(cell(row.ratio))
+            if loyalty:
+                values += [cell(row.loyal), cell(row.kl)]
             writer.writerow(values)
 
 
