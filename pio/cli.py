@@ -12,6 +12,8 @@ Every runner, the bench and the scripts share these flags (``add_method_args``):
 ``--tokens C1,C2,...``       explicit visual tokens kept after each layer
 ``--ratios R1,R2,...``       or fractions (``--ratio-mode initial|current``)
 
+``--schedule-file F``        a schedule found by ``python -m llava.eval.tune`` (method, layers, counts, options)
+
 ``--pre-tokens T``            tokens per crop kept before the LLM by a composition ``--method a+b`` (an
                              encoder-side method, then an in-LLM one; ``--budget B`` alone gives the paper's
                              "w/ VE" row, :meth:`pio.encoder.Pipeline.from_budget`)
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +44,7 @@ from .schedule import PAPER_N0, RATIO_MODES
 __all__ = [
     "add_method_args",
     "method_from_args",
+    "read_schedule_file",
     "parse_counts",
     "parse_layers",
     "parse_ratios",
@@ -150,6 +155,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                         "solved into per-stage counts the way the method's authors do")
     for dest, names, text in _SCHEDULE_FLAGS:
         g.add_argument(*names, dest=dest, default=None, help=text)
+    g.add_argument("--schedule-file", default=None, metavar="FILE",
+                   help="a schedule written by python -m llava.eval.tune: its method, layers, counts and options "
+                        "(instead of --budget/--layers/--tokens)")
     g.add_argument("--ratio-mode", default=None, choices=RATIO_MODES,
                    help="--ratios of the initial count (default) or of the previous stage's")
     g.add_argument("--positions", default=None, choices=POSITIONS,
@@ -240,6 +248,8 @@ def method_from_args(args: argparse.Namespace) -> Any:
         method = method or "pio"
     method_flags = _given_method_flags(args)
     schedule_given = [k for k, v in sched.items() if v is not None and k != "ratio_mode"]
+    if getattr(args, "schedule_file", None):
+        return _from_schedule_file(args, method, schedule_given, pre_tokens, method_flags)
     if method in (None, "none") and not schedule_given and getattr(args, "positions", None) is not None:
         raise ValueError("--positions applies to a reduction method; add --method NAME and a budget")
     if method is None:
@@ -276,6 +286,50 @@ def method_from_args(args: argparse.Namespace) -> Any:
         raise ValueError(f"--pre-tokens needs an encoder-side method: --method visionzip+{cls.name}, scan+{cls.name}, "
                          "...")
     return _llm_method(cls, sched, method_flags.get(cls.name, {}), args)
+
+
+SCHEDULE_FORMAT = "pio-fvlm schedule"
+
+
+def read_schedule_file(path: str) -> dict[str, Any]:
+    """A schedule file of ``python -m llava.eval.tune``, checked; raises naming what is wrong."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--schedule-file {path}: no such file (write one with python -m llava.eval.tune)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--schedule-file {path}: not JSON ({e.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or not {"schedule", "method"} <= set(data):
+        raise ValueError(f"--schedule-file {path}: not a schedule file of python -m llava.eval.tune (a JSON object "
+                         f"with format {SCHEDULE_FORMAT!r}, method and schedule)")
+    return data
+
+
+def _from_schedule_file(args: argparse.Namespace, method: str | None, schedule_given: list[str],
+                        pre_tokens: int | None, method_flags: dict[str, dict[str, Any]]) -> ReductionMethod:
+    """``--schedule-file``: the tuned method, its options overridden by the method's own flags."""
+    from .schedule import Schedule
+
+    path = args.schedule_file
+    data = read_schedule_file(path)
+    name = data["method"]
+    if schedule_given or pre_tokens is not None:
+        given = [k for k in schedule_given] + (["pre_tokens"] if pre_tokens is not None else [])
+        raise ValueError(f"--schedule-file {path} gives the layers and counts; drop "
+                         f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+    if method not in (None, name):
+        raise ValueError(f"--schedule-file {path} was tuned for method {name}, but --method is {method}")
+    cls = get_method(name)
+    others = [m for m in method_flags if m != name]
+    if others:
+        raise ValueError(f"{_flag_of(others[0], next(iter(method_flags[others[0]])))} is a flag of method "
+                         f"{others[0]}; the schedule file is {name}'s")
+    options = {**cls.defaults(getattr(args, "family", None))["options"], **(data.get("options") or {}),
+               **method_flags.get(name, {})}
+    if getattr(args, "positions", None) is not None:
+        options["positions"] = args.positions
+    return cls(Schedule.from_dict(data["schedule"]), **options)
 
 
 def _targets(sched: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@
 #   METHOD_ARGS  more reduction flags, e.g. "--layers 3" or "--tokens 68" (instead of or beside BUDGET)
 #   PIO          legacy spelling: none | 64 | 128 | 192 (= METHOD=pio BUDGET=...) | custom (PIO_ARGS)
 #   PIO_ARGS     runner flags for PIO=custom, e.g. "--pio-layers 1,10,15 --pio-tokens 92,54,22"
+#   SCHEDULE     a schedule file of python -m llava.eval.tune (its method, layers, counts; instead of BUDGET)
 #   CKPT         name used in output paths           (default: basename of MODEL_PATH + method tag)
 #   DATA_ROOT    benchmark root                      (default ./playground/data/eval)
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
@@ -96,6 +97,25 @@ method_resolve() {
     SCHEDULE_TEXT="$method${budget:+ budget=$budget}${TAG_TEXT:+ $TAG_TEXT}"
 }
 
+# schedule_resolve FILE METHOD -> METHOD_FLAGS, METHOD_TAG, SCHEDULE_TEXT for a tuned schedule file (the runner
+# reads its method, layers and counts; METHOD, when given, must be the file's). Returns 2 on a bad combination.
+schedule_resolve() {
+    local file="$1" method="$2" stem
+    if [[ -n "${BUDGET:-}" || -n "${METHOD_ARGS:-}" || "${PIO:-none}" != none ]]; then
+        echo "error: SCHEDULE=$file gives the method's layers and counts; drop BUDGET/METHOD_ARGS/PIO" >&2
+        return 2
+    fi
+    if [[ ! -f "$file" ]]; then
+        echo "error: SCHEDULE=$file: no such file (write one with python -m llava.eval.tune)" >&2
+        return 2
+    fi
+    METHOD_FLAGS=(--schedule-file "$file")
+    if [[ -n "$method" && "$method" != none ]]; then METHOD_FLAGS+=(--method "$method"); fi
+    stem="$(basename "$file")"; stem="${stem%%.*}"
+    METHOD_TAG="-tuned-${stem//[^A-Za-z0-9._-]/}"
+    SCHEDULE_TEXT="tuned schedule $file"
+}
+
 # gpu_chunks -> GPULIST (array of CUDA_VISIBLE_DEVICES entries, maybe empty), CHUNKS (>= 1).
 gpu_chunks() {
     local cvd="${CUDA_VISIBLE_DEVICES:-}"
@@ -116,7 +136,11 @@ gpu_chunks() {
 # so put RUN_FLAGS after a runner's own flags and EXTRA_ARGS can override them).
 eval_init() {
     MODEL_PATH="${MODEL_PATH:-$1}"
-    method_resolve "${METHOD:-none}" "${BUDGET:-}" "${METHOD_ARGS:-}" "${PIO:-none}" "${PIO_ARGS:-}" || exit 2
+    if [[ -n "${SCHEDULE:-}" ]]; then
+        schedule_resolve "$SCHEDULE" "${METHOD:-}" || exit 2
+    else
+        method_resolve "${METHOD:-none}" "${BUDGET:-}" "${METHOD_ARGS:-}" "${PIO:-none}" "${PIO_ARGS:-}" || exit 2
+    fi
     local base="${MODEL_PATH%/}"
     CKPT="${CKPT:-${base##*/}$METHOD_TAG}"
     DATA_ROOT="${DATA_ROOT:-./playground/data/eval}"

@@ -50,7 +50,7 @@ def bash(snippet: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (
         "MODEL_PATH", "CKPT", "PIO", "PIO_ARGS", "METHOD", "BUDGET", "METHOD_ARGS", "DATA_ROOT", "DEVICE", "DTYPE", "CONV_MODE", "EXTRA_ARGS",
-        "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE", "MIN_PIXELS", "MAX_PIXELS")}
+        "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE", "MIN_PIXELS", "MAX_PIXELS", "SCHEDULE")}
     env.update(extra)
     return env
 

@@ -342,6 +342,8 @@ def build_result(
     extra = dict(extra or {})
     if run:
         extra.setdefault("run_info", run["_path"])
+        if run.get("schedule_file"):
+            extra.setdefault("schedule_file", run["schedule_file"])
     if getattr(args, "result_file", None):
         extra.setdefault("result_file", args.result_file)
     if getattr(args, "pio_log", None):

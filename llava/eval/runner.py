@@ -294,6 +294,10 @@ def _budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> f
     for value in (getattr(args, "budget", None), getattr(args, "pio_alias__budget", None)):
         if value is not None:
             return float(value)
+    if getattr(args, "schedule_file", None):  # a tuned schedule: the budget it was tuned for
+        from pio.cli import read_schedule_file
+
+        return float(read_schedule_file(args.schedule_file)["budget"])
     return None
 
 
@@ -513,6 +517,8 @@ def run_questions(
     identity = run_identity(args, method, runner_options or {})
     summary = {"method": method.name if method is not None else "none", "budget": _budget_label(args, method),
                "method_config": method.config() if method is not None else None, "expected": expected}
+    if getattr(args, "schedule_file", None):
+        summary["schedule_file"] = os.path.abspath(args.schedule_file)
     reference = None
     if getattr(args, "loyalty_to", None):
         if method is None or not args.pio_log:

@@ -1,0 +1,417 @@
+"""Schedule optimiser: the stage layers and per-stage counts of any in-LLM method, for one average budget.
+
+    python -m llava.eval.tune --model-path liuhaotian/llava-v1.5-7b --method pio --budget 64 \\
+        --question-file calib.jsonl --image-folder images/ --out pio64.schedule.json [--trials 60] \\
+        [--strategy coordinate|random] [--holdout 0.25] [--time-limit 3600] [--seed 0]
+
+Every method answers the same question by hand today: after which layers to prune, and to how many tokens,
+for a given average budget. This searches it. A candidate is a set of stage layers and a *shape* (how the count
+falls from stage to stage); the budget solver (:mod:`pio.budget`) scales the shape to the budget, so every
+candidate meets it as every ``--budget`` run does (an exact average whenever integer counts allow one; a
+one-stage method to within half its last segment). The objective is the pruned model's divergence from the
+unpruned model on the calibration questions: the mean KL(unpruned || pruned) of the next-token distribution at
+the answer position (first answer token), ties broken by the agreement of that token's argmax.
+
+Strategies: ``coordinate`` (coordinate descent from the method's default schedule: each stage's layer moved by
+1 or 3, each stage's count scaled by 1.25 up or down, first improvement taken, until no move improves or the
+limit is reached) and ``random`` (seeded random layers and shapes, the default schedule first). VFlowOpt's own
+search is not implemented (its release is for LLaVA-OneVision only).
+
+Honest reporting: the calibration questions are split (seeded) into a search part and a held-out part. The
+held-out part chooses between the best schedule found and the default (the found one is kept only when its
+held-out divergence is no worse), and the report gives both schedules' held-out divergence and the agreement of
+their greedy answers with the unpruned model's. With one choice between two schedules made on the held-out part,
+the chosen schedule's held-out figure is optimistic by at most that choice.
+
+Resumable: every evaluated candidate is written at once to the state file (``--state``, default ``OUT.state``);
+a rerun with the same settings replays the search from it and continues, so a killed search resumed with the
+same ``--trials`` and ``--seed`` ends with the same schedule as an uninterrupted one (``--time-limit`` stops on
+the clock, which no replay can reproduce). The schedule file (``--out``) is what runners take as
+``--schedule-file`` and the scripts as ``SCHEDULE=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pio.cli import SCHEDULE_FORMAT
+
+logger = logging.getLogger(__name__)
+
+N0 = 576  # the paper's visual count: candidates are stated at LLaVA-1.5's 576 tokens, solved per image
+STRATEGIES = ("coordinate", "random")
+
+
+# --------------------------------------------------------------------------- candidates
+@dataclass(frozen=True)
+class Candidate:
+    """Stage ``layers`` and the ``counts`` they keep out of :data:`N0` (already meeting the budget)."""
+
+    layers: tuple[int, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return ",".join(map(str, self.layers)) + ":" + ",".join(map(str, self.counts))
+
+
+def tuned_schedule(c: Candidate, budget: float, num_layers: int, source: str = "llava.eval.tune"):
+    """The :class:`pio.schedule.Schedule` of a candidate: the budget as a share of each image's tokens, solved
+    with the candidate's counts as its shape (so 576 visual tokens give exactly those counts)."""
+    from pio.budget import Anchors
+    from pio.schedule import Schedule
+
+    anchors = Anchors(c.layers, num_layers, N0, ((int(budget), c.counts),), source=source)
+    return Schedule(c.layers, budget_ratio=budget / N0, anchors=anchors)
+
+
+def solve(layers: Sequence[int], shape: Sequence[float], budget: float, num_layers: int) -> Candidate | None:
+    """The candidate with ``layers`` whose counts keep ``shape`` (non-increasing, > 0) and meet ``budget``
+    (None: the budget cannot be met with these layers, or only approximately when several stages could meet
+    it exactly)."""
+    from pio.budget import budget_counts
+    from pio.schedule import average_visual_tokens
+
+    layers = tuple(int(x) for x in layers)
+    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1 or layers[-1] >= num_layers:
+        return None
+    shape_counts = [max(1, min(N0, int(round(s)))) for s in shape]
+    for j in range(1, len(shape_counts)):
+        shape_counts[j] = min(shape_counts[j], shape_counts[j - 1])
+    from pio.budget import Anchors
+
+    anchors = Anchors(layers, num_layers, N0, ((int(budget), tuple(shape_counts)),))
+    try:
+        counts = tuple(budget_counts(N0, layers, num_layers, budget, anchors))
+    except ValueError:
+        return None
+    error = abs(average_visual_tokens(N0, layers, counts, num_layers) - budget) * num_layers  # token-layers
+    if len(layers) > 1 and error > 0.5:
+        return None  # several stages can meet an integer budget exactly; do not accept less
+    return Candidate(layers, counts)
+
+
+def neighbours(c: Candidate, budget: float, num_layers: int) -> list[Candidate]:
+    """Coordinate moves: each stage's layer by -1, +1, -3, +3, then each stage's count scaled by 1.25 or 0.8."""
+    out = []
+    for j in range(len(c.layers)):
+        for d in (-1, 1, -3, 3):
+            layers = list(c.layers)
+            layers[j] += d
+            out.append(solve(layers, c.counts, budget, num_layers))
+    if len(c.layers) > 1:
+        for j in range(len(c.layers)):
+            for f in (1.25, 0.8):
+                shape = [float(x) for x in c.counts]
+                shape[j] *= f
+                lo = shape[j + 1] if j + 1 < len(shape) else 1.0
+                hi = shape[j - 1] if j > 0 else float(N0)
+                shape[j] = min(hi, max(lo, shape[j]))
+                out.append(solve(c.layers, shape, budget, num_layers))
+    seen, unique = {c.key}, []
+    for n in out:
+        if n is not None and n.key not in seen:
+            seen.add(n.key)
+            unique.append(n)
+    return unique
+
+
+def random_candidate(rng: random.Random, stages: int, budget: float, num_layers: int) -> Candidate | None:
+    layers = sorted(rng.sample(range(1, num_layers), stages))
+    shape = sorted((rng.uniform(0.05, 1.0) * N0 for _ in range(stages)), reverse=True)
+    return solve(layers, shape, budget, num_layers)
+
+
+# --------------------------------------------------------------------------- the objective
+@dataclass
+class Divergence:
+    kl: float  # mean KL(unpruned || pruned) at the first answer token, nats
+    first_token_same: float  # % of questions whose first answer token is the unpruned model's argmax
+
+    def better_than(self, other: Divergence) -> bool:
+        if not math.isclose(self.kl, other.kl, rel_tol=1e-9, abs_tol=1e-12):
+            return self.kl < other.kl
+        return self.first_token_same > other.first_token_same
+
+
+class Evaluator:
+    """The calibration questions, prepared once, with the unpruned model's first-token distributions."""
+
+    def __init__(self, model, prepared: list[tuple[Any, Any, Any]]):
+        self.model, self.prepared = model, prepared
+        self.reference = [self._log_probs(p, None) for p in prepared]
+
+    def _log_probs(self, prepared, method) -> torch.Tensor:
+        from pio import PruneState
+
+        ids, pixels, sizes = prepared
+        kw: dict[str, Any] = {"images": pixels, "image_sizes": sizes} if pixels is not None else {}
+        if method is not None:
+            kw.update(reducer=method, prune_state=PruneState())
+        with torch.inference_mode():
+            logits = self.model(ids.to(self.model.device), **kw).logits[0, -1]
+        return torch.log_softmax(logits.double(), -1)
+
+    def divergence(self, method, which: Sequence[int]) -> Divergence:
+        kls, same = [], 0
+        for i in which:
+            p, q = self.reference[i], self._log_probs(self.prepared[i], method)
+            kls.append(float((p.exp() * (p - q)).sum()))
+            same += int(p.argmax() == q.argmax())
+        return Divergence(sum(kls) / len(kls), 100.0 * same / len(kls))
+
+
+# --------------------------------------------------------------------------- state
+class SearchState:
+    """Evaluated candidates, written at once (atomically) to ``path``; a state of other settings is refused."""
+
+    def __init__(self, path: str, config: dict[str, Any]):
+        from llava.eval.runfiles import identity_differences
+
+        self.path, self.config = path, config
+        self.evaluated: dict[str, list[float]] = {}
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            diff = identity_differences(data.get("config", {}), config)
+            if diff:
+                raise ValueError(f"{path} holds a search with other settings ({'; '.join(diff[:6])}); delete it or "
+                                 "give --state another file")
+            self.evaluated = data.get("evaluated", {})
+            logger.info("resuming the search: %d candidates already evaluated (%s)", len(self.evaluated), path)
+
+    def get(self, key: str) -> Divergence | None:
+        v = self.evaluated.get(key)
+        return Divergence(*v) if v is not None else None
+
+    def put(self, key: str, d: Divergence) -> None:
+        self.evaluated[key] = [d.kl, d.first_token_same]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"config": self.config, "evaluated": self.evaluated}, f)
+        os.replace(tmp, self.path)
+
+
+# --------------------------------------------------------------------------- search
+@dataclass
+class SearchResult:
+    default: Candidate
+    best: Candidate
+    trials: int
+    scores: dict[str, Divergence]
+
+
+def search(default: Candidate, evaluate: Callable[[Candidate], Divergence], strategy: str, trials: int,
+           budget: float, num_layers: int, seed: int, deadline: float | None = None,
+           progress: Any = None) -> SearchResult:
+    """Run ``strategy`` from ``default`` for at most ``trials`` evaluations (the default's included)."""
+    scores: dict[str, Divergence] = {}
+
+    def score(c: Candidate) -> Divergence | None:
+        if c.key in scores:
+            return scores[c.key]
+        if len(scores) >= trials or (deadline is not None and time.monotonic() > deadline):
+            return None
+        scores[c.key] = evaluate(c)
+        if progress is not None:
+            progress.update(1)
+        return scores[c.key]
+
+    best = default
+    best_score = score(default)
+    if strategy == "coordinate":
+        improved = True
+        while improved:
+            improved = False
+            for n in neighbours(best, budget, num_layers):
+                s = score(n)
+                if s is None:
+                    break
+                if s.better_than(best_score):
+                    best, best_score, improved = n, s, True
+                    break
+    elif strategy == "random":
+        rng = random.Random(seed)
+        misses = 0
+        while misses < 1000:
+            c = random_candidate(rng, len(default.layers), budget, num_layers)
+            if c is None or c.key in scores:
+                misses += 1
+                continue
+            s = score(c)
+            if s is None:
+                break
+            if s.better_than(best_score):
+                best, best_score = c, s
+    else:
+        raise ValueError(f"unknown --strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    return SearchResult(default, best, len(scores), scores)
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    from llava.eval import runner
+
+    p = argparse.ArgumentParser(description="Search the stage layers and counts of a method for one budget.")
+    p.add_argument("--question-file", "--calib", dest="question_file", required=True,
+                   help="calibration questions (model_vqa_loader format: question_id, image, text per line)")
+    p.add_argument("--image-folder", default="")
+    p.add_argument("--out", required=True, help="the schedule file to write (JSON; runners take --schedule-file)")
+    p.add_argument("--state", default=None, help="search state for resuming (default: OUT.state)")
+    p.add_argument("--strategy", default="coordinate", choices=STRATEGIES)
+    p.add_argument("--trials", type=int, default=60, help="most candidates evaluated (the default's included)")
+    p.add_argument("--time-limit", type=float, default=None, help="stop the search after this many seconds")
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="share of the calibration questions held out to choose and report (default 0.25)")
+    p.add_argument("--answer-tokens", type=int, default=16,
+                   help="greedy answer length for the held-out answer agreement (default 16)")
+    runner.add_common_args(p, max_new_tokens=16)
+    return p
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    if not 0 < holdout < 1:
+        raise ValueError(f"--holdout must be in (0, 1), got {holdout}")
+    if n < 2:
+        raise ValueError(f"the calibration file has {n} question(s); the search needs at least 2 (one held out)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = min(n - 1, max(1, round(holdout * n)))
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def _answers_agreement(model, tok, prepared, which, args, method, reference: dict[int, str]) -> float:
+    from llava.eval import runner
+
+    same = 0
+    for i in which:
+        ids, pixels, sizes = prepared[i]
+        text, _, _ = runner.generate(model, tok, ids, pixels, sizes, args, method)
+        same += int(text.strip() == reference[i].strip())
+    return 100.0 * same / len(which)
+
+
+def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]:
+    """The search the flags describe; writes and returns the schedule file's content."""
+    from llava.eval import model_vqa_loader, runner
+    from llava.eval.runfiles import file_sha256, weights_fingerprint
+    from pio.encoder import EncoderMethod, Pipeline
+    from pio.schedule import average_visual_tokens
+
+    if args.budget is None:
+        raise ValueError("--budget B is the average the schedule must meet (the paper's 64, 128, 192)")
+    budget = float(args.budget)
+    if budget != int(budget):
+        raise ValueError(f"--budget {args.budget}: the optimiser takes a whole number of tokens per layer")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    method = runner.check_args(args)
+    if method is None or isinstance(method, (EncoderMethod, Pipeline)):
+        raise ValueError("--method must name an in-LLM method (pio, fastv, pdrop, sparsevlm, dart, random): the "
+                         "optimiser searches its stage layers and counts")
+    items, _ = model_vqa_loader.read_questions(args)
+    tok, model, proc, name = runner.load_model(args, method, loaded)
+    depth = runner.decoder_depth(model.config)
+    default_counts = method.schedule.counts(N0, depth)
+    default = solve(method.schedule.layers, default_counts, budget, depth) or Candidate(
+        tuple(method.schedule.layers), tuple(default_counts))
+    search_ids, held_ids = _split(len(items), args.holdout, args.seed)
+    config = {"model": weights_fingerprint(args.model_path), "method": method.config(), "budget": budget,
+              "questions": file_sha256(args.question_file)[:16], "holdout": args.holdout, "seed": args.seed,
+              "strategy": args.strategy, "dtype": args.dtype, "conv_mode": args.conv_mode}
+    state = SearchState(args.state or args.out + ".state", config)
+    prepared = [model_vqa_loader.prepare(args, q, tok, proc, model.config) for q in items]
+    prepared = [(ids, runner.to_model(px, model) if px is not None else None, sizes) for ids, px, sizes in prepared]
+    evaluator = Evaluator(model, prepared)
+
+    def method_of(c: Candidate):
+        return dataclasses.replace(method, schedule=tuned_schedule(c, budget, depth))
+
+    def evaluate(c: Candidate) -> Divergence:
+        cached = state.get(c.key)
+        if cached is not None:
+            return cached
+        d = evaluator.divergence(method_of(c), search_ids)
+        state.put(c.key, d)
+        return d
+
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
+    with tqdm(total=args.trials, desc=f"tuning {method.name} at {budget:g}", unit="trial") as bar:
+        result = search(default, evaluate, args.strategy, args.trials, budget, depth, args.seed, deadline, bar)
+    # held out: choose between the found schedule and the default, report both
+    held = {k: evaluator.divergence(method_of(c), held_ids) for k, c in (("default", default),
+                                                                          ("found", result.best))}
+    gen = argparse.Namespace(**{**vars(args), "temperature": 0.0, "max_new_tokens": args.answer_tokens})
+    reference = {}
+    for i in held_ids:
+        ids, pixels, sizes = prepared[i]
+        reference[i] = runner.generate(model, tok, ids, pixels, sizes, gen, None)[0]
+    answers = {k: _answers_agreement(model, tok, prepared, held_ids, gen, method_of(c), reference)
+               for k, c in (("default", default), ("found", result.best))}
+    source = f"llava.eval.tune: {args.strategy} search, {result.trials} trials on {os.path.basename(args.question_file)}"
+    chosen_name = "found" if not held["default"].better_than(held["found"]) else "default"
+    chosen = result.best if chosen_name == "found" else default
+    if chosen_name == "default":
+        logger.warning("the schedule found on the search questions diverges more on the held-out ones than the "
+                       "default: keeping the default")
+    report = {k: {"search_kl": result.scores[c.key].kl, "search_first_token_same": result.scores[c.key].first_token_same,
+                  "holdout_kl": held[k].kl, "holdout_first_token_same": held[k].first_token_same,
+                  "holdout_same_answer": answers[k], "layers": list(c.layers), "tokens_at_576": list(c.counts)}
+              for k, c in (("default", default), ("found", result.best))}
+    out = {
+        "format": SCHEDULE_FORMAT,
+        "method": method.name,
+        "budget": budget,
+        "num_layers": depth,
+        "schedule": tuned_schedule(chosen, budget, depth, source).to_dict(),
+        "options": method.options(),
+        "tokens_at_576": list(chosen.counts),
+        "avg_visual_tokens_at_576": average_visual_tokens(N0, chosen.layers, chosen.counts, depth),
+        "chosen": chosen_name,
+        "model": name,
+        "calibration": {"question_file": os.path.abspath(args.question_file), "questions": len(items),
+                        "search": len(search_ids), "holdout": len(held_ids)},
+        "search": {"strategy": args.strategy, "trials": result.trials, "seed": args.seed},
+        "report": report,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, args.out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from llava.eval import runner
+
+    args = build_parser().parse_args(argv)
+    runner.setup_logging()
+    out = run(args)
+    print(f"{'schedule':10} {'layers':>12} {'tokens@576':>14} {'KL search':>10} {'KL held':>9} {'1st tok %':>9} "
+          f"{'answer %':>9}")
+    for k, r in out["report"].items():
+        print(f"{k:10} {','.join(map(str, r['layers'])):>12} {','.join(map(str, r['tokens_at_576'])):>14} "
+              f"{r['search_kl']:10.4f} {r['holdout_kl']:9.4f} {r['holdout_first_token_same']:9.1f} "
+              f"{r['holdout_same_answer']:9.1f}")
+    print(f"chosen: {out['chosen']} -> {args.out} (run it with --schedule-file {args.out}, or SCHEDULE={args.out})")
+    return out
+
+
+if __name__ == "__main__":
+    from llava.utils import cli
+
+    cli(main)
