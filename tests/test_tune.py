@@ -151,3 +151,15 @@ def test_schedule_file_through_the_pope_script_with_loyalty(deep_v15, loaded, ca
     env.update(BUDGET="64")
     done = subprocess.run(script, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert done.returncode == 2 and "drop BUDGET" in done.stderr
+
+
+def test_vflowopt_search_keeps_the_layers_and_maximises_the_cosine(deep_v15, loaded, calib, tmp_path):
+    """VFlowOpt's strategy: layers fixed, per-stage ratios by Bayesian optimisation of the hidden-state cosine;
+    seeded, so a second search from an empty state gives the same schedule."""
+    outs = [tune.run(_args(deep_v15, calib, tmp_path / f"v{i}.json", "--method", "pio", "--budget", "64", "--trials",
+                           "10", "--strategy", "vflowopt", "--objective", "cosine"), loaded) for i in range(2)]
+    found, default = outs[0]["report"]["found"], outs[0]["report"]["default"]
+    assert found["layers"] == default["layers"] == [1, 10, 15]
+    assert average_visual_tokens(576, found["layers"], found["tokens_at_576"], DEPTH) == pytest.approx(64.0)
+    assert found["search_cosine"] >= default["search_cosine"] and 0 < found["search_cosine"] <= 1 + 1e-9
+    assert outs[1]["report"] == outs[0]["report"] and outs[0]["search"]["trials"] == 10
