@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args.llava_conv_mode = infer_conv_mode(get_model_name_from_path(args.model_path))  # when --conv-mode is not given
     method = runner.check_args(args)
+    if args.loyalty_to:
+        raise ValueError("--loyalty-to compares the answers of a question file with another run's; run_llava answers "
+                         "one query (use model_vqa_loader)")
     images = load_images(args.image_file, args.sep)
     tok, model, proc, _ = runner.load_model(args, method)
     image_token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))

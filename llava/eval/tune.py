@@ -409,6 +409,8 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
     budget = float(args.budget)
     if budget != int(budget):
         raise ValueError(f"--budget {args.budget}: the optimiser takes a whole number of tokens per layer")
+    if args.loyalty_to or args.schedule_file:
+        raise ValueError("tune searches a schedule: --loyalty-to and --schedule-file apply to the question runners")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     method = runner.check_args(args)

@@ -399,6 +399,9 @@ def make_figure(args: argparse.Namespace, loaded: tuple | None = None) -> Figure
 
     if args.method is not None:
         raise ValueError("visualize takes --methods (one or more, comma-separated), not --method")
+    if args.loyalty_to or args.schedule_file:
+        raise ValueError("visualize draws the methods of --methods; --loyalty-to and --schedule-file apply to the "
+                         "question runners")
     image = runner.load_image(args.image_file)
     names = [n.strip() for n in (args.methods or DEFAULT_METHODS).split(",") if n.strip()]
     if not names:
