@@ -162,6 +162,7 @@ def image_layout(config: Any, processor: Any, image: Any, longest: int = DISPLAY
         out = processor(images=[image], return_tensors="pt")
         layout = qwen_layout(out["image_grid_thw"][0].tolist(), int(getattr(processor, "merge_size", 2)), image.size,
                              _display_size(image.size, longest))
+        layout.canvas = image
     else:
         canvas, note = image, ""
         if getattr(config, "image_aspect_ratio", None) == "pad" and image.size[0] != image.size[1]:
@@ -170,7 +171,6 @@ def image_layout(config: Any, processor: Any, image: Any, longest: int = DISPLAY
         layout = llava_layout(config, processor, llava_patches_per_side(config), canvas.size,
                               _display_size(canvas.size, longest))
         layout.canvas, layout.note = canvas, note
-    layout.canvas = layout.canvas or image
     return layout
 
 
