@@ -79,9 +79,9 @@ class StageInputs(Protocol):
         """
         ...
 
-    def keys(self, which: str = "current") -> torch.Tensor:
-        """Rotated keys (B, S, H_kv * head_dim) of the ``which`` decoder layer at every position. Needs
-        ``"keys"``."""
+    def keys(self, which: str = "current", heads: bool = False) -> torch.Tensor:
+        """Rotated keys (B, S, H_kv * head_dim) of the ``which`` decoder layer at every position; with ``heads``
+        per key/value head, (B, S, H_kv, head_dim). Needs ``"keys"``."""
         ...
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +253,12 @@ class ReductionMethod(ABC):
     @abstractmethod
     def select(self, inputs: StageInputs) -> Selection:
         """Kept visual positions per sample at one stage (see :class:`Selection`)."""
+
+    def encoder_stage(self) -> Any:
+        """An encoder-side stage (:class:`pio.encoder.EncoderMethod`) the method runs itself before the language
+        model, as its authors do (VisionDrop: VisionZip-style dominant and contextual tokens), or None. The model
+        runs it like the first method of a composition (:func:`pio.encoder.split_reducer`)."""
+        return None
 
     # -- reporting ----------------------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from .base import POSITIONS, ReductionMethod
@@ -339,6 +340,8 @@ def _targets(sched: dict[str, Any]) -> list[str]:
 def _llm_method(cls: type[ReductionMethod], sched: dict[str, Any], options: dict[str, Any],
                 args: argparse.Namespace) -> ReductionMethod:
     family = getattr(args, "family", None)
+    tokens, split = _stage_pairs(cls, sched["tokens"], options)
+    sched = {**sched, "tokens": tokens}
     targets = _targets(sched)
     if not targets:
         raise ValueError(f"--method {cls.name} needs a target: --budget 64|128|192 (the paper's budgets), or "
@@ -352,15 +355,33 @@ def _llm_method(cls: type[ReductionMethod], sched: dict[str, Any], options: dict
                                                                           sched["budget_ratio"]),
         budget_tokens=None if sched["budget_tokens"] is None else _to_float(sched["budget_tokens"],
                                                                             "--budget-tokens", sched["budget_tokens"]),
-        tokens=None if sched["tokens"] is None else parse_counts(sched["tokens"]),
+        tokens=None if sched["tokens"] is None else parse_counts(sched["tokens"]),  # pairs already summed
         ratios=None if sched["ratios"] is None else parse_ratios(sched["ratios"]),
         ratio_mode=sched["ratio_mode"] or cls.default_ratio_mode,
         family=family,
     )
-    options = {**cls.defaults(family)["options"], **options}
+    options = {**cls.defaults(family)["options"], **split, **options}
     if getattr(args, "positions", None) is not None:
         options["positions"] = args.positions
     return cls(schedule, **options)
+
+
+def _stage_pairs(cls: type[ReductionMethod], text: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The authors' ``--image_token_list [[30,5],[22,4],[16,3]]`` of a method whose stages keep ``[dominant,
+    contextual]`` (a ``stage_contextual`` field, VisionDrop): the per-stage totals, and the contextual counts as
+    that field. Anything else is returned as it is."""
+    items = _split(text, "token counts") if text is not None else []
+    if not items or not all(isinstance(x, (list, tuple)) for x in items):
+        return text, {}
+    if "stage_contextual" not in {f.name for f in fields(cls)}:
+        raise ValueError(f"--tokens {text}: [dominant, contextual] pairs are VisionDrop's form; {cls.name} keeps one "
+                         "count per stage, e.g. 92,54,22")
+    if any(len(x) != 2 for x in items):
+        raise ValueError(f"--tokens {text}: every stage needs [dominant, contextual], e.g. [[30,5],[22,4],[16,3]]")
+    if "stage_contextual" in options:
+        raise ValueError(f"--tokens {text} gives each stage's contextual tokens; drop the method's own flag for them")
+    pairs = [(_to_int(d, "token counts", text), _to_int(c, "token counts", text)) for d, c in items]
+    return tuple(d + c for d, c in pairs), {"stage_contextual": tuple(c for _, c in pairs)}
 
 
 def _encoder_method(cls: type[EncoderMethod], sched: dict[str, Any], pre_tokens: int | None,

@@ -170,6 +170,12 @@ class Pipeline:
     pre: EncoderMethod
     llm: ReductionMethod
 
+    def __post_init__(self) -> None:
+        own = self.llm.encoder_stage()
+        if own is not None:
+            raise ValueError(f"{self.llm.name} runs its own encoder stage ({own.describe()}); run --method "
+                             f"{self.llm.name} alone, or give it explicit --tokens after {self.pre.name}")
+
     @property
     def name(self) -> str:
         return f"{self.pre.name}+{self.llm.name}"
@@ -201,7 +207,8 @@ class Pipeline:
 
 
 def split_reducer(reducer: Any) -> tuple[EncoderMethod | None, ReductionMethod | None]:
-    """``(encoder-side method, in-LLM method)`` of whatever a caller passed as ``reducer``."""
+    """``(encoder-side method, in-LLM method)`` of whatever a caller passed as ``reducer`` (an in-LLM method that
+    runs its own encoder stage, :meth:`~pio.base.ReductionMethod.encoder_stage`, gives both)."""
     if reducer is None:
         return None, None
     if isinstance(reducer, Pipeline):
@@ -209,5 +216,5 @@ def split_reducer(reducer: Any) -> tuple[EncoderMethod | None, ReductionMethod |
     if isinstance(reducer, EncoderMethod):
         return reducer, None
     if isinstance(reducer, ReductionMethod):
-        return None, reducer
+        return reducer.encoder_stage(), reducer
     raise TypeError(f"reducer must be a reduction method or a Pipeline, got {type(reducer).__name__}")

@@ -121,3 +121,16 @@ def test_make_method_builds_encoder_methods_and_compositions_like_the_flags():
         make_method("scan+pio")
     with pytest.raises(ValueError, match="first method must act before the language model"):
         make_method("pio+scan", budget=64)
+
+
+def test_visiondrop_authors_spelling():
+    """VisionDrop's --image_token_list of [dominant, contextual] pairs: totals per stage and the contextual split;
+    other methods refuse pairs."""
+    m = parse("--method visiondrop --layer_list [8,16,24] --image_token_list '[[30,5],[22,4],[16,3]]' --dominant 42 "
+              "--contextual 6")
+    assert m.schedule.layers == (8, 16, 24) and m.schedule.tokens == (35, 26, 19)
+    assert m.stage_contextual == (5, 4, 3) and m.encoder_stage().tokens == 48
+    with pytest.raises(ValueError, match="pairs are VisionDrop's form; pio keeps one count"):
+        parse("--method pio --image_token_list '[[30,5],[22,4]]'")
+    with pytest.raises(ValueError, match="every stage needs"):
+        parse("--method visiondrop --layers 8,16 --image_token_list '[[30,5],[22]]'")

@@ -199,8 +199,38 @@ def naive_random(c: Ctx):
     return sorted(torch.randperm(c.length, generator=g)[: c.k].tolist()), None
 
 
+def naive_visiondrop(c: Ctx):
+    m = c.method
+    stage = m.layers.index(c.layer)
+    if m.stage_contextual is not None:
+        n_ctx = m.stage_contextual[stage]
+    else:  # the published shares: [30, 5], [22, 4], [16, 3]
+        n_ctx = math.floor(c.k * (5 / 35, 4 / 26, 3 / 19)[min(stage, 2)] + 0.5)
+    n_ctx = min(n_ctx, c.k - 1)
+    layer = parts(c.model)[0][c.layer]  # the next layer, on this layer's output
+    s, n = c.start, c.length
+    w = eager_attention(layer, c.h, c.pe, c.mask)[0].mean(0)  # (S, S), heads averaged
+    score = w[s : s + n, s : s + n].mean(0)  # what each visual key receives from the visual queries
+    dom = top_k(score, c.k - n_ctx)
+    if n_ctx == 0:
+        return dom, None
+    attn = layer.self_attn
+    S = c.h.shape[1]
+    k = attn.k_proj(layer.input_layernorm(c.h)).view(1, S, -1, attn.head_dim).transpose(1, 2)
+    key = F.normalize(rotate(c.model, k, c.pe)[0].mean(0)[s : s + n], dim=-1)  # (n, hd), heads averaged
+    rest = [j for j in range(n) if j not in dom]
+    targets = rest[:: max(1, len(rest) // n_ctx)][:n_ctx]
+    groups = {t: [] for t in targets}
+    for j in rest:
+        if j not in groups:
+            groups[max(targets, key=lambda t: (float(key[j] @ key[t]), -t))].append(j)
+    H = c.h[0, s : s + n]
+    merged = torch.stack([H[t] + (sum(H[j] for j in g) / len(g) if g else 0) for t, g in groups.items()])
+    return dom, merged
+
+
 REFERENCES = {"pio": naive_pio, "fastv": naive_fastv, "pdrop": naive_pdrop, "sparsevlm": naive_sparsevlm,
-              "dart": naive_dart, "random": naive_random}
+              "dart": naive_dart, "random": naive_random, "visiondrop": naive_visiondrop}
 
 S = Schedule
 CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
@@ -213,6 +243,9 @@ CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
                   (S((1,), tokens=(90,)), {"recycle": False})],
     "dart": [(S((2,), tokens=(68,)), {}), (S((1,), tokens=(37,)), {}), (S((3,), tokens=(132,)), {"pivot_text": 2})],
     "random": [(S((1, 3), tokens=(100, 20)), {}), (S((2,), tokens=(50,)), {"seed": 3})],
+    "visiondrop": [(S((1, 2, 3), ratios=(0.5, 0.25, 0.125)), {}),
+                   (S((1, 3), tokens=(150, 40)), {"stage_contextual": (20, 0)}),
+                   (S((2,), tokens=(60,)), {"stage_contextual": (59,)})],
 }
 NAMES = [n for n in method_names() if get_method(n).where == "llm"]
 
@@ -650,29 +683,125 @@ def test_encoder_kept_points_into_the_unreduced_sequence(models, name, arch):
     torch.testing.assert_close(reduced[real], full[kept[real]])
 
 
+def check_batch_and_cached(models, reducer, steps: int, recompute_all: bool = True) -> None:
+    """A left-padded batch gives each sample's tokens and kept positions; cached decoding equals recomputation
+    with the prefill's decisions replayed (every sample with an image, or the first)."""
+    tok, model, proc = models["v15"]
+    qs, singles, ids_l, mask_l, kw_l = batch(models, "left")
+    single = []
+    for s, kw in singles:
+        st = PruneState()
+        out = model.generate(s, do_sample=False, max_new_tokens=steps, min_new_tokens=steps, reducer=reducer,
+                             prune_state=st, output_logits=True, return_dict_in_generate=True, **kw)
+        single.append((out.sequences[0].tolist(), [t.kept for t in st.samples[0].stages]))
+        if kw and (recompute_all or len(single) == 1):
+            toks = out.sequences[0].tolist()
+            for t in range(steps):
+                full = torch.cat([s, torch.tensor([toks[:t]], dtype=s.dtype)], dim=1)
+                logits = model(full, use_cache=False, reducer=reducer, prune_state=PruneState(forced=st.selections),
+                               **kw).logits[0, -1]
+                torch.testing.assert_close(logits, out.logits[t][0], atol=2e-5, rtol=1e-4)
+    st = PruneState()
+    gen = model.generate(ids_l, attention_mask=mask_l, do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
+                         reducer=reducer, prune_state=st, **kw_l)
+    assert [g.tolist() for g in gen] == [s[0] for s in single]
+    assert [[t.kept for t in smp.stages] for smp in st.samples] == [s[1] for s in single]
+
+
 @pytest.mark.parametrize("name", ENCODER_NAMES)
 def test_encoder_side_batch_and_cached_decoding(models, name):
     from pio.encoder import Pipeline
     from pio.methods import FastV
 
-    tok, model, proc = models["v15"]
-    pipe = Pipeline(make_encoder(name, 64), FastV(Schedule((2,), tokens=(20,))))
-    qs, singles, ids_l, mask_l, kw_l = batch(models, "left")
-    single = []
-    for s, kw in singles:
-        st = PruneState()
-        out = model.generate(s, do_sample=False, max_new_tokens=4, min_new_tokens=4, reducer=pipe,
-                             prune_state=st, output_logits=True, return_dict_in_generate=True, **kw)
-        single.append((out.sequences[0].tolist(), [t.kept for t in st.samples[0].stages]))
-        if kw:  # cached decoding == recomputation with the prefill's decisions replayed
-            toks = out.sequences[0].tolist()
-            for t in range(4):
-                full = torch.cat([s, torch.tensor([toks[:t]], dtype=s.dtype)], dim=1)
-                logits = model(full, use_cache=False, reducer=pipe, prune_state=PruneState(forced=st.selections),
-                               **kw).logits[0, -1]
-                torch.testing.assert_close(logits, out.logits[t][0], atol=2e-5, rtol=1e-4)
+    check_batch_and_cached(models, Pipeline(make_encoder(name, 64), FastV(Schedule((2,), tokens=(20,)))), 4)
+
+
+# ------------------------------------------------------------------------------------------ VisionDrop's own encoder stage
+def test_visiondrop_presets_and_flags():
+    """The published 32-token configuration (README, scripts) and its scaling; the authors' flags; refusals."""
+    import argparse
+    import shlex
+
+    from pio.cli import add_method_args, method_from_args
+    from pio.methods import VisionDrop, VisionZip
+    from pio.registry import make_method
+    from pio.schedule import average_visual_tokens
+
+    def parse(line):
+        p = argparse.ArgumentParser()
+        add_method_args(p)
+        return method_from_args(p.parse_args(shlex.split(line)))
+
+    for budget, enc, stages in ((32, (42, 6), [[30, 5], [22, 4], [16, 3]]),
+                                (64, (84, 12), [[60, 10], [44, 8], [32, 6]]),
+                                (128, (168, 24), [[120, 20], [88, 16], [64, 12]]),
+                                (192, (252, 36), [[180, 30], [132, 24], [96, 18]])):
+        m = parse(f"--method visiondrop --budget {budget}")
+        assert m == VisionDrop.from_budget(budget) and m.layers == (8, 16, 24)
+        stage = m.encoder_stage()
+        assert isinstance(stage, VisionZip) and stage.name == "visiondrop"
+        assert (stage.tokens, stage.split(stage.tokens)) == (sum(enc), enc)
+        counts = m.counts(stage.tokens, 32)
+        assert [list(m.split(c, j)) for j, c in enumerate(counts)] == stages
+        assert average_visual_tokens(stage.tokens, m.layers, counts, 32) == budget
+        m.validate(32)
+    # the authors' run, spelled with their flags (--image_token_list's pairs as --tokens plus the stage split)
+    authors = parse("--method visiondrop --layer_list [8,16,24] --tokens 35,26,19 --visiondrop-stage-contextual "
+                    "'[5, 4, 3]' --dominant 42 --contextual 6")
+    assert authors.encoder_stage() == VisionDrop.from_budget(32).encoder_stage()
+    assert authors.counts(48, 32) == [35, 26, 19] and [authors.split(c, j) for j, c in enumerate((35, 26, 19))] == [
+        (30, 5), (22, 4), (16, 3)]
+    solved = parse("--method visiondrop --budget-tokens 32 --dominant 42 --contextual 6")  # the published shape
+    assert solved.counts(48, 32) == [35, 26, 19]
+    in_llm = parse("--method visiondrop --tokens 35,26,19")
+    assert in_llm.encoder_stage() is None and [in_llm.split(c, j)[1] for j, c in enumerate((35, 26, 19))] == [5, 4, 3]
+    with pytest.raises(ValueError, match="largest budget is 384"):
+        VisionDrop.from_budget(400).validate(32)
+    with pytest.raises(ValueError, match="--dominant and --contextual together"):
+        VisionDrop(Schedule((8,), tokens=(30,)), dominant=42).validate(32)
+    with pytest.raises(ValueError, match="fewer than its count"):
+        VisionDrop(Schedule((8, 16), tokens=(30, 10)), stage_contextual=(5, 10)).validate(32)
+    with pytest.raises(ValueError, match="runs its own encoder stage"):
+        make_method("visionzip+visiondrop", budget=64)
+
+
+@pytest.mark.parametrize("arch", ["v15", "v16"])
+def test_visiondrop_is_visionzip_then_its_stages(models, arch):
+    """--budget B runs the encoder stage (VisionZip's selection at the configuration's counts) and then the in-LLM
+    stages at their shares of what it passed on: the same as the composition spelled out."""
+    from pio.encoder import Pipeline
+    from pio.methods import VisionDrop, VisionZip
+
+    tok, model, proc = models[arch]
+    method = VisionDrop.from_budget(32, layers=(1, 2, 3))
+    ids, kw = single_input(models, arch, seed=4)
     st = PruneState()
-    gen = model.generate(ids_l, attention_mask=mask_l, do_sample=False, max_new_tokens=4, min_new_tokens=4,
-                         reducer=pipe, prune_state=st, **kw_l)
-    assert [g.tolist() for g in gen] == [s[0] for s in single]
-    assert [[t.kept for t in smp.stages] for smp in st.samples] == [s[1] for s in single]
+    logits = model(ids, reducer=method, prune_state=st, **kw).logits
+    rec = st.samples[0]
+    counts = method.counts(rec.n_visual, 4)
+    assert rec.n_encoder > rec.n_visual and [s.after for s in rec.stages] == counts
+    if arch == "v15":  # the authors' configuration: 48 -> 35 -> 26 -> 19, 5, 4, 3 of them merged
+        assert (rec.n_encoder, rec.n_visual, counts) == (576, 48, [35, 26, 19])
+        assert [s.merged for s in rec.stages] == [5, 4, 3]
+    spelled = Pipeline(VisionZip(tokens=48, contextual=6), VisionDrop(
+        Schedule((1, 2, 3), tokens=tuple(counts)),
+        stage_contextual=tuple(method.split(c, j)[1] for j, c in enumerate(counts))))
+    st2 = PruneState()
+    assert torch.equal(model(ids, reducer=spelled, prune_state=st2, **kw).logits, logits)
+    assert [s.kept for s in st2.samples[0].stages] == [s.kept for s in rec.stages]
+
+
+def test_visiondrop_with_its_encoder_stage_batch_and_cached_decoding(models):
+    from pio.methods import VisionDrop
+
+    check_batch_and_cached(models, VisionDrop.from_budget(32, layers=(1, 2, 3)), 3, recompute_all=False)
+
+
+def test_visiondrop_refuses_qwen_at_a_budget(models):
+    """Its encoder stage reads a CLIP tower's CLS attention; its in-LLM stages alone (explicit counts) run on Qwen."""
+    from pio.methods import VisionDrop
+
+    tok, model, proc = models["qwen"]
+    ids, kw = single_input(models, "qwen", seed=1)
+    with pytest.raises(ValueError, match="visiondrop needs the CLS attention of a CLIP tower"):
+        model(ids, reducer=VisionDrop.from_budget(64, layers=(1, 2, 3), family="qwen2_5_vl"), **kw)

@@ -203,3 +203,20 @@ def test_loyalty_columns(tmp_path, capsys):
     assert "| 64 | pio | m-pio64 | 55.0 | 55.0 | - |" in out and out.splitlines()[3].endswith("| 80.0 | 0.300 |")
     assert out.splitlines()[2].endswith("| 100.0 | - | - |")  # the unpruned run measures no loyalty
     assert csv_path.read_text().splitlines()[2].endswith(",80.0000,0.3000")
+
+
+def test_a_method_with_its_own_encoder_stage_is_a_w_ve_row(tmp_path, capsys):
+    root = str(tmp_path)
+    put(root, "gqa", "m", 60.0, method="none")
+    put(root, "gqa", "m-visiondrop64", 58.0, method="visiondrop", budget=64.0)
+    put(root, "gqa", "m-visiondrop-llm", 57.0, method="visiondrop", budget=64.0)  # explicit counts: no encoder
+    path = os.path.join(root, "gqa", "results", "m-visiondrop64-2025-01-01.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["method_config"] = {"method": "visiondrop", "encoder": {"method": "visiondrop", "tokens": 96}}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    summarize.main(["--data-root", root])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("| 64 | visiondrop | m-visiondrop-llm |")
+    assert lines[4].startswith("| 64 w/ VE | visiondrop | m-visiondrop64 |")

@@ -94,15 +94,16 @@ def prefill_speedups(latest: dict[str, dict[str, dict[str, Any]]], baseline: str
 
 def _styles(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """One colour and marker per method label, the same in every panel; w/ VE methods dashed."""
-    from llava.eval.summarize import method_label, with_encoder
+    from llava.eval.summarize import method_label
 
-    labels = sorted({method_label(r) for r in rows if r.budget is not None and not r.is_baseline})
+    pruned = [r for r in rows if r.budget is not None and not r.is_baseline]
+    labels = sorted({method_label(r) for r in pruned})
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                "#7f7f7f"]
     markers = "osD^vP*Xph"
     out = {}
     for i, label in enumerate(labels):
-        ve = with_encoder(label)
+        ve = any(r.encoder for r in pruned if method_label(r) == label)
         out[label] = {"color": colours[i % len(colours)], "marker": markers[i % len(markers)],
                       "linestyle": "--" if ve else "-", "label": label + (" (w/ VE)" if ve else "")}
     return out

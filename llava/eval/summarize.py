@@ -50,6 +50,7 @@ class AccuracyRow:
     ratio_benchmarks: list[str] = field(default_factory=list)
     loyal: float | None = None  # % of answers equal to the unpruned run's (runner --loyalty-to), over benchmarks
     kl: float | None = None  # mean KL(unpruned || pruned) at the first answer token, nats
+    encoder: bool = False  # the run reduces before the language model too: the paper's "w/ VE" rows
     partial: set[str] = field(default_factory=set)  # benchmarks whose result rests on part of the run
     notes: list[str] = field(default_factory=list)
 
@@ -90,6 +91,8 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
         tokens, loyal, kl = [], [], []
         methods = {(r.get("method"), r.get("budget")) for r in by_bench.values()}
         row.method, row.budget = sorted(methods, key=str)[0]
+        row.encoder = with_encoder(row.method) or any((r.get("method_config") or {}).get("encoder")
+                                                      for r in by_bench.values())
         if len(methods) > 1:
             row.notes.append("results disagree on the method: " + ", ".join(f"{m} {b}" for m, b in sorted(methods, key=str)))
         for bench, r in by_bench.items():
@@ -144,7 +147,8 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
 
 
 def with_encoder(method: str | None) -> bool:
-    """The run reduces before the language model (an encoder-side method, alone or composed): the paper's w/ VE."""
+    """The method reduces before the language model (an encoder-side method, alone or composed): the paper's w/ VE.
+    A method that runs its own encoder stage (VisionDrop) says so in its configuration (``encoder``)."""
     from pio import get_method, method_names
 
     if not method or method == "none":
@@ -161,14 +165,14 @@ def _paper_order(row: AccuracyRow) -> tuple:
     names = [n for n in method_names() if n != "pio"] + ["pio"]
     last = (row.method or "").split("+")[-1]
     rank = names.index(last) if last in names else len(names)
-    return (not row.is_baseline, row.budget is None, -(row.budget or 0.0), with_encoder(row.method), rank,
+    return (not row.is_baseline, row.budget is None, -(row.budget or 0.0), row.encoder, rank,
             row.method or "", row.model)
 
 
 def budget_label(row: AccuracyRow) -> str:
     if row.method == "none" or (row.is_baseline and row.method is None):
         return "all"
-    return ("-" if row.budget is None else f"{row.budget:g}") + (" w/ VE" if with_encoder(row.method) else "")
+    return ("-" if row.budget is None else f"{row.budget:g}") + (" w/ VE" if row.encoder else "")
 
 
 def method_label(row: AccuracyRow) -> str:

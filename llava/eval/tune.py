@@ -414,9 +414,10 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     method = runner.check_args(args)
-    if method is None or isinstance(method, (EncoderMethod, Pipeline)):
-        raise ValueError("--method must name an in-LLM method (pio, fastv, pdrop, sparsevlm, dart, random): the "
-                         "optimiser searches its stage layers and counts")
+    if method is None or isinstance(method, (EncoderMethod, Pipeline)) or method.encoder_stage() is not None:
+        raise ValueError("--method must name an in-LLM method without an encoder stage (pio, fastv, pdrop, sparsevlm, "
+                         "dart, random; visiondrop with explicit --tokens): the optimiser searches its stage layers "
+                         "and counts for a budget of the language model's visual tokens")
     items, _ = model_vqa_loader.read_questions(args)
     tok, model, proc, name = runner.load_model(args, method, loaded)
     depth = runner.decoder_depth(model.config)

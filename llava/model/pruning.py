@@ -142,14 +142,14 @@ class _Stage:
         self._step.state.events.append(SelectionEvent("attention", self.layer, x.shape[1], int(rows.shape[1])))
         return probs
 
-    def keys(self, which: str = "current") -> torch.Tensor:
+    def keys(self, which: str = "current", heads: bool = False) -> torch.Tensor:
         self._need("keys")
         module = self._decoder_layer(which)
         x = self._h_in if which == "current" else self.hidden
         with torch.no_grad(), self.timed("keys"):
             keys = layer_keys(module, x, self._seg.position_embeddings)
         self._step.state.events.append(SelectionEvent("keys", self.layer, x.shape[1], 0))
-        return keys
+        return keys.unflatten(2, (-1, module.self_attn.head_dim)) if heads else keys
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._need("norm")

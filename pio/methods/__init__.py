@@ -11,12 +11,13 @@ from .random import Random
 from .scan import Scan
 from .scope import SCOPE
 from .sparsevlm import SparseVLM
+from .visiondrop import VisionDrop
 from .visionzip import VisionZip
 
-METHODS = (PIO, FastV, PDrop, SparseVLM, DART, Random, VisionZip, HoloV, SCOPE, DivPrune, Scan)
+METHODS = (PIO, FastV, PDrop, SparseVLM, DART, Random, VisionZip, HoloV, SCOPE, DivPrune, Scan, VisionDrop)
 
 for _cls in METHODS:
     register(_cls)
 
 __all__ = ["DART", "METHODS", "PIO", "SCOPE", "DivPrune", "FastV", "HoloV", "PDrop", "Random", "Scan", "SparseVLM",
-           "VisionZip"]
+           "VisionDrop", "VisionZip"]

@@ -28,6 +28,22 @@ from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
 from ..nms import stable_rank
 
 
+def merge_contextual(h: torch.Tensor, metric: torch.Tensor, remaining: torch.Tensor, count: int) -> torch.Tensor:
+    """VisionZip's contextual tokens (count, D) from the tokens ``remaining`` (ascending indices into ``h`` (N, D)
+    and ``metric`` (N, C), L2-normalised rows): ``count`` targets at positions ``0, s, 2s, ...`` of ``remaining``
+    (``s = max(1, R // count)``); every other one joins the target its metric is most similar to (the first on
+    ties); a contextual token is the target's row of ``h`` plus the mean of the rows that joined it."""
+    R = remaining.numel()
+    step = max(1, R // count)
+    is_target = torch.zeros(R, dtype=torch.bool, device=remaining.device)
+    is_target[torch.arange(0, R, step, device=remaining.device)[:count]] = True
+    targets, others = remaining[is_target], remaining[~is_target]
+    joined = (metric[others] @ metric[targets].T).argmax(dim=1)  # (R - count,)
+    sums = torch.zeros(targets.numel(), h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, joined, h[others])
+    counts = torch.bincount(joined, minlength=targets.numel()).clamp_min(1).to(h.dtype)
+    return h[targets] + sums / counts[:, None]
+
+
 @dataclass(frozen=True)
 class VisionZip(EncoderMethod):
     """VisionZip: ``tokens = dominant + contextual`` per crop, CLS among the dominant ones."""
@@ -53,7 +69,7 @@ class VisionZip(EncoderMethod):
     def validate(self, num_layers: int | None = None) -> None:
         super().validate(num_layers)
         if self.tokens < 2:
-            raise ValueError(f"visionzip keeps the CLS token plus contextual ones: tokens must be >= 2, got {self.tokens}")
+            raise ValueError(f"{self.name} keeps the CLS token plus contextual ones: tokens must be >= 2, got {self.tokens}")
 
     def select(self, inputs: EncoderInputs) -> EncoderSelection:
         P = inputs.features.shape[1]
@@ -74,18 +90,7 @@ class VisionZip(EncoderMethod):
                 rest = torch.ones(P, dtype=torch.bool, device=device)
                 rest[dom] = False
                 remaining = rest.nonzero().flatten()  # in order
-                R = remaining.numel()
-                step = max(1, R // contextual)
-                target_pos = torch.arange(0, R, step, device=device)[:contextual]
-                is_target = torch.zeros(R, dtype=torch.bool, device=device)
-                is_target[target_pos] = True
-                targets, others = remaining[is_target], remaining[~is_target]
-                m = metric[c]
-                joined = (m[others] @ m[targets].T).argmax(dim=1)  # (R - C,)
-                h = hidden[c, 1:].to(work)
-                sums = torch.zeros(targets.numel(), h.shape[1], dtype=work, device=device).index_add_(0, joined, h[others])
-                counts = torch.bincount(joined, minlength=targets.numel()).clamp_min(1).to(work)
-                merged = h[targets] + sums / counts[:, None]
+                merged = merge_contextual(hidden[c, 1:].to(work), metric[c], remaining, contextual)
                 keep.append(dom)
                 lead.append(inputs.project(hidden[c, :1]))
                 extra.append(inputs.project(merged.to(hidden.dtype)))
