@@ -18,6 +18,12 @@ after them (merged "contextual" tokens). What it may ask the model for (``needs`
 ``"received_attention"``
     for a vision transformer without a CLS token (Qwen2.5-VL's), the attention each token receives at a layer,
     summed over heads and averaged over the query rows (and over the patches merged into one token).
+``"attention"``
+    an encoder layer's full softmax attention over all its tokens (N, 1 + P, 1 + P), CLS first, averaged over
+    heads, recomputed from that layer's input (VFlowOpt's "global" query rows);
+``"pixels"``
+    the crops' 8-bit pixel values (N, 3, H, W) as the image processor resized them, its normalisation undone
+    (VFlowOpt's patch entropy).
 
 ``encoders`` says which vision encoders a method can read: ``"clip"`` (LLaVA's CLIP, with a CLS token) and
 ``"merged"`` (Qwen2.5-VL's vision transformer: patches merged 2 x 2 into the tokens the LLM sees, no CLS).
@@ -42,7 +48,7 @@ from .schedule import PAPER_N0
 
 __all__ = ["ENCODER_KINDS", "ENCODER_NEEDS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline", "split_reducer"]
 
-ENCODER_NEEDS = ("features", "cls_attention", "hidden", "keys", "received_attention")
+ENCODER_NEEDS = ("features", "cls_attention", "hidden", "keys", "received_attention", "attention", "pixels")
 ENCODER_KINDS = ("clip", "merged")
 LEAD, KEPT, EXTRA = "lead", "kept", "extra"
 
@@ -88,6 +94,15 @@ class EncoderInputs(Protocol):
     def received_attention(self, layer: int) -> torch.Tensor:
         """(N, P) float32: the softmax attention each token receives in encoder layer ``layer`` (negative: from
         the end), summed over heads, averaged over the query rows and over the patches merged into the token."""
+        ...
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """(N, 1 + P, 1 + P) float32 (float64 for a float64 tower): encoder layer ``layer``'s softmax attention of
+        every query over every key, CLS first, averaged over heads."""
+        ...
+
+    def pixels(self) -> torch.Tensor:
+        """(N, 3, H, W) float32: each crop's pixel values 0..255 (the processor's normalisation undone, rounded)."""
         ...
 
     def timed(self, name: str) -> AbstractContextManager:

@@ -229,8 +229,21 @@ def naive_visiondrop(c: Ctx):
     return dom, merged
 
 
+def naive_vflowopt(c: Ctx):
+    w = eager_attention(parts(c.model)[0][c.layer - 1], c.h_in, c.pe, c.mask)
+    score = w[0].mean(0)[-1, c.start : c.start + c.length]  # the last position's row, heads averaged
+    if not c.method.recycle or c.k < 2:
+        return top_k(score, c.k), None
+    order = order_desc(score)
+    rest = order[c.k - 1 :]  # the lowest kept token and the removed ones, weights 1 .. r + 1
+    H = c.h[0, c.start : c.start + c.length]
+    merged = sum((i + 1) * H[j] for i, j in enumerate(rest)) / (len(rest) * (len(rest) + 1) / 2)
+    return sorted(order[: c.k - 1]), merged[None]
+
+
 REFERENCES = {"pio": naive_pio, "fastv": naive_fastv, "pdrop": naive_pdrop, "sparsevlm": naive_sparsevlm,
-              "dart": naive_dart, "random": naive_random, "visiondrop": naive_visiondrop}
+              "dart": naive_dart, "random": naive_random, "visiondrop": naive_visiondrop,
+              "vflowopt": naive_vflowopt}
 
 S = Schedule
 CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
@@ -246,6 +259,9 @@ CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
     "visiondrop": [(S((1, 2, 3), ratios=(0.5, 0.25, 0.125)), {}),
                    (S((1, 3), tokens=(150, 40)), {"stage_contextual": (20, 0)}),
                    (S((2,), tokens=(60,)), {"stage_contextual": (59,)})],
+    "vflowopt": [(S((1, 2), tokens=(120, 50)), {}),
+                 (S((1, 3), ratios=(1.0, 0.3), ratio_mode="current"), {}),
+                 (S((2,), tokens=(40,)), {"recycle": False})],
 }
 NAMES = [n for n in method_names() if get_method(n).where == "llm"]
 
@@ -466,7 +482,12 @@ def naive_encoder_views(model, pixels: torch.Tensor) -> dict:
             h.remove()
     proj = model.get_model().mm_projector
     heads = clip.config.num_attention_heads
+    proc = model.get_vision_tower().image_processor
+    mean = torch.tensor(proc.image_mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_std, dtype=torch.float64).view(1, 3, 1, 1)
     return {
+        "pixels": ((pixels.to(torch.float64) * std + mean) * 255).round(),  # the 8-bit values (N, 3, H, W)
+        "patch": clip.config.patch_size,
         "attn": out.attentions,  # each (N, H, 1 + P, 1 + P)
         "hidden": out.hidden_states,  # each (N, 1 + P, C)
         "keys": {j: k[:, 1:].view(*k.shape[:1], k.shape[1] - 1, heads, -1) for j, k in keys.items()},
@@ -581,13 +602,58 @@ def naive_holov(v, c, method, target):
     return sorted(keep), None, None, None
 
 
+def naive_vflowopt_vit(v, c, method, target):
+    A = v["attn"][method.layer][c].mean(0)  # (T, T), CLS first, heads averaged
+    T = A.shape[0]
+    received = [float(A[:, j].mean()) for j in range(T)]
+    rows = [q for q in range(T) if received[q] > method.t * sum(received) / T] or list(range(T))
+    score = A[rows].mean(0)[1:]
+    P = score.numel()
+    side, p = int(P**0.5), v["patch"]
+    if method.alpha:
+        px = v["pixels"][c].tolist()
+        ent = []
+        for t in range(P):
+            r, q = divmod(t, side)
+            grey = [round(0.3333 * px[0][y][x] + 0.3333 * px[1][y][x] + 0.3333 * px[2][y][x])
+                    for y in range(r * p, (r + 1) * p) for x in range(q * p, (q + 1) * p)]
+            probs = [grey.count(g) / len(grey) for g in set(grey)]
+            ent.append(-sum(pr * math.log2(pr + 1e-10) for pr in probs))
+        score = score + method.alpha * torch.softmax(torch.tensor(ent, dtype=score.dtype), dim=0)
+    order = sorted(range(P), key=lambda j: (-float(score[j]), j))
+    removal = order[::-1]
+
+    def cell(j):
+        return math.floor((j // side) / method.m), math.floor((j % side) / method.m)
+
+    for n in range(1, P + 1):
+        if P - n + len({cell(j) for j in removal[:n]}) == target:
+            break
+    else:
+        return sorted(order[:target]), None, None, None
+    removed = removal[:n]
+    f = v["features"][c]
+    new = {}
+    for cl in {cell(j) for j in removed}:
+        members = [j for j in removed if cell(j) == cl]
+        rep = min(members, key=order.index)
+        total = sum(float(score[j]) for j in members)
+        new[rep] = sum(float(score[j]) / total * f[j] for j in members)
+    keep = sorted(order[: P - n] + list(new))
+    return keep, torch.stack([new.get(j, f[j]) for j in keep]), None, None
+
+
+ENCODER_OPTIONS = {"scan": {"local_layer": 0},  # the scan's shallow layer 5 does not exist in the tiny tower
+                   "vflowopt_vit": {"t": 1.0, "alpha": 0.5, "m": 5.0}}  # a subset of global rows; entropy on
+
+
 def make_encoder(name: str, tokens: int):
-    """The method for the tiny 2-layer vision tower (the scan's shallow layer 5 does not exist there)."""
-    return get_method(name)(tokens=tokens, **({"local_layer": 0} if name == "scan" else {}))
+    """The method for the tiny 2-layer vision tower."""
+    return get_method(name)(tokens=tokens, **ENCODER_OPTIONS.get(name, {}))
 
 
 ENCODER_REFERENCES = {"scan": naive_scan, "visionzip": naive_visionzip, "scope": naive_scope,
-                      "divprune": naive_divprune, "holov": naive_holov}
+                      "divprune": naive_divprune, "holov": naive_holov, "vflowopt_vit": naive_vflowopt_vit}
 ENCODER_NAMES = sorted(ENCODER_REFERENCES)
 
 
@@ -616,7 +682,7 @@ def test_encoder_side_equals_naive_reference(models, name, arch):
                 clip_cfg._attn_implementation = backend
                 feats, hidden = model._encode(crops)
                 ours = reduce_crops(method, model.get_vision_tower(), model.get_model().mm_projector, hidden, feats,
-                                    [(0, j) for j in range(crops.shape[0])])
+                                    [(0, j) for j in range(crops.shape[0])], pixels=crops)
                 for c, red in enumerate(ours):
                     keep, kept_feats, lead, extra = ENCODER_REFERENCES[name](v, c, method, tokens)
                     assert red.mask.nonzero().flatten().tolist() == keep, (name, seed, backend, c)

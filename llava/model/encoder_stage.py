@@ -33,9 +33,9 @@ class _EncoderStage:
     """:class:`pio.encoder.EncoderInputs` over one batch of crops: supplies only what the method declared."""
 
     def __init__(self, method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
-                 crops: Sequence[tuple[int, int]], state=None):
+                 crops: Sequence[tuple[int, int]], state=None, pixels: torch.Tensor | None = None):
         self._method, self._tower, self._projector = method, tower, projector
-        self._hidden, self._state = hidden_states, state
+        self._hidden, self._state, self._pixels = hidden_states, state, pixels
         self.features = features
         side = tower.num_patches_per_side
         self.grid = (side, side)
@@ -72,15 +72,33 @@ class _EncoderStage:
         self._event("encoder_keys")
         return self._tower.layer_keys(self._hidden, layer)
 
+    def attention(self, layer: int) -> torch.Tensor:
+        self._need("attention")
+        self._event("encoder_received")  # every query row of the layer: counted as pio.flops counts those
+        return self._tower.full_attention(self._hidden, layer)
+
+    def pixels(self) -> torch.Tensor:
+        self._need("pixels")
+        if self._pixels is None:
+            raise RuntimeError(f"method {self._method.name} needs the crops' pixels, which the caller did not pass")
+        proc = getattr(self._tower, "image_processor", None)
+        mean = getattr(proc, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as LLaVA's
+        std = getattr(proc, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        x = self._pixels.to(torch.float64)
+        mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.float32)
+
     def timed(self, name: str) -> AbstractContextManager:
         return nullcontext()  # the whole selection is timed once, as "encoder_selection" (no nested phases)
 
 
 def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
-                 crops: Sequence[tuple[int, int]], state=None) -> list[ReducedCrop]:
-    """Run ``method`` on the crops' projected ``features`` (N, P, D); one :class:`ReducedCrop` per crop."""
+                 crops: Sequence[tuple[int, int]], state=None, pixels: torch.Tensor | None = None) -> list[ReducedCrop]:
+    """Run ``method`` on the crops' projected ``features`` (N, P, D); one :class:`ReducedCrop` per crop. ``pixels``:
+    the crops' normalised pixel values (N, 3, H, W) as the tower got them (for methods that need ``"pixels"``)."""
     check_encoder(method, "clip")
-    stage = _EncoderStage(method, tower, projector, hidden_states, features, crops, state)
+    stage = _EncoderStage(method, tower, projector, hidden_states, features, crops, state, pixels)
     if stage.targets[0] >= features.shape[1]:  # a target of every patch leaves the crops as they are
         return [ReducedCrop(torch.ones(features.shape[1], dtype=torch.bool, device=features.device), f)
                 for f in features]
@@ -140,6 +158,12 @@ class _MergedStage:
 
     def keys(self, layer: int) -> torch.Tensor:
         self._missing("the encoder's keys")
+
+    def attention(self, layer: int) -> torch.Tensor:
+        self._missing("the encoder's full attention")
+
+    def pixels(self) -> torch.Tensor:
+        self._missing("the crops' pixels")
 
     def timed(self, name: str) -> AbstractContextManager:
         return nullcontext()

@@ -120,11 +120,12 @@ class LlavaMetaForCausalLM:
         count without the reduction and the positions it kept are recorded (``state.encoder_images``)."""
         crops = _as_crops(images)
         counts = [c.shape[0] for c in crops]
-        feats, hidden = self._encode(torch.cat(crops, dim=0))  # (N, P, D)
+        pixels = torch.cat(crops, dim=0)
+        feats, hidden = self._encode(pixels)  # (N, P, D)
         if pre is not None:
             ids = [(i, j) for i, n in enumerate(counts) for j in range(n)]
             reduced = reduce_crops(pre, self.get_vision_tower(), self.get_model().mm_projector, hidden, feats, ids,
-                                   state)
+                                   state, pixels=pixels)
         else:
             everything = torch.ones(feats.shape[1], dtype=torch.bool, device=feats.device)
             reduced = [ReducedCrop(everything, f) for f in feats]

@@ -11,13 +11,15 @@ from .random import Random
 from .scan import Scan
 from .scope import SCOPE
 from .sparsevlm import SparseVLM
+from .vflowopt import VFlowOpt, VFlowOptViT
 from .visiondrop import VisionDrop
 from .visionzip import VisionZip
 
-METHODS = (PIO, FastV, PDrop, SparseVLM, DART, Random, VisionZip, HoloV, SCOPE, DivPrune, Scan, VisionDrop)
+METHODS = (PIO, FastV, PDrop, SparseVLM, DART, Random, VisionZip, HoloV, SCOPE, DivPrune, Scan, VisionDrop,
+           VFlowOpt, VFlowOptViT)
 
 for _cls in METHODS:
     register(_cls)
 
 __all__ = ["DART", "METHODS", "PIO", "SCOPE", "DivPrune", "FastV", "HoloV", "PDrop", "Random", "Scan", "SparseVLM",
-           "VisionDrop", "VisionZip"]
+           "VFlowOpt", "VFlowOptViT", "VisionDrop", "VisionZip"]

@@ -85,6 +85,23 @@ class CLIPVisionTower(nn.Module):
         return scores.softmax(dim=-1)[:, :, 0, 1:]
 
     @torch.no_grad()
+    def full_attention(self, hidden_states: tuple[torch.Tensor, ...], layer: int) -> torch.Tensor:
+        """(N, 1 + P, 1 + P): encoder layer ``layer``'s softmax attention of every query over every key (CLS
+        first), averaged over heads, recomputed from its input; float32 (float64 for a float64 tower)."""
+        layer = self._layer_index(layer)
+        block = self.vision_tower.vision_model.encoder.layers[layer]
+        attn = block.self_attn
+        x = block.layer_norm1(hidden_states[layer])
+        N, T, _ = x.shape
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q = attn.q_proj(x).view(N, T, attn.num_heads, attn.head_dim).to(work)
+        k = attn.k_proj(x).view(N, T, attn.num_heads, attn.head_dim).to(work)
+        out = torch.zeros(N, T, T, dtype=work, device=x.device)
+        for h in range(attn.num_heads):  # one head at a time: (N, T, T) in memory, not (N, H, T, T)
+            out += ((q[:, :, h] @ k[:, :, h].transpose(-1, -2)) * attn.scale).softmax(dim=-1)
+        return out / attn.num_heads
+
+    @torch.no_grad()
     def layer_keys(self, hidden_states: tuple[torch.Tensor, ...], layer: int) -> torch.Tensor:
         """(N, P, H, head_dim): encoder layer ``layer``'s keys of the patches, per head."""
         layer = self._layer_index(layer)

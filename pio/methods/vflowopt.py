@@ -1,0 +1,237 @@
+"""VFlowOpt (Yang et al., ICCV'25, arXiv 2508.05211): attention + patch-entropy importance, progressive pruning
+with token recycling. Two registered parts: ``vflowopt_vit`` (before the LLM) and ``vflowopt`` (in the LLM);
+``--method vflowopt_vit+vflowopt`` runs both, as the authors do.
+
+Facts (official code, github.com/sihany077/VFlowOpt, built on iLLaVA; docs/methods.md §VFlowOpt):
+
+ViT stage (``src/LLaVA-OneVision/llava/model/multimodal_encoder/siglip_encoder.py``, selection in
+``.../language_model/llava_qwen_training_free.py``):
+
+* importance at encoder layer ``illava_vit_k`` (25: the last layer LLaVA-OneVision's SigLIP keeps, the one whose
+  output the projector reads): the layer's softmax attention averaged over heads; each token's received
+  attention (mean over the query rows); the "global" query rows are those whose token receives more than
+  ``t`` times the mean; a token's score is the mean of its column over the global rows;
+* patch entropy from the raw pixels: per 14 x 14 patch the grey value ``0.3333 (R + G + B)`` of the 8-bit pixels,
+  rounded; the Shannon entropy (bits, ``log2(p + 1e-10)``) of its 256-bin histogram; the score gets
+  ``alpha_v * softmax(entropy over the image's patches)`` added;
+* selection after the tower on the projected features: ``round(L (1 - r))`` plus ``int(L / m^2)`` lowest-score
+  tokens are removed; they are grouped by ``m x m`` grid cells (``floor(row / m), floor(col / m)``); each group
+  is recycled into one token, the score-weighted mean (weights normalised to sum 1) of its members, placed at
+  the member with the highest score, which stays;
+* published strategy (``src/lmms_eval-0.2.4/lmms_eval/models/llava_onevision_training_free.py``
+  ``self.illava_config``, 10 %): ``illava_vit_k = [25]``, ``vit_t = 39.265``, ``alpha_v = 0``, ``vit_m = 17.387``,
+  ``vit_r = 0.1166``; the 50 % and 25 % strategies there also have ``alpha_v = 0``.
+
+LLM stage (``src/transformers-4.46.0/.../qwen2/modeling_qwen2.py`` ``forward_illava``; README ``illava_llm_k=9-18``,
+``illava_llm_r = [1.0, 0.6011]``, each ratio of the current count): iLLaVA's attention path ranks the visual
+tokens by the last position's attention in the layer that just ran (heads averaged), keeps the top ones and
+recycles the ``r`` removed ones together with the lowest kept one into that token: a weighted mean with weights
+``1 .. r + 1`` in descending score order; positions stay the original ones.
+
+Differences (docs/methods.md): per crop on LLaVA-NeXT (the official code ranks the base view and the unpadded
+grid together); the exact target per crop (the number removed is the smallest that leaves the target after
+recycling; below one token per cell, plain top-target pruning); CLIP's CLS token is one of the rows and columns
+of the attention, the scores are read at the patches; the 8-bit pixels are recovered from the processor's
+normalisation (the official code multiplies the normalised values by 255); a crop without global rows uses every
+row (the official code would average an empty set); the recycled LLM token follows the kept ones instead of
+replacing the lowest kept one in place; in the cached evaluation path the official code reuses the ViT scores at
+its LLM layers and drops without recycling, which an in-LLM stage cannot see (it scores with the LLM's attention,
+as the iLLaVA path does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
+from ..nms import stable_rank, topk_indices
+from ..schedule import Schedule
+from .fastv import last_valid
+
+GREY = 0.3333  # the official weights of R, G and B
+
+
+def patch_entropy(pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, rows * cols) float32: the Shannon entropy (bits) of each patch's 256-bin histogram of grey values
+    ``round(0.3333 (R + G + B))`` of ``pixels`` (N, 3, H, W), 8-bit values 0..255, patches in raster order."""
+    N, C, H, W = pixels.shape
+    rows, cols = grid
+    ph, pw = H // rows, W // cols
+    x = pixels.to(torch.float32)[:, :, : rows * ph, : cols * pw]
+    grey = (x * GREY).sum(dim=1).round().clamp(0, 255).long()  # (N, H, W)
+    patches = grey.view(N, rows, ph, cols, pw).permute(0, 1, 3, 2, 4).reshape(N * rows * cols, ph * pw)
+    hist = torch.zeros(patches.shape[0], 256, dtype=torch.float32, device=pixels.device)
+    hist.scatter_add_(1, patches, torch.ones_like(patches, dtype=torch.float32))
+    p = hist / (ph * pw)
+    return (-(p * torch.log2(p + 1e-10)).sum(dim=1)).view(N, rows * cols)
+
+
+def global_row_scores(attn: torch.Tensor, t: float) -> torch.Tensor:
+    """(T,) per key: the mean attention row over the "global" queries, the tokens whose received attention (mean
+    over all rows of ``attn`` (T, T)) exceeds ``t`` times its mean; every row if none does."""
+    received = attn.mean(dim=0)
+    rows = received > t * received.mean()
+    if not bool(rows.any()):
+        return received
+    return attn[rows].mean(dim=0)
+
+
+def cell_ids(grid: tuple[int, int], m: float, device) -> torch.Tensor:
+    """(rows * cols,) the ``m x m`` cell of each patch, raster order."""
+    rows, cols = grid
+    per_row = math.floor((cols - 1) / m) + 1
+    r = torch.div(torch.arange(rows, device=device, dtype=torch.float64), m, rounding_mode="floor").long()
+    c = torch.div(torch.arange(cols, device=device, dtype=torch.float64), m, rounding_mode="floor").long()
+    return (r[:, None] * per_row + c[None, :]).flatten()
+
+
+def recycle_by_cells(score: torch.Tensor, feats: torch.Tensor, cells: torch.Tensor, target: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """VFlowOpt's ViT-stage selection of one crop: ``(kept indices ascending, their features or None)``.
+
+    The lowest-score tokens (stable: ties keep the lower index) are removed, as few as leave ``target`` tokens
+    once each cell's removed ones are recycled into its member with the highest score (score-weighted mean of the
+    projected features); when even removing every token leaves more cells than ``target``, the top ``target``
+    are kept without recycling."""
+    P = score.numel()
+    order, rank = stable_rank(score)
+    removal = order.flip(0)  # lowest first
+    first = torch.zeros(P, dtype=torch.bool, device=score.device)
+    seen_cells = cells[removal]
+    _, inverse = torch.unique(seen_cells, return_inverse=True)
+    first_pos = torch.full((int(inverse.max()) + 1,), P, dtype=torch.long, device=score.device)
+    first_pos.scatter_reduce_(0, inverse, torch.arange(P, device=score.device), reduce="amin")
+    first[first_pos] = True
+    n = torch.arange(1, P + 1, device=score.device)
+    left = P - n + torch.cumsum(first.long(), dim=0)  # tokens after removing the lowest n and recycling
+    hits = (left == target).nonzero()
+    if hits.numel() == 0:
+        return topk_indices(score, target), None
+    n_removed = int(hits[0]) + 1
+    removed = removal[:n_removed]
+    group = cells[removed]
+    uniq, g = torch.unique(group, return_inverse=True)
+    best = torch.full((uniq.numel(),), P, dtype=torch.long, device=score.device)
+    best.scatter_reduce_(0, g, rank[removed], reduce="amin")
+    reps = order[best]  # each cell's highest-score removed token
+    w = score[removed]
+    sums = torch.zeros(uniq.numel(), dtype=score.dtype, device=score.device).index_add_(0, g, w)
+    w = w / sums[g]
+    merged = torch.zeros(uniq.numel(), feats.shape[1], dtype=score.dtype, device=score.device)
+    merged.index_add_(0, g, w[:, None] * feats[removed].to(score.dtype))
+    out = feats.to(score.dtype).clone()
+    out[reps] = merged
+    keep = torch.sort(torch.cat([order[: P - n_removed], reps])).values
+    return keep, out[keep]
+
+
+@dataclass(frozen=True)
+class VFlowOptViT(EncoderMethod):
+    """VFlowOpt's ViT stage: attention of the global query rows plus ``alpha`` x softmax(patch entropy), the lowest
+    tokens recycled per ``m x m`` cell into the cell's best one; ``tokens`` per crop."""
+
+    name = "vflowopt_vit"
+    needs = frozenset({"features", "attention", "pixels"})
+    source = ("VFlowOpt, ICCV'25, arXiv 2508.05211; github.com/sihany077/VFlowOpt siglip_encoder.py, "
+              "llava_qwen_training_free.py, llava_onevision_training_free.py (docs/methods.md)")
+    flags = (
+        Flag("t", "vflowopt-t", float, "global query rows: received attention above t x the mean (39.265)"),
+        Flag("alpha", "vflowopt-alpha", float, "weight of softmax(patch entropy) (alpha_v, 0 as published)"),
+        Flag("m", "vflowopt-m", float, "recycling cell side in patches (17.387; 0: no recycling)"),
+        Flag("layer", "vflowopt-vit-layer", int, "encoder layer of the attention (-2: the one LLaVA projects)"),
+    )
+
+    tokens: int
+    t: float = 39.26492840997221
+    alpha: float = 0.0
+    m: float = 17.386981849158786
+    layer: int = -2
+
+    def validate(self, num_layers: int | None = None) -> None:
+        super().validate(num_layers)
+        if self.m < 0 or self.t < 0:
+            raise ValueError(f"{self.name}: t and m must be >= 0, got t={self.t}, m={self.m}")
+
+    def scores(self, inputs: EncoderInputs) -> torch.Tensor:
+        """(N, P) importance of every crop's patches (float32; float64 for a float64 tower)."""
+        attn = inputs.attention(self.layer)  # (N, 1 + P, 1 + P)
+        P = inputs.features.shape[1]
+        score = torch.stack([global_row_scores(a, self.t)[-P:] for a in attn])
+        if self.alpha:
+            ent = patch_entropy(inputs.pixels(), inputs.grid).to(device=score.device, dtype=score.dtype)
+            score = score + self.alpha * ent.softmax(dim=-1)
+        return score
+
+    def select(self, inputs: EncoderInputs) -> EncoderSelection:
+        feats = inputs.features
+        target = inputs.targets[0]
+        with inputs.timed("vflowopt_vit"):
+            score = self.scores(inputs)
+            cells = cell_ids(inputs.grid, self.m, feats.device) if self.m > 0 else None
+            keep, new = [], []
+            for c in range(feats.shape[0]):
+                if cells is None:
+                    k, f = topk_indices(score[c], target), None
+                else:
+                    k, f = recycle_by_cells(score[c], feats[c], cells, target)
+                keep.append(k)
+                new.append(None if f is None else f.to(feats.dtype))
+        return EncoderSelection(keep, new if any(f is not None for f in new) else None)
+
+
+@dataclass(frozen=True)
+class VFlowOpt(ReductionMethod):
+    """VFlowOpt's LLM stages (iLLaVA's attention path): after each layer, the last position's attention in that
+    layer ranks the visual tokens; the top ``target - 1`` stay and the rest are recycled into one token (weights
+    ``1 .. r + 1`` in descending score order)."""
+
+    name = "vflowopt"
+    needs = frozenset({"hidden", "attention"})
+    default_layers = (9, 18)
+    default_ratio_mode = "current"
+    source = ("VFlowOpt, ICCV'25, arXiv 2508.05211; github.com/sihany077/VFlowOpt modeling_qwen2.py forward_illava, "
+              "README (illava_llm_k=9-18) (docs/methods.md)")
+    flags = (Flag("recycle", "vflowopt-no-recycle", None, "drop the removed tokens instead of recycling them",
+                  const=False),)
+
+    schedule: Schedule
+    positions: str = "original"
+    recycle: bool = True
+
+    @classmethod
+    def schedule_for(cls, layers=None, *, ratio_mode: str = "current", **targets) -> Schedule:
+        """As :meth:`ReductionMethod.schedule_for`; ratios are of the current count (``illava_llm_r``) unless told
+        otherwise."""
+        return super().schedule_for(layers, ratio_mode=ratio_mode, **targets)
+
+    def select(self, inputs: StageInputs) -> Selection:
+        active = active_samples(inputs)
+        if not any(active):
+            return Selection([None] * len(active))
+        probs = inputs.attention(last_valid(inputs.mask), which="current")  # (B, H, 1, S)
+        keep: list[torch.Tensor | None] = []
+        merged: list[torch.Tensor | None] = []
+        with inputs.timed("score"):
+            scores = probs.mean(dim=1)[:, 0]  # (B, S)
+            for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
+                if not active[b]:
+                    keep.append(None)
+                    merged.append(None)
+                    continue
+                start, length = span
+                if not self.recycle or k < 2:
+                    keep.append(topk_indices(scores[b, start : start + length], k))
+                    merged.append(None)
+                    continue
+                order, _ = stable_rank(scores[b, start : start + length])
+                keep.append(torch.sort(order[: k - 1]).values)
+                rest = order[k - 1 :]  # the lowest kept one and the removed ones, best first
+                h = inputs.hidden[b, start : start + length]
+                work = torch.float64 if h.dtype == torch.float64 else torch.float32
+                w = torch.arange(1, rest.numel() + 1, device=h.device, dtype=work)
+                merged.append(((w @ h[rest].to(work)) / w.sum()).to(h.dtype)[None])
+        return Selection(keep, merged if self.recycle else None)
