@@ -61,13 +61,15 @@ CPU_BLOCK = 128
 """Candidates per block of the host loop on a CPU (fastest of 64-1024 for LLaVA-NeXT spans on the CI CPU)."""
 
 
-def _work_dtype(feats: Tensor) -> torch.dtype:
-    return torch.float64 if feats.dtype == torch.float64 else torch.float32
+def work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype selections compute in: float64 for float64 inputs (the naive references' precision), else
+    float32 (half-precision activations are scored in float32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _normalised(feats: Tensor) -> Tensor:
     """L2-normalised features in float32 (float64 if the input is float64), shape (n, D)."""
-    return F.normalize(feats.to(_work_dtype(feats)), p=2.0, dim=-1)
+    return F.normalize(feats.to(work_dtype(feats)), p=2.0, dim=-1)
 
 
 def neighbour_matrix(feats: Tensor, tau: float = DEFAULT_TAU) -> Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
 from ..budget import Anchors
-from ..nms import stable_rank, topk_indices
+from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
 
 ANCHORS = Anchors(
@@ -82,7 +82,7 @@ class DART(ReductionMethod):
                     keep.append(None)
                     continue
                 start, length = span
-                work = torch.float64 if feats.dtype == torch.float64 else torch.float32
+                work = work_dtype(feats)
                 norm1 = keys[b].to(work).abs().sum(dim=-1)  # (S,) L1 norm of each position's keys
                 text = positions[start + length:][mask[b, start + length:]]
                 img_piv = topk_indices(norm1[start : start + length], min(self.pivot_image, target))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
+from ..nms import work_dtype
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class DivPrune(EncoderMethod):
         P = feats.shape[1]
         target = inputs.targets[0]
         device = feats.device
-        work = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        work = work_dtype(feats)
         keep = []
         with inputs.timed("divprune"):
             for c in range(feats.shape[0]):

@@ -27,7 +27,7 @@ import torch
 
 from ..base import Flag
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
-from ..nms import stable_rank
+from ..nms import stable_rank, work_dtype
 
 
 def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ class HoloV(EncoderMethod):
         P = feats.shape[1]
         target = inputs.targets[0]
         device = feats.device
-        work = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        work = work_dtype(feats)
         attn = inputs.cls_attention(self.layer).mean(dim=1).to(work)  # (N, P)
         bounds = chunk_bounds(P, self.chunks(P, target))
         keep = []

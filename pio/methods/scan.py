@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..base import Flag
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
-from ..nms import stable_rank
+from ..nms import stable_rank, work_dtype
 
 logger = logging.getLogger(__name__)
 _SAID: set[tuple[int, int]] = set()
@@ -50,7 +50,7 @@ def windows(rows: int, cols: int, per_side: int, device: torch.device) -> torch.
 def merge_into_nearest(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(len(keep), D): each kept feature averaged with the dropped ones whose nearest kept token (cosine, first on
     ties) it is: ``(kept + sum of joined) / (1 + joined)``."""
-    work = torch.float64 if features.dtype == torch.float64 else torch.float32
+    work = work_dtype(features)
     f = features.to(work)
     dropped = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
     dropped[keep] = False

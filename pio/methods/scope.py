@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..base import Flag
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
+from ..nms import work_dtype
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class SCOPE(EncoderMethod):
         target = inputs.targets[0]
         device = inputs.features.device
         hidden = inputs.hidden(self.layer)[:, 1:]  # (N, P, C)
-        work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        work = work_dtype(hidden)
         saliency = inputs.cls_attention(self.layer).sum(dim=1).to(work) ** self.alpha  # (N, P)
         keep = []
         with inputs.timed("scope"):

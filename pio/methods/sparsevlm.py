@@ -30,7 +30,7 @@ import torch
 
 from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
 from ..budget import Anchors
-from ..nms import stable_rank, topk_indices
+from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
 
 ANCHORS = Anchors(
@@ -44,7 +44,7 @@ ANCHORS = Anchors(
 def text_raters(embeds: torch.Tensor, span: tuple[int, int], text: torch.Tensor) -> torch.Tensor:
     """Rater offsets into ``text`` (positions of the text after the image) from the input ``embeds`` (S0, D)."""
     start, length = span
-    work = torch.float64 if embeds.dtype == torch.float64 else torch.float32
+    work = work_dtype(embeds)
     v = embeds[start : start + length].to(work)
     t = embeds[text].to(work)
     share = (v @ t.T).softmax(dim=-1).mean(dim=0)  # (T,): each text token's share of the visual tokens' mass
@@ -152,6 +152,6 @@ class SparseVLM(ReductionMethod):
         m = int(self.recycle_ratio * deleted.numel()) + 1
         order, _ = stable_rank(score[deleted])
         chosen = deleted[order[:m]]
-        work = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        work = work_dtype(feats)
         merged = dpc_knn_merge(feats[chosen].to(work), int(self.cluster_ratio * m) + 1)
         return merged.to(feats.dtype)

@@ -48,7 +48,7 @@ import torch
 
 from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
-from ..nms import stable_rank, topk_indices
+from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
 from .fastv import last_valid
 
@@ -231,7 +231,7 @@ class VFlowOpt(ReductionMethod):
                 keep.append(torch.sort(order[: k - 1]).values)
                 rest = order[k - 1 :]  # the lowest kept one and the removed ones, best first
                 h = inputs.hidden[b, start : start + length]
-                work = torch.float64 if h.dtype == torch.float64 else torch.float32
+                work = work_dtype(h)
                 w = torch.arange(1, rest.numel() + 1, device=h.device, dtype=work)
                 merged.append(((w @ h[rest].to(work)) / w.sum()).to(h.dtype)[None])
         return Selection(keep, merged if self.recycle else None)

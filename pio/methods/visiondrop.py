@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
 from ..budget import Anchors, round_half_up
-from ..nms import stable_rank
+from ..nms import stable_rank, work_dtype
 from ..schedule import PAPER_N0, Schedule
 from .fastv import last_valid
 from .visionzip import VisionZip, merge_contextual
@@ -243,7 +243,7 @@ class VisionDrop(ReductionMethod):
             real = torch.arange(lo, lo + part.shape[1], device=device)[None] < lengths[:, None]  # (B, R)
             received += (probs * real[..., None]).sum(dim=1)
         keys = inputs.keys(which="next", heads=True)  # (B, S, H_kv, head_dim)
-        work = torch.float64 if inputs.hidden.dtype == torch.float64 else torch.float32
+        work = work_dtype(inputs.hidden)
         keep: list[torch.Tensor | None] = []
         merged: list[torch.Tensor | None] = []
         with inputs.timed("score"):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..base import Flag
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
-from ..nms import stable_rank
+from ..nms import stable_rank, work_dtype
 
 
 def merge_contextual(h: torch.Tensor, metric: torch.Tensor, remaining: torch.Tensor, count: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ class VisionZip(EncoderMethod):
         dominant, contextual = self.split(target)
         attn = inputs.cls_attention(self.layer).sum(dim=1)  # (N, P)
         hidden = inputs.hidden(self.layer)  # (N, 1 + P, C): layer -2's output, CLS first
-        work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        work = work_dtype(hidden)
         keys = inputs.keys(self.layer)  # (N, P, H, hd)
         N = keys.shape[0]
         metric = F.normalize(keys.to(work).mean(dim=2), dim=-1)  # (N, P, hd): heads averaged

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from pio.nms import work_dtype
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ class CLIPVisionTower(nn.Module):
         attn = block.self_attn
         x = block.layer_norm1(hidden_states[layer])
         N, T, _ = x.shape
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        work = work_dtype(x)
         q = attn.q_proj(x).view(N, T, attn.num_heads, attn.head_dim).to(work)
         k = attn.k_proj(x).view(N, T, attn.num_heads, attn.head_dim).to(work)
         out = torch.zeros(N, T, T, dtype=work, device=x.device)
