@@ -28,6 +28,7 @@ from llava.eval.runfiles import RunFiles, run_identity
 from llava.mm_utils import get_model_name_from_path
 from pio import PruneState, ReductionMethod
 from pio.cli import add_method_args, method_from_args
+from pio.schedule import PAPER_N0
 
 logger = logging.getLogger(__name__)
 
@@ -294,10 +295,8 @@ def _budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> f
     for value in (getattr(args, "budget", None), getattr(args, "pio_alias__budget", None)):
         if value is not None:
             return float(value)
-    if getattr(args, "schedule_file", None):  # a tuned schedule: the budget it was tuned for
-        from pio.cli import read_schedule_file
-
-        return float(read_schedule_file(args.schedule_file)["budget"])
+    if getattr(args, "schedule_file", None) and method.schedule.budget_ratio is not None:  # tuned for this budget
+        return round(method.schedule.budget_ratio * PAPER_N0, 6)
     return None
 
 

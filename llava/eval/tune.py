@@ -87,7 +87,6 @@ def solve(layers: Sequence[int], shape: Sequence[float], budget: float, num_laye
     """The candidate with ``layers`` whose counts keep ``shape`` (non-increasing, > 0) and meet ``budget``
     (None: the budget cannot be met with these layers, or only approximately when several stages could meet
     it exactly)."""
-    from pio.budget import budget_counts
     from pio.schedule import average_visual_tokens
 
     layers = tuple(int(x) for x in layers)
@@ -96,11 +95,8 @@ def solve(layers: Sequence[int], shape: Sequence[float], budget: float, num_laye
     shape_counts = [max(1, min(N0, int(round(s)))) for s in shape]
     for j in range(1, len(shape_counts)):
         shape_counts[j] = min(shape_counts[j], shape_counts[j - 1])
-    from pio.budget import Anchors
-
-    anchors = Anchors(layers, num_layers, N0, ((int(budget), tuple(shape_counts)),))
-    try:
-        counts = tuple(budget_counts(N0, layers, num_layers, budget, anchors))
+    try:  # the shape as the schedule's anchors, solved to the budget for a 576-token image
+        counts = tuple(tuned_schedule(Candidate(layers, tuple(shape_counts)), budget, num_layers).counts(N0, num_layers))
     except ValueError:
         return None
     error = abs(average_visual_tokens(N0, layers, counts, num_layers) - budget) * num_layers  # token-layers
