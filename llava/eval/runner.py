@@ -105,7 +105,10 @@ def resolve_family_args(args: argparse.Namespace) -> None:
     if os.path.isdir(path):
         family = checkpoint_family(path)
     else:  # a hub id: by its name (no network before loading; load_model checks the loaded config again)
-        family = "qwen2_5_vl" if "qwen2.5-vl" in path.lower() else "llava"
+        family = "qwen2_5_vl" if "qwen2.5-vl" in path.lower() else "llava_onevision" if "onevision" in path.lower() \
+            else "llava"
+    if family == "llava_onevision":  # loads (llava.model.onevision); its prompts and runners come later
+        raise ValueError(f"{args.model_path} is a LLaVA-OneVision checkpoint; the runners do not support it yet")
     if family == "qwen2_5_vl":
         if args.conv_mode not in (None, QWEN_CONV_MODE):
             raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint: it builds prompts with its own chat "

@@ -90,23 +90,35 @@ def load_llava_config(model_path: str) -> LlavaConfig:
 
 
 QWEN_PIXELS = 1008 * 1008  # the PIO authors' Qwen2.5-VL evaluation: min_pixels = max_pixels = 1008^2
-FAMILIES = {"llava_llama": "llava", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+FAMILIES = {"llava_llama": "llava", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "llava_onevision": "llava_onevision"}
+# decided before model_type: the original LLaVA-OneVision checkpoints say model_type "llava", as LLaVA-1.5 may
+ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava", "LlavaQwenForCausalLM": "llava_onevision",
+                 "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+                 "LlavaOnevisionForReduction": "llava_onevision", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                 "Qwen2_5_VLForReduction": "qwen2_5_vl"}
 
 
 def checkpoint_family(model_path: str) -> str:
-    """``"llava"`` or ``"qwen2_5_vl"`` from the checkpoint's ``model_type``; another model type is an error."""
+    """``"llava"``, ``"qwen2_5_vl"`` or ``"llava_onevision"`` from the checkpoint's ``architectures`` (then its
+    ``model_type`` when it names none); another architecture or model type is an error."""
     cfg_file = os.path.join(model_path, "config.json")
     if os.path.isdir(model_path):
         check_checkpoint_dir(model_path, tokenizer=False, weights=False)
         with open(cfg_file, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
+            raw = json.load(f)
     else:
         from transformers import PretrainedConfig
 
-        model_type = PretrainedConfig.get_config_dict(model_path)[0].get("model_type")
+        raw = PretrainedConfig.get_config_dict(model_path)[0]
+    model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    if archs:
+        if archs[0] not in ARCHITECTURES:
+            raise ValueError(f"{model_path}: architecture {archs[0]!r} is not supported; allowed: "
+                             f"{', '.join(ARCHITECTURES)}")
+        return ARCHITECTURES[archs[0]]
     if model_type not in FAMILIES:
         raise ValueError(f"{model_path}: model_type {model_type!r} is not supported; allowed: llava_llama (LLaVA-1.5, "
-                         "LLaVA-NeXT Vicuna), qwen2_5_vl (Qwen2.5-VL)")
+                         "LLaVA-NeXT Vicuna), qwen2_5_vl (Qwen2.5-VL), llava_onevision (LLaVA-OneVision)")
     return FAMILIES[model_type]
 
 
@@ -170,7 +182,8 @@ def load_pretrained_model(
     max_pixels: int | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, int]:
-    """Load an official LLaVA-1.5 / LLaVA-NeXT (Vicuna) or Qwen2.5-VL checkpoint (by its ``model_type``).
+    """Load an official LLaVA-1.5 / LLaVA-NeXT (Vicuna), Qwen2.5-VL or LLaVA-OneVision checkpoint (by its
+    ``architectures``, then ``model_type``; OneVision in its original or converted layout).
 
     Args:
         model_path: directory or hub id, e.g. ``liuhaotian/llava-v1.5-7b``, ``liuhaotian/llava-v1.6-vicuna-7b``,
@@ -224,6 +237,13 @@ def load_pretrained_model(
             raise ValueError(f"{model_path} is a Qwen2.5-VL checkpoint; --model-base applies to LLaVA projector-only "
                              "checkpoints")
         return _load_qwen(model_path, dev, device_map, load_kwargs, min_pixels, max_pixels)
+    if family == "llava_onevision":
+        if model_base is not None or min_pixels is not None or max_pixels is not None:
+            raise ValueError(f"{model_path} is a LLaVA-OneVision checkpoint; --model-base and --min/max-pixels do not "
+                             "apply to it")
+        from .onevision import load_onevision
+
+        return load_onevision(model_path, dev, device_map, load_kwargs)
     if min_pixels is not None or max_pixels is not None:
         raise ValueError(f"{model_path} is a LLaVA checkpoint; --min-pixels/--max-pixels apply to Qwen2.5-VL (LLaVA's "
                          "resolution is its vision tower's)")
