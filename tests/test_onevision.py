@@ -294,7 +294,7 @@ def test_prompts_of_both_layouts(ov, ov_paths):
 
 
 # ------------------------------------------------------------------------------------------ loading
-def test_original_layout_is_not_taken_for_llava(ov_paths, tmp_path):
+def test_original_layout_is_not_taken_for_llava(ov, ov_paths, tmp_path):
     """architectures decide before model_type: the original OneVision config (model_type "llava") loads as
     OneVision; a LLaVA-1.5 config with the same model_type stays LLaVA; an unknown architecture is refused."""
     path = ov_paths["original"]
@@ -302,6 +302,7 @@ def test_original_layout_is_not_taken_for_llava(ov_paths, tmp_path):
         raw = json.load(f)
     assert raw["model_type"] == "llava" and raw["architectures"] == ["LlavaQwenForCausalLM"]
     assert checkpoint_family(path) == checkpoint_family(ov_paths["hf"]) == "llava_onevision"
+    assert all(isinstance(ov[layout][1], LlavaOnevisionForReduction) for layout in LAYOUTS)
     for arch, family in (("LlavaLlamaForCausalLM", "llava"), ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl")):
         (tmp_path / arch).mkdir()
         (tmp_path / arch / "config.json").write_text(json.dumps({"model_type": "llava", "architectures": [arch]}))

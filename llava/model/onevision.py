@@ -277,9 +277,10 @@ def load_onevision(model_path: str, device: torch.device, device_map: Any = None
     check_loading_info(model_path, info, vision_optional=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
-    if layout == "hf" and tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN) != model.config.image_token_id:
+    image_id = model.config.image_token_id
+    if image_id != IMAGE_TOKEN_INDEX and tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN) != image_id:
         raise ValueError(f"{model_path}: the tokenizer's {DEFAULT_IMAGE_TOKEN} is not image_token_index "
-                         f"{model.config.image_token_id} of the config")
+                         f"{image_id} of the config")
     if device_map is None:
         model.to(device)
     model.requires_grad_(False)

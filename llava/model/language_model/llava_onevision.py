@@ -132,8 +132,8 @@ class LlavaOnevisionForReduction(LlavaOnevisionForConditionalGeneration):
         """(N, 3, H, W) views -> projected features (N, side^2, D): the tower's hidden state at
         ``vision_feature_layer`` (several layers: concatenated), then the projector."""
         tower = self.model.vision_tower
-        dtype = next(tower.parameters()).dtype
-        hidden = tower(crops.to(self.device, dtype), output_hidden_states=True).hidden_states
+        weight = next(tower.parameters())
+        hidden = tower(crops.to(weight.device, weight.dtype), output_hidden_states=True).hidden_states
         layer = self.config.vision_feature_layer
         feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
         if self.config.vision_feature_select_strategy == "default":
@@ -308,6 +308,7 @@ class LlavaOnevisionForReduction(LlavaOnevisionForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        image_sizes_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
