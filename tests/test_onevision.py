@@ -319,6 +319,30 @@ def test_original_layout_is_not_taken_for_llava(ov, ov_paths, tmp_path):
         runner.resolve_family_args(args)
 
 
+def test_original_config_translation(ov_paths):
+    """The range form of the pinpoints expands as LLaVA-NeXT's (x crop size), each pair swapped to (height, width);
+    settings the original code would treat differently are refused by name."""
+    from llava.model.language_model.llava_onevision import anyres_max_patches
+    from llava.model.onevision import original_config, parse_onevision_pinpoints
+
+    path = ov_paths["original"]
+    with open(f"{path}/config.json", encoding="utf-8") as f:
+        raw = json.load(f)
+    assert parse_onevision_pinpoints("(1x1),...,(6x6)", 384) == raw["image_grid_pinpoints"]
+    assert parse_onevision_pinpoints("[(384, 768), (768, 384)]", 384) == [[384, 768], [768, 384]]
+    cfg, tower = original_config({**raw, "image_grid_pinpoints": [[384, 768], [768, 1152]]}, path)
+    assert cfg.image_grid_pinpoints == [[768, 384], [1152, 768]] and tower == "vision_tower"
+    assert (cfg.vision_config.num_hidden_layers, cfg.vision_config.vision_use_head) == (2, False)
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_token_index) == (-1, "full", -200)
+    assert anyres_max_patches("anyres_max_9") == 9
+    for key, value, message in (("mm_projector_type", "linear", "mm_projector_type 'linear' is not supported"),
+                                ("mm_patch_merge_type", "flat", "allowed: spatial_unpad"),
+                                ("image_aspect_ratio", "anyres", "needs 'anyres_max_N'"),
+                                ("mm_hidden_size", 1152, "differs from the tower's hidden size 32")):
+        with pytest.raises(ValueError, match=message):
+            original_config({**raw, key: value}, path)
+
+
 def _copy(src: str, dst) -> str:
     shutil.copytree(src, dst)
     return str(dst)
