@@ -233,11 +233,6 @@ class Video:
         return len(self.indices) / max(self.info.total_frames, 1e-6) * self.info.fps
 
 
-class _FewerFrames(Exception):
-    def __init__(self, decoded: int):
-        self.decoded = decoded
-
-
 def _open(path: str):
     av = import_av()
     if not os.path.isfile(path):
@@ -281,20 +276,16 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return VideoInfo(path=path, total_frames=total, fps=float(rate), height=int(height), width=int(width))
 
 
-def decode_frames(path: str | os.PathLike, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
-    """The frames numbered ``indices`` (0-based, decoding order; repeats allowed) as uint8 RGB ``(T, H, W, 3)``,
-    each resized to ``size = (h, w)`` (:func:`resize_frames`) when given. Errors as :func:`probe_video`."""
-    path = os.fspath(path)
-    if not indices:
-        raise ValueError("no frames to decode")
+def _decode(path: str, indices: list[int], size: tuple[int, int] | None) -> tuple[np.ndarray | None, int]:
+    """The asked frames (None when the stream ends before the last of them) and how many frames were decoded."""
     wanted: dict[int, list[int]] = {}
     for slot, index in enumerate(indices):
         wanted.setdefault(int(index), []).append(slot)
     last = max(wanted)
     out: np.ndarray | None = None
+    decoded = 0
     av, container, stream = _open(path)
     with container:
-        decoded = 0
         try:
             for number, frame in enumerate(container.decode(stream)):
                 decoded = number + 1
@@ -309,9 +300,20 @@ def decode_frames(path: str | os.PathLike, indices: list[int], size: tuple[int, 
                     break
         except av.error.FFmpegError as err:
             raise ValueError(f"cannot decode video {path}: {err}") from None
-    if decoded <= last or out is None:
-        raise _FewerFrames(decoded)
-    return out
+    return (out if decoded > last else None), decoded
+
+
+def decode_frames(path: str | os.PathLike, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+    """The frames numbered ``indices`` (0-based, decoding order; repeats allowed) as uint8 RGB ``(T, H, W, 3)``,
+    each resized to ``size = (h, w)`` (:func:`resize_frames`) when given. Errors as :func:`probe_video`, and a
+    ValueError when a frame number is past the stream's end."""
+    path = os.fspath(path)
+    if not indices or min(indices) < 0:
+        raise ValueError(f"frame numbers must be a non-empty list of numbers >= 0, got {indices!r}")
+    frames, decoded = _decode(path, list(indices), size)
+    if frames is None:
+        raise ValueError(f"{path}: frame {max(indices)} asked, but the stream has {decoded} frames")
+    return frames
 
 
 def load_video(path: str | os.PathLike, sampling: VideoSampling | None = None) -> Video:
@@ -323,16 +325,14 @@ def load_video(path: str | os.PathLike, sampling: VideoSampling | None = None) -
     for _ in range(2):
         indices = sample_frame_indices(info.total_frames, info.fps, sampling)
         size = qwen_frame_size(info.height, info.width, len(indices), sampling) if sampling.rule == "qwen" else None
-        try:
-            frames = decode_frames(info.path, indices, size)
-        except _FewerFrames as short:
-            logger.warning("%s: the container says %d frames but %d decode; sampling from %d", info.path,
-                           info.total_frames, short.decoded, short.decoded)
-            if short.decoded < 1:
-                raise ValueError(f"{info.path}: the video stream has no decodable frames") from None
-            info = replace(info, total_frames=short.decoded)
-            continue
-        return Video(frames=frames, indices=indices, info=info, sampling=sampling)
+        frames, decoded = _decode(info.path, indices, size)
+        if frames is not None:
+            return Video(frames=frames, indices=indices, info=info, sampling=sampling)
+        logger.warning("%s: the container says %d frames but %d decode; sampling from %d", info.path,
+                       info.total_frames, decoded, decoded)
+        if decoded < 1:
+            raise ValueError(f"{info.path}: the video stream has no decodable frames")
+        info = replace(info, total_frames=decoded)
     raise ValueError(f"{info.path}: the frame count keeps changing while decoding")
 
 

@@ -84,6 +84,19 @@ def test_decode_returns_the_asked_frames_in_rgb(clips, name):
     assert red[0] > 180 and red[1] < 30 and red[2] < 30  # RGB order, not BGR
 
 
+def test_a_container_count_too_high_is_corrected(clips, monkeypatch, caplog):
+    import llava.video as video
+
+    true = probe_video(clips["c16"])
+    monkeypatch.setattr(video, "probe_video", lambda path: video.VideoInfo(**{**true.__dict__, "total_frames": 20}))
+    got = video.load_video(clips["c16"])  # 20 frames at 4 fps would take 10; the stream has 16: 8 as usual
+    assert got.indices == [0, 2, 4, 6, 9, 11, 13, 15] and got.info.total_frames == 16
+    assert frame_numbers(got.frames) == got.indices
+    assert "the container says 20 frames but 16 decode" in caplog.text
+    with pytest.raises(ValueError, match="frame 16 asked, but the stream has 16 frames"):
+        decode_frames(clips["c16"], [0, 16])
+
+
 def test_decode_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="video file not found: .*nope.mp4"):
         probe_video(tmp_path / "nope.mp4")
@@ -230,6 +243,19 @@ def test_qwen_inputs_equal_the_slow_image_processor(clips, name, options, keep):
     assert ours["second_per_grid_ts"].tolist() == pytest.approx([2 / video.sample_fps])
 
 
+@pytest.mark.parametrize("t,h,w", [(5, 56, 84), (2, 112, 56)])
+def test_qwen_inputs_equal_the_slow_image_processor_on_noise(t, h, w):
+    """Random pixels: every patch differs, so any misplaced value shows."""
+    from transformers import Qwen2VLImageProcessor
+
+    frames = np.random.default_rng(t * h + w).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    processor = Qwen2VLImageProcessor(**preprocessor_config(min_pixels=h * w, max_pixels=h * w))
+    ours = qwen_video_inputs(frames, processor, 2.0)
+    ref = processor(images=None, videos=[frames], return_tensors="pt")
+    assert torch.equal(ours["pixel_values_videos"], ref["pixel_values_videos"])
+    assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
+
+
 def test_qwen_inputs_refuse_unaligned_frames():
     from transformers import Qwen2VLImageProcessor
 
@@ -300,8 +326,11 @@ def test_scorer_reads_both_layouts_alike(tmp_path):
              "options": q["choices"], "answer": q["answer"]} for v in ANNOTATION for q in v["questions"]]
     flat = tmp_path / "test.jsonl"
     flat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines_named_json = tmp_path / "test.json"  # what datasets' to_json writes
+    lines_named_json.write_text(flat.read_text())
     a, b = vm.read_annotation(str(official)), vm.read_annotation(str(flat))
-    assert a == b and len(a) == 6 and a[0].youtube_id == "yt001" and a[0].sub_category == "Astronomy"
+    assert a == b == vm.read_annotation(str(lines_named_json))
+    assert len(a) == 6 and a[0].youtube_id == "yt001" and a[0].sub_category == "Astronomy"
     assert vm.question_rows(a)[0]["video"] == "data/yt001.mp4"
 
 

@@ -114,7 +114,7 @@ def _question(fields: dict[str, Any], where: str) -> VideoMMEQuestion:
     if answer not in LETTERS:
         raise ValueError(f"{where}: answer {fields['answer']!r} is not one of {', '.join(LETTERS)}")
     options = fields["options"]
-    if isinstance(options, str) or not isinstance(options, Iterable):
+    if isinstance(options, str) or not isinstance(options, Iterable) or not list(options):
         raise ValueError(f"{where}: options must be a list of 'X. text' strings, got {options!r}")
     return VideoMMEQuestion(
         question_id=qid_key(fields["question_id"]), video_id=str(fields["video_id"]),
@@ -137,8 +137,8 @@ def read_annotation(path: str) -> list[VideoMMEQuestion]:
         try:
             with open(path, encoding="utf-8") as handle:
                 items = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from None
+        except json.JSONDecodeError:
+            items = read_jsonl(path)  # JSON lines under a .json name, as datasets' to_json writes them
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise ValueError(f"{path}: expected a list of Video-MME videos (official JSON) or question rows")
     questions: list[VideoMMEQuestion] = []
