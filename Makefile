@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,viz]"
+	$(PY) -m pip install -q -e ".[test,viz,video]"
 	touch $(STAMP)
 
 install: $(STAMP)

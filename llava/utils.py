@@ -1,4 +1,4 @@
-"""Small shared utilities: the one guard for optional dependencies, and the command-line entry wrapper."""
+"""Small shared utilities: the optional-dependency guards (flash-attn, PyAV) and the command-line entry wrapper."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ def require_flash_attn() -> None:
             "attn_implementation='flash_attention_2' needs the flash-attn package (CUDA only): "
             "pip install -e '.[gpu]', or use --attn-implementation sdpa/eager"
         )
+
+
+def import_av() -> Any:
+    """PyAV (``import av``), the video decoder of the ``video`` extra, or a one-line ImportError saying how to get it."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading video needs PyAV: pip install -e '.[video]' (or pip install 'av>=12,<16')") from None
+    return av
 
 
 def cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:

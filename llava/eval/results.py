@@ -9,7 +9,8 @@ answers (model, method and its configuration) comes from the runner's run descri
 
 Result JSON schema (one object per file)::
 
-    benchmark          str    one of BENCHMARK_COLUMNS' keys (gqa, mmbench, mmbench_cn, mme, pope, sqa, vqav2, textvqa)
+    benchmark          str    one of BENCHMARK_COLUMNS' keys (gqa, mmbench, mmbench_cn, mme, pope, sqa, vqav2, textvqa,
+                              videomme)
     model              str    checkpoint / experiment name (CKPT)
     schedule           str | null   free text, e.g. "none" or "pio budget=64"
     method             str | null   the reduction method ("none" unpruned), from the runner's run description
@@ -21,7 +22,8 @@ Result JSON schema (one object per file)::
                               token is the unpruned model's), first_token_kl (mean KL(unpruned || pruned) in nats
                               at that token), n (questions); null when the log has none
     coverage           dict   answered (answer lines), expected (questions the run was asked, from its run
-                              description; null without one), logged (reduction log lines; null without a log),
+                              description; null without one; a scorer that counts them in the benchmark's own
+                              file gives that count instead), logged (reduction log lines; null without a log),
                               partial (answered < expected, or logged < answered)
     score              float | null the paper's number on the paper's scale (null: not scorable locally)
     metric             str    what `score` is
@@ -46,7 +48,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Benchmark keys in the paper's column order, with their table labels.
+# Benchmark keys in the paper's column order (then the video benchmarks), with their table labels.
 BENCHMARK_COLUMNS: dict[str, str] = {
     "gqa": "GQA",
     "mmbench": "MMB",
@@ -56,6 +58,7 @@ BENCHMARK_COLUMNS: dict[str, str] = {
     "sqa": "SQA",
     "vqav2": "VQAv2",
     "textvqa": "TextVQA",
+    "videomme": "Video-MME",
 }
 
 RESULT_FIELDS: tuple[str, ...] = (
@@ -332,13 +335,16 @@ def build_result(
     num_questions: int,
     args: argparse.Namespace | None = None,
     extra: dict[str, Any] | None = None,
+    expected: int | None = None,
 ) -> dict[str, Any]:
-    """The result dict (see the module docstring), with the run context taken from ``args``."""
+    """The result dict (see the module docstring), with the run context taken from ``args``; ``expected`` (the
+    benchmark's question count, when the scorer reads it) takes the place of the run description's."""
     model = getattr(args, "model", None) or default_model_name(getattr(args, "result_file", None))
     values, log_lines = _pio_log_values(getattr(args, "pio_log", None))
     avg_tokens, n_logged = (sum(values) / len(values), len(values)) if values else (None, 0)
     run = read_run_info(args)
-    coverage = _coverage(getattr(args, "result_file", None), run.get("expected"), log_lines)
+    coverage = _coverage(getattr(args, "result_file", None), run.get("expected") if expected is None else expected,
+                         log_lines)
     extra = dict(extra or {})
     if run:
         extra.setdefault("run_info", run["_path"])
