@@ -84,15 +84,17 @@ def test_methods_change_the_run_and_record_it(tiny_v15_deep, docs, tmp_path):
     and the records beside lmms-eval's output say what each kept (the paper's budget: 64 tokens on average)."""
     runs = {}
     for args in ({}, {"method": "pio", "budget": 64}, {"method": "fastv", "budget": 64}):
-        model = _adapter(tiny_v15_deep, docs, pio_dir=str(tmp_path / "rec"), pio_log=str(tmp_path / "log.jsonl"),
-                         **args)
+        files = {"pio_dir": str(tmp_path / "rec"), "pio_log": str(tmp_path / "log.jsonl"),
+                 "profile": str(tmp_path / "profile.jsonl")}
+        model = _adapter(tiny_v15_deep, docs, **files, **args)
         answers = model.generate_until(_requests(docs, GREEDY))
         model.clean()
-        folder = lmms_results.records_dir({"pretrained": tiny_v15_deep, "pio_dir": str(tmp_path / "rec"),
-                                           "pio_log": str(tmp_path / "log.jsonl"), **args}, None)
+        folder = lmms_results.records_dir({"pretrained": tiny_v15_deep, **files, **args}, None)
         run = json.loads(Path(folder, "run.json").read_text())
         recs = sorted(lmms_results.task_records(folder, "t", 1), key=lambda r: r["doc_id"])
         full = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+        profile = [json.loads(x) for x in (tmp_path / "profile.jsonl").read_text().splitlines()]
+        assert [p["doc_id"] for p in profile] == list(range(5)) and all(p["prefill_s"] > 0 for p in profile)
         runs[args.get("method", "none")] = (answers, run, recs, full)
     answers, run, recs, _ = runs["none"]
     assert run["method"] == "none" and run["model"] == "llava-v1.5-tiny-32" and run["method_config"] is None
@@ -108,6 +110,18 @@ def test_methods_change_the_run_and_record_it(tiny_v15_deep, docs, tmp_path):
             assert r["avg_visual_tokens"] == pytest.approx(64, abs=1)
         assert [f["doc_id"] for f in full] == list(range(5)) and full[0]["task"] == "t"
         assert len(full[0]["stages"][-1]["kept"]) == full[0]["stages"][-1]["after"]  # pio_log: kept positions
+
+
+def test_a_composition_reduces_before_and_inside_the_language_model(tiny_v15_deep, docs, tmp_path):
+    """method=scan+pio,budget=64: the paper's w/ VE row (the authors' scan before the LLM, PIO inside it; the scan
+    reads layer 0 of the tiny 2-layer vision tower), a method's own flag given as a model_arg."""
+    args = {"method": "scan+pio", "budget": 64, "scan_local_layer": 0, "pio_dir": str(tmp_path)}
+    model = _adapter(tiny_v15_deep, docs, **args)
+    model.generate_until(_requests(docs, GREEDY, [0]))
+    folder = lmms_results.records_dir({"pretrained": tiny_v15_deep, **args}, None)
+    (rec,) = lmms_results.task_records(folder, "t", 1)
+    assert rec["n_encoder"] == 576 and rec["n_visual"] < 576 and rec["stages"]
+    assert json.loads(Path(folder, "run.json").read_text())["method"] == "scan+pio"
 
 
 def test_until_cuts_the_answer_and_sampling_is_per_document(tiny_v15, docs):
@@ -202,7 +216,10 @@ def test_bad_model_args_are_named(tiny_v15, args, match):
 
 
 def test_model_args_cover_the_runner_flags():
+    from pio import get_method, method_names
+
     allowed = set(allowed_model_args())
+    assert {f.name.replace("-", "_") for n in method_names() for f in get_method(n).flags} <= allowed
     assert {"pretrained", "budget", "layers", "tokens", "schedule_file", "dtype", "attn_implementation", "conv_mode",
             "min_pixels", "max_pixels", "device", "pio_log", "profile", "pio_dir", "run_name"} <= allowed
     assert not {"answers_file", "num_chunks", "temperature"} & allowed
@@ -347,3 +364,30 @@ def test_two_processes_answer_as_one(launcher, one_process, tiny_v15_deep, lmms_
                                                                            "pio_tiny.rank1.jsonl"]
     mine = {r["benchmark"]: r["avg_visual_tokens"] for r in lmms_results.read_lmms_results(str(out))}
     assert mine == {r["benchmark"]: r["avg_visual_tokens"] for r in lmms_results.read_lmms_results(str(one_process[0]))}
+
+
+@pytest.mark.parametrize("style, lmms_f1", [("bare", 2 / 3), ("period", 0.0), ("sentence", 0.0)])
+def test_pope_scored_by_lmms_eval_differs_from_the_local_scorer(style, lmms_f1, tmp_path):
+    """docs/lmms_eval.md, measured on the fixture's POPE questions (8 per split, every third answer wrong): the
+    local scorer averages F1 over the three splits and reads "Yes." or "No, there is not." as LLaVA's scorer does;
+    lmms-eval pools the splits and counts only an answer that is exactly yes or no."""
+    import random
+
+    from lmms_eval.tasks.pope import utils as lmms_pope
+
+    from llava.eval.eval_pope import find_annotation_files, label_questions, score_pope
+    from llava.eval.fixtures import write_pope
+
+    write_pope(tmp_path, random.Random(0), 8)
+    labels = label_questions(find_annotation_files(str(tmp_path / "pope" / "coco")),
+                             str(tmp_path / "pope" / "llava_pope_test.jsonl"))
+    answers, per_doc = {}, []
+    for k, (qid, label) in enumerate((q, lab) for split in labels.values() for q, lab in split.items()):
+        said = ("no" if label == "yes" else "yes") if k % 3 == 0 else label
+        text = {"bare": said.capitalize(), "period": said.capitalize() + ".",
+                "sentence": "Yes, there is one." if said == "yes" else "No, there is not."}[style]
+        answers[qid] = {"text": text}
+        per_doc.append(lmms_pope.pope_process_results({"answer": label, "question_id": qid}, [text])["pope_f1_score"])
+    local = score_pope(labels, answers)
+    assert local["mean_f1"] == pytest.approx(66.27, abs=0.01) and local["num_scored"] == 24
+    assert lmms_pope.pope_aggregate_f1_score(per_doc) == pytest.approx(lmms_f1)
