@@ -63,7 +63,7 @@ from llava.eval import lmms_results, runner
 try:
     from lmms_eval.api.instance import GenerationResult
     from lmms_eval.api.model import lmms
-except ImportError as err:  # pragma: no cover - exercised by a subprocess test
+except ImportError as err:  # tests/test_lmms.py hides lmms_eval to check this message
     raise ImportError(
         f"lmms-eval is not installed ({err}); the pio_fvlm model needs it: pip install -e \".[lmms]\" (on a "
         "CPU-only torch, then: pip uninstall -y torchvision), or make install"
@@ -167,7 +167,7 @@ def runner_args(model_args: Mapping[str, Any]) -> argparse.Namespace:
 
 def _output_path_from_command_line() -> str | None:
     """lmms-eval's ``--output_path`` (it does not hand it to models; read from its command line)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--output_path", default=None)
     known, _ = p.parse_known_args(sys.argv[1:])
     return known.output_path
@@ -194,8 +194,9 @@ class _Records:
                 os.replace(tmp, os.path.join(folder, "run.json"))
             logger.info("pio_fvlm: the run's records go to %s", folder)
         else:
-            logger.warning("pio_fvlm: no --output_path and no pio_dir model_arg: the method and the realised visual "
-                           "tokens are not recorded (python -m llava.eval.summarize cannot show this run)")
+            logger.warning("pio_fvlm: no --output_path on lmms-eval's command line and no pio_dir model_arg: the "
+                           "method and the realised visual tokens are not recorded (python -m llava.eval.summarize "
+                           "cannot show this run; give pio_dir=DIR, e.g. with lmms-eval's --config)")
         self.pio_log = self._per_rank(pio_log)
         self.profile = self._per_rank(profile)
         for path in (self.pio_log, self.profile):
@@ -262,6 +263,10 @@ class PioFvlm(lmms):
         if "pretrained" not in given and "model_path" not in given:
             raise ValueError("pio_fvlm model_args: give pretrained=CHECKPOINT (a folder or a hub id)")
         self.args = runner_args(given)
+        try:  # before anything is loaded
+            self.method = runner.check_args(self.args)
+        except ValueError as err:
+            raise ValueError(f"pio_fvlm model_args: {_flagless(str(err))}") from None
         self.accelerator = Accelerator()
         # lmms-eval shards the documents by the launcher's RANK / WORLD_SIZE (accelerate's own state says one
         # process on a CPU-only machine, where the launchers still start several with a gloo group)
@@ -274,10 +279,6 @@ class PioFvlm(lmms):
         if str(batch_size) not in ("1", "None"):
             logger.warning("pio_fvlm: batch_size %s: requests are answered one at a time (the answers are the "
                            "same)", batch_size)
-        try:
-            self.method = runner.check_args(self.args)
-        except ValueError as err:
-            raise ValueError(f"pio_fvlm model_args: {_flagless(str(err))}") from None
         self.tokenizer, self.model, self.processor, self.model_name = runner.load_model(self.args, self.method)
         self.model.eval()
         recorded = {**given, **({"pio_dir": pio_dir} if pio_dir else {}), **({"run_name": run_name} if run_name else {})}
