@@ -20,6 +20,15 @@ def tiny_v15(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_v15_deep(tmp_path_factory) -> str:
+    """A tiny LLaVA-1.5 with the 7B model's 32 decoder layers, so the paper's budgets solve as they do there."""
+    from llava.model.tiny import write_tiny_checkpoint
+
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llava-v1.5-tiny-32", "llava-v1.5", seed=0,
+                                     layers=32))
+
+
+@pytest.fixture(scope="session")
 def tiny_v16(tmp_path_factory) -> str:
     from llava.model.tiny import write_tiny_checkpoint
 

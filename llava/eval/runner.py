@@ -288,7 +288,7 @@ def question_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
-def _budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> float | None:
+def budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> float | None:
     """The paper budget the run was asked for (``--budget`` / ``--pio-preset``), else None."""
     if method is None:
         return None
@@ -336,8 +336,9 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
         out = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes, reducer=method,
                              prune_state=state, **kw)
     t_end = time.perf_counter()
-    if not isinstance(out, torch.Tensor):  # return_dict_in_generate: keep the first token's logits
+    if not isinstance(out, torch.Tensor):  # return_dict_in_generate: keep the logits of every generated token
         state.first_logits = out.logits[0] if out.logits else None
+        state.step_logits = tuple(out.logits or ())
         out = out.sequences
     timing = None
     if clock is not None and clock.times:
@@ -349,10 +350,11 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes: Any, args: argparse.Namespace,
-             method: ReductionMethod | None = None, profile: bool = False, first_logits: bool = False
-             ) -> tuple[str, PruneState, dict | None]:
+             method: ReductionMethod | None = None, profile: bool = False, first_logits: bool = False,
+             stop: Sequence[str] = ()) -> tuple[str, PruneState, dict | None]:
     """Answer one prompt with the runner flags. Returns ``(text, prune_state, timing)``; with ``first_logits``,
-    ``prune_state.first_logits`` holds the first answer token's logits (B, V)."""
+    ``prune_state.first_logits`` holds the first answer token's logits (B, V). ``stop``: strings that end the
+    answer (generation stops once one appears; the text is cut before the first of them)."""
     kw: dict[str, Any] = dict(
         do_sample=args.temperature > 0, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         use_cache=True, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -361,8 +363,17 @@ def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes
         kw.update(output_logits=True, return_dict_in_generate=True)
     if args.temperature > 0:
         kw.update(temperature=args.temperature, top_p=args.top_p)
+    if stop:
+        kw.update(stop_strings=list(stop), tokenizer=tokenizer)
     out, state, timing = timed_generate(model, input_ids, images, image_sizes, kw, method, profile)
-    return tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip(), state, timing
+    text = tokenizer.batch_decode(out, skip_special_tokens=True)[0]
+    return cut_at_stop(text, stop).strip(), state, timing
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any of the ``stop`` strings (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(ends)] if ends else text
 
 
 def to_model(pixels: Any, model) -> Any:
@@ -514,7 +525,7 @@ def run_questions(
     """
     method = check_args(args)  # before any file is opened and the model loaded
     identity = run_identity(args, method, runner_options or {})
-    summary = {"method": method.name if method is not None else "none", "budget": _budget_label(args, method),
+    summary = {"method": method.name if method is not None else "none", "budget": budget_label(args, method),
                "method_config": method.config() if method is not None else None, "expected": expected}
     if getattr(args, "schedule_file", None):
         summary["schedule_file"] = os.path.abspath(args.schedule_file)

@@ -2,10 +2,13 @@
 
 Usage::
 
-    python -m llava.eval.summarize --data-root playground/data/eval [--baseline CKPT] [--runs 'llava-v1.5-7b*'] \
-        [--out-md table.md] [--out-csv table.csv] [--plot DIR]
+    python -m llava.eval.summarize --data-root playground/data/eval [--lmms-output OUT] [--baseline CKPT] \
+        [--runs 'llava-v1.5-7b*'] [--out-md table.md] [--out-csv table.csv] [--plot DIR]
 
-Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``). Rows are runs (the
+Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``) and, with ``--lmms-output OUT``,
+the lmms-eval runs of the ``pio_fvlm`` model under lmms-eval's ``--output_path OUT`` (their scores and the
+model's records, :mod:`llava.eval.lmms_results`): each lmms-eval task is a column ``lmms:<task>`` holding
+lmms-eval's number, and a run joins the row of the same name (by default the scripts' CKPT naming). Rows are runs (the
 result's ``model``, i.e. CKPT), laid out as in the paper: the unpruned baseline first, then grouped by the
 paper budget the run was asked for (192, 128, 64; runs with other schedules last), each budget's in-LLM methods
 ("w/o VE") before those that reduce at the vision encoder ("w/ VE": VisionZip, HoloV, SCOPE, DivPrune, the
@@ -182,7 +185,9 @@ def method_label(row: AccuracyRow) -> str:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if 0 < abs(value) < 1 else f"{value:.1f}"  # lmms-eval reports many metrics as fractions
 
 
 def table_header(columns: Sequence[str], with_ratio: bool, with_loyalty: bool = False) -> list[str]:
@@ -300,6 +305,8 @@ def _read_profiles(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> list[AccuracyRow]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=None, help="folder whose */results/*.json are collected")
+    parser.add_argument("--lmms-output", action="append", default=[], metavar="OUT",
+                        help="an lmms-eval --output_path whose pio_fvlm runs join the table (repeat for several)")
     parser.add_argument("--profile", action="append", default=[], metavar="[NAME=]FILE",
                         help="--profile jsonl of a run (repeat); prints the efficiency table, the first "
                              "(or --baseline) being the unpruned reference")
@@ -325,14 +332,22 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
         if args.out_md and not args.data_root:
             with open(args.out_md, "w", encoding="utf-8") as handle:
                 handle.write(text)
-    if not args.data_root:
+    if not args.data_root and not args.lmms_output:
         if not args.profile:
-            parser.error("give --data-root (accuracy table) and/or --profile files (efficiency table)")
+            parser.error("give --data-root and/or --lmms-output (accuracy table) and/or --profile files (efficiency "
+                         "table)")
         return []
 
-    results = [r for r in read_results(args.data_root) if fnmatch.fnmatchcase(str(r["model"]), args.runs)]
+    results = read_results(args.data_root) if args.data_root else []
+    for out in args.lmms_output:
+        from llava.eval.lmms_results import read_lmms_results
+
+        results += read_lmms_results(out)
+    results = [r for r in results if fnmatch.fnmatchcase(str(r["model"]), args.runs)]
     if not results:
-        print(f"No result files under {os.path.join(args.data_root, '*', 'results', '*.json')} for runs {args.runs!r}")
+        where = [os.path.join(args.data_root, "*", "results", "*.json")] if args.data_root else []
+        where += [f"{out} (lmms-eval)" for out in args.lmms_output]
+        print(f"No result files under {', '.join(where)} for runs {args.runs!r}")
         return []
     baseline = args.baseline
     if baseline is None:
