@@ -30,7 +30,8 @@ the stable top-k, kept indices ascending) is the base class's, and a method that
 recycling, merging) overrides its per-sample hook ``choose``.
 
 Adding a method touches three places: its class (``pio/methods/<name>.py``), its registry entry (the list in
-``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``).
+``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``); and the README
+names it (``docs/methods.md``, "Adding a method").
 """
 
 from __future__ import annotations

@@ -189,7 +189,8 @@ class _Request:
                 pre_tokens = vtn
                 if method is None or "+" not in method:
                     method = "scan+" + (method or "pio") if method not in ("scan",) else method
-        schedule_given = [k for k in (*TARGETS, "layers", "schedule") if k in g]
+        schedule_given = [k for k in ("layers", "tokens", "ratios", "budget_tokens", "budget_ratio", "budget",
+                                      "schedule") if k in g]
         if g.get("schedule_file"):
             return self.from_schedule_file(method, schedule_given, pre_tokens, family)
         if method in (None, "none") and not schedule_given and "positions" in g:
