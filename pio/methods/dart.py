@@ -74,8 +74,9 @@ class DART(ScorerMethod):
         keys = inputs.keys(which="current")  # (B, S, Hkv * hd)
         work = work_dtype(inputs.hidden)
         norm1 = torch.zeros(keys.shape[:2], dtype=work, device=keys.device)
-        for b in (b for b, a in enumerate(active) if a):
-            norm1[b] = keys[b].to(work).abs().sum(dim=-1)
+        with inputs.timed("score"):
+            for b in (b for b, a in enumerate(active) if a):
+                norm1[b] = keys[b].to(work).abs().sum(dim=-1)
         return norm1
 
     def prepare(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:

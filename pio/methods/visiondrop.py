@@ -246,8 +246,9 @@ class VisionDrop(ScorerMethod):
             probs = inputs.attention(part, which="next").mean(dim=1)  # (B, R, S), heads averaged
             real = torch.arange(lo, lo + part.shape[1], device=device)[None] < lengths[:, None]  # (B, R)
             received += (probs * real[..., None]).sum(dim=1)
-        for b, (start, length) in ((b, s) for b, s in enumerate(inputs.spans) if active[b]):
-            received[b, start : start + length] = received[b, start : start + length] / length  # mean over the rows
+        with inputs.timed("score"):
+            for b, (start, length) in ((b, s) for b, s in enumerate(inputs.spans) if active[b]):
+                received[b, start : start + length] = received[b, start : start + length] / length  # row mean
         return received
 
     def prepare(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
