@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..base import Flag, SampleScores, ScorerMethod, StageInputs
 from ..budget import Anchors, round_half_up
-from ..nms import stable_rank, work_dtype
+from ..nms import topk_indices, work_dtype
 from ..parse import parse_counts, parse_int, split_items
 from ..schedule import PAPER_N0, Schedule
 from .fastv import last_valid
@@ -259,8 +259,7 @@ class VisionDrop(ScorerMethod):
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stage's dominant tokens by score; the others merged into its contextual tokens."""
         dominant, contextual = self.split(sample.target, inputs.stage)
-        order, _ = stable_rank(sample.scores)
-        dom = torch.sort(order[:dominant]).values
+        dom = topk_indices(sample.scores, dominant)
         if contextual == 0:
             return dom, None
         rest = torch.ones(sample.length, dtype=torch.bool, device=dom.device)
