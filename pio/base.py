@@ -24,8 +24,14 @@ returns a :class:`Selection`: per sample the kept positions local to its visual 
 optionally new merged tokens that follow them. Methods never touch the model; the adapter supplies only what
 was declared, and :func:`pio.gather.build_keep_index` is the one place kept positions are applied.
 
+A method that ranks the visual tokens and keeps the best ones subclasses :class:`ScorerMethod` (the shape of
+NVIDIA/kvpress's ``ScorerPress``) and writes only ``score``; the per-sample loop (active samples, span slicing,
+the stable top-k, kept indices ascending) is the base class's, and a method that does more than top-k (NMS,
+recycling, merging) overrides its per-sample hook ``choose``.
+
 Adding a method touches three places: its class (``pio/methods/<name>.py``), its registry entry (the list in
-``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``).
+``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``); and the README
+names it (``docs/methods.md``, "Adding a method").
 """
 
 from __future__ import annotations
@@ -40,10 +46,13 @@ import torch
 
 from .budget import Anchors
 from .gather import Span
+from .nms import topk_indices
+from .parse import parse_counts
 from .proxy import ProxyFn
 from .schedule import PAPER_N0, Schedule
 
-__all__ = ["NEEDS", "Flag", "ReductionMethod", "Selection", "StageInputs"]
+__all__ = ["NEEDS", "Flag", "ReductionMethod", "SampleScores", "ScorerMethod", "Selection", "StageInputs",
+           "active_samples"]
 
 NEEDS = ("hidden", "attention", "keys", "norm", "embeddings", "proxy")
 POSITIONS = ("renumber", "original")
@@ -231,6 +240,14 @@ class ReductionMethod(ABC):
         return cls(cls.schedule_for(layers, budget=budget, family=family),
                    **{**cls.defaults(family)["options"], **options})
 
+    @classmethod
+    def read_tokens(cls, text: Any) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """The per-stage counts of a ``tokens`` option as the user wrote it (``--tokens 92,54,22``, the authors'
+        ``--image_token_list [92, 54, 22]``), and the options of the method that the same spelling gives (none
+        here; a method whose authors write more per stage reads it, e.g. VisionDrop's ``[dominant, contextual]``
+        pairs)."""
+        return parse_counts(text), {}
+
     # -- what the model asks ----------------------------------------------------------------------------------
     @property
     def layers(self) -> tuple[int, ...]:
@@ -281,3 +298,80 @@ FAMILY_POSITIONS = {"qwen2_5_vl": "original"}
 def active_samples(inputs: StageInputs) -> list[bool]:
     """Samples pruned at this stage: an image whose span is longer than its target."""
     return [s is not None and 0 <= t < s[1] for s, t in zip(inputs.spans, inputs.targets)]
+
+
+@dataclass(frozen=True)
+class SampleScores:
+    """One sample pruned at a stage, as :meth:`ScorerMethod.choose` sees it.
+
+    Attributes:
+        index: its row in the batch.
+        start: where its visual span starts.
+        length: the span's length ``n``.
+        target: visual tokens to keep, fewer than ``n``.
+        row: (S,) its scores at every position (:meth:`ScorerMethod.score`).
+    """
+
+    index: int
+    start: int
+    length: int
+    target: int
+    row: torch.Tensor
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(n,) the scores of the visual tokens."""
+        return self.row[self.start : self.start + self.length]
+
+    def span(self, x: torch.Tensor) -> torch.Tensor:
+        """The visual span's rows of the batch tensor ``x`` (B, S, ...) -> (n, ...)."""
+        return x[self.index, self.start : self.start + self.length]
+
+
+@dataclass(frozen=True)
+class ScorerMethod(ReductionMethod):
+    """An in-LLM method that scores the visual tokens and keeps each sample's best ones (the shape of
+    NVIDIA/kvpress's ``ScorerPress``).
+
+    A subclass writes :meth:`score`, (B, S) scores of the whole batch; :meth:`select` runs the per-sample loop:
+    samples without an image or already within their target are left whole, the others keep the top ``target``
+    of their span by score, ties broken by the lower index, kept indices ascending. A method that does more than
+    top-k (PIO's NMS, SparseVLM's and VFlowOpt's recycling, VisionDrop's merging) overrides the per-sample hook
+    :meth:`choose`, and :meth:`prepare` for batch-level inputs that hook reads.
+
+    Class attributes:
+        phase: the profile phase the per-sample loop is timed under.
+    """
+
+    phase: ClassVar[str] = "score"
+
+    @abstractmethod
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S) scores of every position, higher kept; only the visual spans of the ``active`` samples (see
+        :func:`active_samples`) are read."""
+
+    def prepare(self, inputs: StageInputs, active: Sequence[bool]) -> Any:
+        """Batch-level inputs of :meth:`choose`, computed once per stage after :meth:`score` (default: none)."""
+        return None
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, prepared: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sample's kept indices local to its span (LongTensor, ascending) and the merged tokens (m, D) that
+        follow them, or None: here the top ``sample.target`` by score, ties to the lower index."""
+        return topk_indices(sample.scores, sample.target), None
+
+    def select(self, inputs: StageInputs) -> Selection:
+        active = active_samples(inputs)
+        if not any(active):
+            return Selection([None] * len(active))
+        scores = self.score(inputs, active)  # (B, S)
+        prepared = self.prepare(inputs, active)
+        keep: list[torch.Tensor | None] = []
+        merged: list[torch.Tensor | None] = []
+        with inputs.timed(self.phase):
+            for b, (span, target) in enumerate(zip(inputs.spans, inputs.targets)):
+                kept, new = (None, None) if not active[b] else self.choose(
+                    inputs, SampleScores(b, span[0], span[1], target, scores[b]), prepared)
+                keep.append(kept)
+                merged.append(new)
+        return Selection(keep, merged if any(m is not None for m in merged) else None)

@@ -134,3 +134,71 @@ def test_visiondrop_authors_spelling():
         parse("--method pio --image_token_list '[[30,5],[22,4]]'")
     with pytest.raises(ValueError, match="every stage needs"):
         parse("--method visiondrop --layers 8,16 --image_token_list '[[30,5],[22]]'")
+
+
+# ------------------------------------------------------------------------------------------ plain options
+@pytest.mark.parametrize("name", method_names())
+def test_plain_options_build_what_the_flags_build(name):
+    """build_reducer takes (name, options) as an lmms-eval --model_args string gives them: text values, the
+    method's own options by field name; the result is the flags' reducer."""
+    from pio import build_reducer
+
+    assert build_reducer(name, {"budget": "64"}) == parse(f"--method {name} --budget 64")
+    cls = get_method(name)
+    for flag in cls.flags:  # every own option, spelled as text, as its flag gives it
+        if flag.type is None:
+            value, text = flag.const, str(flag.const).lower()
+        else:
+            value = {"pio-proxy": "current", "pio-proxy-impl": "full"}.get(flag.name, "3")
+            text = value
+        flags = parse(f"--method {name} --budget 64 --{flag.name} {value if flag.type else ''}")
+        assert build_reducer(name, {"budget": 64, flag.field: text}) == flags, flag.name
+
+
+def test_plain_options_schedules_compositions_and_errors():
+    from pio import build_reducer
+
+    assert build_reducer("pio", {"layers": "1,10,15", "tokens": "92,54,22", "tau": "0.8"}) == parse(
+        "--method pio --layers 1,10,15 --tokens 92,54,22 --pio-tau 0.8")
+    assert build_reducer("pio", {"layers": [1, 10, 15], "tokens": "[92, 54, 22]", "nms": "false"}).nms is False
+    assert build_reducer("scan+pio", {"budget": 64, "tau": 0.5, "merge": "false"}) == parse(
+        "--method scan+pio --budget 64 --pio-tau 0.5 --scan-no-merge")
+    assert build_reducer("visionzip+fastv", {"pre_tokens": 128, "tokens": 64, "visionzip.contextual": "16"}) == parse(
+        "--method visionzip+fastv --pre-tokens 128 --tokens 64 --visionzip-contextual 16")
+    assert build_reducer("pio", {"budget": 64}, family="qwen2_5_vl").layers == (1, 8, 14)
+    assert build_reducer(None, {}) is None and build_reducer("none", {"budget": None}) is None
+    for method, options, message in [
+        ("pio", {"budget": 64, "taux": 1}, r"unknown option 'taux' for pio; allowed: budget, .*, tau, k_pos"),
+        ("fastv", {"budget": 64, "tau": 1}, r"unknown option 'tau' for fastv; allowed: budget"),
+        ("pio", {"budget": 64, "proxy": "prev"}, r"proxy=prev: allowed next, current"),
+        ("pio", {"budget": 64, "nms": "maybe"}, r"nms is a switch: give true or false"),
+        ("visionzip+visiondrop", {"pre_tokens": 64, "contextual": 3}, r"'contextual' belongs to visionzip and "
+                                                                      r"visiondrop; give visionzip.contextual"),
+        ("fastv", {"budget": 64, "pio.tau": 1}, r"pio.tau is an option of method pio, but method is fastv"),
+        ("fastv", {}, r"method=fastv needs a target: budget=64\|128\|192"),
+        ("fastv", {"budget": 64, "tokens": 30}, r"give one target, got budget and tokens"),
+        (None, {"tau": 0.5}, r"tau is a method's own option; add method=NAME"),
+        ("pio", {"image_token_list": "[[30,5]]"}, r"unknown option 'image_token_list'"),
+        ("pio", {"tokens": "[[30,5],[22,4]]"}, r"tokens=\[\[30,5\],\[22,4\]\]: per-stage pairs are VisionDrop's"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_reducer(method, options)
+
+
+# ------------------------------------------------------------------------------------------ the README's lists
+def test_readme_lists_every_registered_method_and_flag():
+    """The README's Methods table and its --method NAME row name every registered method; its flag rows name
+    every method's own flags."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    methods = text[text.index("### Methods"):text.index("### Reduction flags")]
+    flags = text[text.index("### Reduction flags"):text.index("### Python")]
+    table = set(re.findall(r"^\| `([a-z0-9_]+)` \|", methods, re.M))
+    row = next(line for line in flags.splitlines() if line.startswith("| `--method NAME` |"))
+    missing = {"Methods table": set(method_names()) - table,
+               "--method NAME row": set(method_names()) - set(re.findall(r"`([a-z0-9_]+)`", row)),
+               "flag rows": {f"--{f.name}" for n in method_names() for f in get_method(n).flags
+                             if not re.search(rf"`--{f.name}[` ]", flags)}}
+    assert not any(missing.values()), missing

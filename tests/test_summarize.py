@@ -220,3 +220,16 @@ def test_a_method_with_its_own_encoder_stage_is_a_w_ve_row(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].startswith("| 64 | visiondrop | m-visiondrop-llm |")
     assert lines[4].startswith("| 64 w/ VE | visiondrop | m-visiondrop64 |")
+
+
+def test_plots_do_not_import_summarize():
+    """summarize imports plots for --plot; plots draws the rows it is handed and imports nothing of summarize, so
+    the two modules do not import each other."""
+    import ast
+
+    from llava.eval import plots
+
+    tree = ast.parse(open(plots.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "llava.eval.summarize" not in imported and "llava.eval.results" in imported

@@ -40,8 +40,8 @@ from llava.eval.profiling import profile_record
 from llava.mm_utils import process_images
 from llava.model.pruning import Segment, backend_mask
 from pio import ReductionMethod, get_method, method_names
-from pio.cli import add_method_args, method_from_args, parse_layers
-from pio.encoder import Pipeline
+from pio.build import build_reducer
+from pio.cli import add_method_args, flag_spelling, method_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -196,16 +196,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         names = [m.strip() for m in args.methods.split(",") if m.strip()]
         if names == ["all"]:
             names = method_names()
-        layers = parse_layers(args.layers) if args.layers is not None else None
         out = []
-        for n in names:
-            if "+" in n:  # the paper's w/ VE row of a composition
-                pre, llm = (get_method(x) for x in n.split("+", 1))
-                out.append(Pipeline.from_budget(pre, llm, float(args.budget), layers, family))
-            elif get_method(n).where == "pre_llm":
-                out.append(get_method(n).from_budget(float(args.budget)))
-            else:
-                out.append(get_method(n).from_budget(float(args.budget), layers, family))
+        for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
+            in_llm = "+" in n or get_method(n).where == "llm"
+            options = {"budget": args.budget, "layers": args.layers if in_llm else None}
+            out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
         return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "

@@ -61,6 +61,11 @@ BENCHMARK_COLUMNS: dict[str, str] = {
     "videomme": "Video-MME",
 }
 
+
+def column_label(benchmark: str) -> str:
+    """A benchmark's column header in the paper's tables (``mmbench_cn`` -> ``MMB-CN``; unknown ones as they are)."""
+    return BENCHMARK_COLUMNS.get(benchmark, benchmark)
+
 RESULT_FIELDS: tuple[str, ...] = (
     "benchmark",
     "model",

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava.eval.results import BENCHMARK_COLUMNS, configure_logging, read_results
+from llava.eval.plots import write_plots
+from llava.eval.results import BENCHMARK_COLUMNS, column_label, configure_logging, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,24 @@ class AccuracyRow:
     partial: set[str] = field(default_factory=set)  # benchmarks whose result rests on part of the run
     notes: list[str] = field(default_factory=list)
 
+    def budget_label(self) -> str:
+        """The Budget cell: "all" for the unpruned model, the paper budget (with " w/ VE"), or "-"."""
+        if self.method == "none" or (self.is_baseline and self.method is None):
+            return "all"
+        return ("-" if self.budget is None else f"{self.budget:g}") + (" w/ VE" if self.encoder else "")
+
+    def method_label(self) -> str:
+        """The Method cell: "vanilla" for the unpruned model, else the method's name."""
+        if self.method == "none":
+            return "vanilla"
+        return self.method or "?"
+
 
 def benchmark_columns(results: Sequence[dict[str, Any]]) -> list[str]:
     """Benchmark keys present in ``results``: known ones in paper order, unknown ones after, sorted."""
     present = {str(r["benchmark"]) for r in results}
     known = [b for b in BENCHMARK_COLUMNS if b in present]
     return known + sorted(present - set(BENCHMARK_COLUMNS))
-
-
-def column_label(benchmark: str) -> str:
-    return BENCHMARK_COLUMNS.get(benchmark, benchmark)
 
 
 def _latest_per_run(results: Sequence[dict[str, Any]], warn: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
@@ -172,18 +181,6 @@ def _paper_order(row: AccuracyRow) -> tuple:
             row.method or "", row.model)
 
 
-def budget_label(row: AccuracyRow) -> str:
-    if row.method == "none" or (row.is_baseline and row.method is None):
-        return "all"
-    return ("-" if row.budget is None else f"{row.budget:g}") + (" w/ VE" if row.encoder else "")
-
-
-def method_label(row: AccuracyRow) -> str:
-    if row.method == "none":
-        return "vanilla"
-    return row.method or "?"
-
-
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -208,7 +205,7 @@ def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ra
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for row in rows:
         name = f"{row.model} (baseline)" if row.is_baseline else row.model
-        cells = [budget_label(row), method_label(row), name,
+        cells = [row.budget_label(), row.method_label(), name,
                  *(_fmt(row.scores.get(c)) + ("*" if c in row.partial else "") for c in columns), _fmt(row.avg_tokens)]
         if with_ratio:
             cells.append(_fmt(row.ratio))
@@ -238,7 +235,7 @@ def write_csv(path: str, rows: Sequence[AccuracyRow], columns: Sequence[str], wi
         writer.writerow(["budget", "method", "run", *(column_label(c) for c in columns), "avg_tokens"]
                         + (["avg_pct"] if with_ratio else []) + (["loyal_pct", "kl_first_token"] if loyalty else []))
         for row in rows:
-            values = [budget_label(row), method_label(row), row.model, *(cell(row.scores.get(c)) for c in columns),
+            values = [row.budget_label(), row.method_label(), row.model, *(cell(row.scores.get(c)) for c in columns),
                       cell(row.avg_tokens)]
             if with_ratio:
                 values.append(cell(row.ratio))
@@ -371,9 +368,7 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
         messages.append("MME column: " + " / ".join(sorted(mme_metrics)))
     plots: list[str] = []
     if args.plot:
-        from llava.eval.plots import write_plots
-
-        plots, plot_messages = write_plots(results, rows, columns, args.plot)
+        plots, plot_messages = write_plots(_latest_per_run(results, warn=False), rows, columns, args.plot)
         messages += plot_messages
     text = format_markdown(rows, columns, with_ratio, messages)
     if plots:

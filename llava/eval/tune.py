@@ -397,6 +397,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
     """The search the flags describe; writes and returns the schedule file's content."""
     from llava.eval import model_vqa_loader, runner
     from llava.eval.runfiles import file_sha256, weights_fingerprint
+    from pio import ReductionMethod, get_method, method_names
     from pio.encoder import EncoderMethod, Pipeline
     from pio.schedule import average_visual_tokens
 
@@ -411,9 +412,13 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     method = runner.check_args(args)
     if method is None or isinstance(method, (EncoderMethod, Pipeline)) or method.encoder_stage() is not None:
-        raise ValueError("--method must name an in-LLM method without an encoder stage (pio, fastv, pdrop, sparsevlm, "
-                         "dart, random; visiondrop with explicit --tokens): the optimiser searches its stage layers "
-                         "and counts for a budget of the language model's visual tokens")
+        in_llm = [get_method(n) for n in method_names() if get_method(n).where == "llm"]
+        staged = [c.name for c in in_llm if c.encoder_stage is not ReductionMethod.encoder_stage]
+        plain = ", ".join(c.name for c in in_llm if c.name not in staged)
+        raise ValueError(f"--method must name an in-LLM method without an encoder stage ({plain}"
+                         + (f"; {', '.join(staged)} with explicit --tokens" if staged else "")
+                         + "): the optimiser searches its stage layers and counts for a budget of the language "
+                         "model's visual tokens")
     items, _ = model_vqa_loader.read_questions(args)
     tok, model, proc, name = runner.load_model(args, method, loaded)
     depth = runner.decoder_depth(model.config)
