@@ -23,7 +23,7 @@ from .encoder_stage import ReducedCrop, apply_kept, reduce_crops, whole
 from .layout import ImageLayout, Run
 from .multimodal_encoder.clip_encoder import ClipCrops, CLIPVisionTower, build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
-from .reducible import MultimodalInputs
+from .reducible import MultimodalInputs, head_rows  # noqa: F401  (head_rows: re-exported for earlier imports)
 
 logger = logging.getLogger(__name__)
 
