@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .budget import Anchors
+from .family import ModelFamily, model_family
 from .gather import Span
 from .nms import topk_indices
 from .parse import parse_counts
@@ -160,7 +161,7 @@ class ReductionMethod(ABC):
             None: every stage keeps the same count.
         flags: method-specific command-line flags.
         source: where the defaults come from (paper, repository), for the docs and result files.
-        family_defaults: per model family (``"qwen2_5_vl"``), the authors' own settings there where they differ:
+        family_defaults: per model family name (``"qwen2_5_vl"``), the authors' own settings there where they differ:
             ``layers``, ``ve_layers``, ``anchors`` and ``options`` (hyper-parameter defaults).
     """
 
@@ -179,15 +180,15 @@ class ReductionMethod(ABC):
     positions: str = "renumber"
 
     @classmethod
-    def defaults(cls, family: str | None = None) -> dict[str, Any]:
-        """``layers``, ``ve_layers``, ``anchors`` and the hyper-parameter ``options`` for a model ``family`` (None:
-        LLaVA, the methods' published setting). Every method keeps its tokens' original positions on
-        Qwen2.5-VL (its M-RoPE ids; the PIO authors' Qwen choice) unless told otherwise."""
+    def defaults(cls, family: str | ModelFamily | None = None) -> dict[str, Any]:
+        """``layers``, ``ve_layers``, ``anchors`` and the hyper-parameter ``options`` for a model ``family`` (a
+        :class:`~pio.family.ModelFamily` or its registered name; None: the methods' published setting, LLaVA's):
+        the family's options for every method (e.g. Qwen2.5-VL's original M-RoPE positions, the PIO authors' Qwen
+        choice), then the method's own :attr:`family_defaults` for it."""
+        fam = model_family(family)
         out: dict[str, Any] = {"layers": cls.default_layers, "ve_layers": cls.ve_layers, "anchors": cls.anchors,
-                               "options": {}}
-        if family in FAMILY_POSITIONS:
-            out["options"] = {"positions": FAMILY_POSITIONS[family]}
-        own = cls.family_defaults.get(family or "", {})
+                               "options": dict(fam.method_options) if fam is not None else {}}
+        own = cls.family_defaults.get(fam.name if fam is not None else "", {})
         out.update({k: v for k, v in own.items() if k != "options"})
         out["options"] = {**out["options"], **own.get("options", {})}
         return out
@@ -204,7 +205,7 @@ class ReductionMethod(ABC):
         tokens: Sequence[int] | None = None,
         ratios: Sequence[float] | None = None,
         ratio_mode: str = "initial",
-        family: str | None = None,
+        family: str | ModelFamily | None = None,
     ) -> Schedule:
         """The method's schedule for one target: a paper budget label ``budget`` (64, 128, 192: the average
         visual tokens per layer as a fraction of 576, so exactly that on LLaVA-1.5 and the same share of each
@@ -233,7 +234,7 @@ class ReductionMethod(ABC):
         )
 
     @classmethod
-    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, family: str | None = None,
+    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, family: str | ModelFamily | None = None,
                     **options: Any) -> ReductionMethod:
         """The method at a paper budget label (64, 128, 192; see :meth:`schedule_for`) with its defaults for
         ``family``; ``options`` override them."""
@@ -290,9 +291,6 @@ class ReductionMethod(ABC):
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{self.name}: {self.schedule.describe(n0)}" + (f" ({opts})" if opts else "")
 
-
-FAMILY_POSITIONS = {"qwen2_5_vl": "original"}
-"""Positions after a prune per model family where every method keeps the original ones (M-RoPE ids)."""
 
 
 def active_samples(inputs: StageInputs) -> list[bool]:

@@ -40,8 +40,8 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--model-base", type=str, default=None)
     p.add_argument("--answers-file", type=str, default="answer.jsonl")
     p.add_argument("--conv-mode", type=str, default=None,
-                   help=f"conversation template (default: {conv_mode or 'from the model name'} for LLaVA, "
-                        f"{QWEN_CONV_MODE} for Qwen2.5-VL)")
+                   help=f"conversation template (default: {conv_mode or 'vicuna_v1'} for LLaVA, the model family's "
+                        "own chat template for the others)")
     p.set_defaults(llava_conv_mode=conv_mode)
     p.add_argument("--num-chunks", type=int, default=1)
     p.add_argument("--chunk-idx", type=int, default=0)
@@ -76,68 +76,44 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
 
 
 def check_args(args: argparse.Namespace) -> ReductionMethod | None:
-    """Validate the flags that need no model (conversation template, decoding, reduction method) and return
-    the method they describe; raises ValueError naming what is wrong."""
+    """Validate the flags that need no model (model family, conversation template, decoding, reduction method)
+    and return the method they describe; raises ValueError naming what is wrong."""
     resolve_family_args(args)
     check_conv_mode(args.conv_mode)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     method = method_from_args(args)
-    depth = _checkpoint_depth(args.model_path)
+    if method is not None:
+        args.family.check_method(method)  # an encoder-side method the family's vision tower cannot serve
+    depth = _checkpoint_depth(args.model_path, args.family)
     if method is not None and depth is not None:
         method.validate(depth)  # layers and budgets against the checkpoint before the slow load
     return method
 
 
 def decoder_depth(config: Any) -> int:
-    """The language model's number of layers (Qwen2.5-VL keeps it in its text config)."""
-    text = getattr(config, "text_config", None)
-    return int(text.num_hidden_layers if text is not None else config.num_hidden_layers)
+    """The language model's number of layers (from the config's family)."""
+    from llava.model.families import family_of
+
+    return family_of(config).decoder_depth(config)
 
 
 def resolve_family_args(args: argparse.Namespace) -> None:
-    """The model family's defaults, and its options refused for the other family: Qwen2.5-VL builds prompts with
-    its chat template (``--conv-mode qwen2_5_vl``, the default) and takes ``--min-pixels``/``--max-pixels``;
-    LLaVA takes its conversation templates and ``--model-base``."""
-    from llava.model.builder import checkpoint_family
+    """The checkpoint's model family (:mod:`llava.model.families`; a hub id by its name, before any network) sets
+    ``args.family``, the default ``--conv-mode``, and refuses another family's template or options in one line."""
+    from llava.model.families import guess_family
 
-    path = os.path.expanduser(args.model_path)
-    if os.path.isdir(path):
-        family = checkpoint_family(path)
-    else:  # a hub id: by its name (no network before loading; load_model checks the loaded config again)
-        family = "qwen2_5_vl" if "qwen2.5-vl" in path.lower() else "llava"
-    if family == "qwen2_5_vl":
-        if args.conv_mode not in (None, QWEN_CONV_MODE):
-            raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint: it builds prompts with its own chat "
-                             f"template; drop --conv-mode {args.conv_mode} (allowed: {QWEN_CONV_MODE})")
-        if getattr(args, "model_base", None):
-            raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint; --model-base applies to LLaVA "
-                             "projector-only checkpoints")
-        args.conv_mode = QWEN_CONV_MODE
-        args.family = family
-        return
-    if args.conv_mode == QWEN_CONV_MODE:
-        raise ValueError(f"--conv-mode {QWEN_CONV_MODE} is Qwen2.5-VL's chat template; {args.model_path} is a LLaVA "
-                         "checkpoint (e.g. vicuna_v1)")
-    given = [f for f in ("min_pixels", "max_pixels") if getattr(args, f, None) is not None]
-    if given:
-        raise ValueError(f"--{given[0].replace('_', '-')} applies to Qwen2.5-VL; {args.model_path} is a LLaVA "
-                         "checkpoint, whose resolution is its vision tower's")
-    if args.conv_mode is None:
-        args.conv_mode = getattr(args, "llava_conv_mode", None) or "vicuna_v1"
-    args.family = None
+    guess_family(args.model_path).resolve_args(args)
 
 
-def _checkpoint_depth(model_path: str) -> int | None:
-    """``num_hidden_layers`` of a local checkpoint's config.json (None when it cannot be read cheaply)."""
+def _checkpoint_depth(model_path: str, family: Any) -> int | None:
+    """The decoder depth of a local checkpoint's config.json (None when it cannot be read cheaply)."""
     cfg = os.path.join(os.path.expanduser(model_path), "config.json")
     try:
         with open(cfg, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+            return family.decoder_depth(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    value = data.get("num_hidden_layers", (data.get("text_config") or {}).get("num_hidden_layers"))
-    return int(value) if isinstance(value, int) else None
 
 
 def image_token(im_start_end: bool) -> str:
@@ -157,42 +133,17 @@ def check_conv_mode(name: str) -> None:
     get_conv_template(name)  # raises with the allowed modes
 
 
-QWEN_CONV_MODE = "qwen2_5_vl"
-QWEN_IMAGE_PAD = "<|image_pad|>"
-QWEN_IMAGE = "<|vision_start|>" + QWEN_IMAGE_PAD + "<|vision_end|>"
-
-
-def is_qwen(config: Any) -> bool:
-    return getattr(config, "model_type", None) == "qwen2_5_vl"
-
-
 def encode(prompt: str, images: Sequence[Any], tokenizer, processor, config) -> Prepared:
     """Token ids (1, T), pixels and image sizes of a templated ``prompt`` whose ``<image>`` marks stand for
-    ``images`` (PIL, in order; empty for a text-only prompt), for the model family of ``config``.
-
-    LLaVA: upstream's ``tokenizer_image_token`` and ``process_images``. Qwen2.5-VL: each ``<image>`` (with the
-    newline LLaVA puts after it) becomes Qwen's vision tokens and its processor expands them to the image's
-    grid; "sizes" are then its ``image_grid_thw``.
-    """
-    from llava.mm_utils import process_images, tokenizer_image_token
+    ``images`` (PIL, in order; empty for a text-only prompt), as the model family of ``config`` encodes them
+    (:meth:`llava.model.families.Family.encode`: LLaVA's placeholder ids and crops, Qwen2.5-VL's expanded
+    vision tokens and its ``image_grid_thw`` as the sizes)."""
+    from llava.model.families import family_of
 
     n_marks = prompt.count(DEFAULT_IMAGE_TOKEN)
     if n_marks != len(images):
         raise ValueError(f"the prompt has {n_marks} {DEFAULT_IMAGE_TOKEN} mark(s) for {len(images)} image(s)")
-    if is_qwen(config):
-        text = prompt.replace(DEFAULT_IMAGE_TOKEN + "\n", QWEN_IMAGE).replace(DEFAULT_IMAGE_TOKEN, QWEN_IMAGE)
-        if not images:
-            return tokenizer(text, return_tensors="pt")["input_ids"], None, None
-        out = processor(images=list(images), return_tensors="pt")
-        merge = int(getattr(processor, "merge_size", 2))
-        counts = (out["image_grid_thw"].prod(-1) // merge**2).tolist()
-        parts = text.split(QWEN_IMAGE_PAD)  # one image token per merged patch, as Qwen's processor expands them
-        text = parts[0] + "".join(QWEN_IMAGE_PAD * int(n) + rest for n, rest in zip(counts, parts[1:], strict=True))
-        return tokenizer(text, return_tensors="pt")["input_ids"], out["pixel_values"], out["image_grid_thw"]
-    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
-    if not images:
-        return ids, None, None
-    return ids, process_images(list(images), processor, config), [im.size for im in images]
+    return family_of(config).encode(prompt, images, tokenizer, processor, config)
 
 
 # --------------------------------------------------------------------------- loading
@@ -212,11 +163,15 @@ def load_model(args: argparse.Namespace, method: ReductionMethod | None = None, 
             attn_implementation=args.attn_implementation, min_pixels=getattr(args, "min_pixels", None),
             max_pixels=getattr(args, "max_pixels", None),
         )
-    if is_qwen(model.config) != (args.conv_mode == QWEN_CONV_MODE):
-        raise ValueError(f"{args.model_path} loaded as {model.config.model_type}, but the prompts were set up for the "
-                         f"other family (--conv-mode {args.conv_mode})")
+    from llava.model.families import family_of
+
+    family = family_of(model.config)
+    if getattr(args, "family", None) is not None and family is not args.family:
+        raise ValueError(f"{args.model_path} loaded as a {family.title} model, but the prompts were set up for "
+                         f"{args.family.title} (--conv-mode {args.conv_mode})")
     if method is not None:
-        method.validate(decoder_depth(model.config))
+        family.check_method(method)
+        method.validate(family.decoder_depth(model.config))
         logger.info("reduction on: %s", method.describe())
     return tok, model, proc, name
 
