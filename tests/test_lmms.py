@@ -206,7 +206,7 @@ def test_multi_round_follows_the_tasks_doc_to_text(tiny_v15, docs):
     ({"budjet": 64}, r"unknown key 'budjet'; allowed: .*\bbudget\b.*\bpio_tau\b"),
     ({"temperature": 0.5}, r"temperature is not a model_arg: each task's generation_kwargs decide it"),
     ({"method": "fastvv", "budget": 64}, r"unknown method 'fastvv'; known methods: pio, fastv"),
-    ({"min_pixels": 3136}, r"min_pixels applies to Qwen2.5-VL; .* is a LLaVA checkpoint"),
+    ({"min_pixels": 3136}, r"min_pixels applies to Qwen2.5-VL \(.*\); .* is a LLaVA checkpoint"),
     ({"method": "fastv", "budget": 64, "pio_tau": 0.5}, r"pio_tau is a flag of method pio, but method is fastv"),
     ({"method": "pio", "pio_no_nms": "maybe"}, r"pio_no_nms is on or off: pio_no_nms=true"),
 ])

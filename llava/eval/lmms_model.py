@@ -59,6 +59,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval import lmms_results, runner
+from llava.model.families import family_options
 
 try:
     from lmms_eval.api.instance import GenerationResult
@@ -291,8 +292,8 @@ class PioFvlm(lmms):
             "budget": runner.budget_label(self.args, self.method),
             "method_config": self.method.config() if self.method is not None else None,
             "schedule_file": os.path.abspath(self.args.schedule_file) if self.args.schedule_file else None,
-            "decoding": {k: getattr(self.args, k) for k in ("conv_mode", "dtype", "attn_implementation", "seed",
-                                                            "min_pixels", "max_pixels")},
+            "decoding": {k: getattr(self.args, k, None) for k in ("conv_mode", "dtype", "attn_implementation", "seed",
+                                                                  *family_options())},
             "world_size": self._world_size,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }

@@ -148,8 +148,7 @@ class Family:
         if self.exclusive and mode not in (None, *self.conv_modes):
             raise ValueError(f"{args.model_path} is a {self.title} checkpoint: it builds prompts with its own chat "
                              f"template; drop --conv-mode {mode} (allowed: {', '.join(self.conv_modes)})")
-        every = {o.name for f in families() for o in f.options}
-        self.check_options(args.model_path, {k: getattr(args, k, None) for k in sorted(every)})
+        self.check_options(args.model_path, {k: getattr(args, k, None) for k in family_options()})
         args.conv_mode = mode or self.default_conv_mode(args)
         args.family = self
 
@@ -264,6 +263,12 @@ def get_family(name: str | Family) -> Family:
     if name not in _FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(_FAMILIES)}")
     return _FAMILIES[name]
+
+
+def family_options() -> list[str]:
+    """The loader options of every registered family (e.g. ``min_pixels``), sorted: the runner flags that only
+    some families take."""
+    return sorted({o.name for f in families() for o in f.options})
 
 
 def variants() -> dict[str, Family]:
