@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# file digests of the run identities (llava.eval.fingerprint) cached per test session, not in the user's cache
+os.environ.setdefault("PIO_FVLM_CACHE", tempfile.mkdtemp(prefix="pio-fvlm-test-cache-"))
 
 
 @pytest.fixture(scope="session")

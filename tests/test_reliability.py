@@ -88,7 +88,7 @@ def test_resume_continues_only_the_same_run(tiny_v15, tmp_path, change, named):
     other = tmp_path / "other-model"
     shutil.copytree(tiny_v15, other)
     (other / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes() + b"\0")
-    with pytest.raises(RunMismatchError, match=r"model_path: .* -> .*other-model.*weights\.weights\.model"):
+    with pytest.raises(RunMismatchError, match=r"model_path: .* -> .*other-model.*weights\.files\.model\.safetensors"):
         model_vqa_loader.main(loader_args(other, qfile, answers, "--resume"))
 
 
@@ -187,13 +187,16 @@ def test_scorers_report_coverage(tiny_v15, tmp_path):
                         str(answers), "--pio-log", str(log), "--result-json", str(tmp_path / "r.json")])
         return json.loads((tmp_path / "r.json").read_text())
 
-    assert score()["coverage"] == {"answered": n, "expected": n, "logged": n, "partial": False}
+    assert score()["coverage"] == {"answered": n, "expected": n, "logged": n, "partial": False, "reasons": [],
+                                   "repeated": 0}
     lines = answers.read_text().splitlines()
     answers.write_text("".join(x + "\n" for x in lines[:2]))  # an interrupted run scored as it is
-    assert score()["coverage"] == {"answered": 2, "expected": n, "logged": n, "partial": True}
+    assert score()["coverage"] == {"answered": 2, "expected": n, "logged": n, "partial": True, "repeated": 0,
+                                   "reasons": [f"{n - 2} of {n} questions of the benchmark's files without an answer"]}
     answers.write_text("".join(x + "\n" for x in lines))
     log.write_text("".join(x + "\n" for x in log.read_text().splitlines()[:-1]))
-    assert score()["coverage"] == {"answered": n, "expected": n, "logged": n - 1, "partial": True}
+    assert score()["coverage"] == {"answered": n, "expected": n, "logged": n - 1, "partial": True, "reasons": [],
+                                   "repeated": 0}
 
 
 def _break(kind: str, ckpt: Path, qfile: Path) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -12,6 +11,7 @@ from transformers import AutoTokenizer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 
+from .checkpoint_checks import check_checkpoint, read_config_json
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -95,15 +95,9 @@ FAMILIES = {"llava_llama": "llava", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl"
 
 def checkpoint_family(model_path: str) -> str:
     """``"llava"`` or ``"qwen2_5_vl"`` from the checkpoint's ``model_type``; another model type is an error."""
-    cfg_file = os.path.join(model_path, "config.json")
     if os.path.isdir(model_path):
         check_checkpoint_dir(model_path, tokenizer=False, weights=False)
-        with open(cfg_file, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-    else:
-        from transformers import PretrainedConfig
-
-        model_type = PretrainedConfig.get_config_dict(model_path)[0].get("model_type")
+    model_type = read_config_json(model_path).get("model_type")  # a broken file or an unreachable hub id: one line
     if model_type not in FAMILIES:
         raise ValueError(f"{model_path}: model_type {model_type!r} is not supported; allowed: llava_llama (LLaVA-1.5, "
                          "LLaVA-NeXT Vicuna), qwen2_5_vl (Qwen2.5-VL)")
@@ -206,7 +200,10 @@ def load_pretrained_model(
             f"{model_path} is a LoRA checkpoint; merge it into its base first (upstream merge_lora_weights) "
             "and load the merged directory"
         )
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    check_checkpoint(model_path)  # broken or incomplete files named before the slow load
+    # a tensor of the wrong shape is reported by check_loading_info, naming it, instead of raised mid-load
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
+                                   "ignore_mismatched_sizes": True}
     if load_8bit or load_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -237,7 +234,8 @@ def load_pretrained_model(
     else:  # projector-only checkpoint on top of a base LLM
         cfg = load_llava_config(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=cfg, low_cpu_mem_usage=True, **load_kwargs)
+        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=cfg, low_cpu_mem_usage=True,
+                                                      **{**load_kwargs, "ignore_mismatched_sizes": False})
         proj_file = os.path.join(model_path, "mm_projector.bin")
         if not os.path.isfile(proj_file):
             raise FileNotFoundError(f"{proj_file} not found: a checkpoint with model_base needs its projector weights")
