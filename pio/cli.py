@@ -326,8 +326,13 @@ def _from_schedule_file(args: argparse.Namespace, method: str | None, schedule_g
     if others:
         raise ValueError(f"{_flag_of(others[0], next(iter(method_flags[others[0]])))} is a flag of method "
                          f"{others[0]}; the schedule file is {name}'s")
-    options = {**cls.defaults(getattr(args, "family", None))["options"], **(data.get("options") or {}),
-               **method_flags.get(name, {})}
+    saved = data.get("options") or {}
+    allowed = sorted(f.name for f in fields(cls) if f.name != "schedule")
+    unknown = sorted(set(saved) - set(allowed)) if isinstance(saved, dict) else ["(not a JSON object)"]
+    if unknown:
+        raise ValueError(f"--schedule-file {path}: option(s) {', '.join(unknown)} are not {name}'s; allowed: "
+                         f"{', '.join(allowed)} (write the file again with python -m llava.eval.tune)")
+    options = {**cls.defaults(getattr(args, "family", None))["options"], **saved, **method_flags.get(name, {})}
     if getattr(args, "positions", None) is not None:
         options["positions"] = args.positions
     return cls(Schedule.from_dict(data["schedule"]), **options)

@@ -226,7 +226,7 @@ def _break(kind: str, ckpt: Path, qfile: Path) -> list[str]:
     ("no_tokenizer", r"has no tokenizer\.model or tokenizer\.json \(the tokenizer\)"),
     ("no_config", r"has no config\.json"),
     ("no_vision_tower", r"the vision tower 'vision_tower' \(mm_vision_tower\) is not a folder of"),
-    ("missing_tensor", r"tensors 1 missing \(model\.norm\.weight\); a missing tensor would run with random weights"),
+    ("missing_tensor", r"tensors 1 missing \(model\.norm\.weight\); a missing tensor or one of the wrong shape would run with random weights"),
     ("latin1", r"q\.jsonl:2: not UTF-8 \(byte 0xe9"),
     ("cuda", r"--device cuda: this machine has no CUDA device"),
     ("unknown_method", r"unknown method 'fastw'; known methods: pio, fastv"),

@@ -141,8 +141,8 @@ def check_distinct_outputs(outputs: dict[str, str | None], inputs: dict[str, str
         for flag, path in given:
             for what, p in files_of(flag, path):
                 if same(p, in_path):
-                    raise ValueError(f"{flag} {path}: {what} would overwrite the input {in_flag} {in_path}; write the "
-                                     "run's files elsewhere")
+                    raise ValueError(f"{what} {p} would overwrite the input {in_flag} {in_path}; write the run's "
+                                     "files elsewhere")
 
 
 def _read_lines(path: str) -> list[tuple[str, dict]]:

@@ -203,8 +203,15 @@ class SearchState:
         self.path, self.config = path, config
         self.evaluated: dict[str, list[float]] = {}
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"--state {path}: not a search state of python -m llava.eval.tune (not JSON: {e}); "
+                                 "delete it to start the search again, or give --state another file") from None
+            if not isinstance(data, dict) or not isinstance(data.get("evaluated", {}), dict):
+                raise ValueError(f"--state {path}: not a search state of python -m llava.eval.tune (a JSON object "
+                                 "with config and evaluated); delete it or give --state another file")
             diff = identity_differences(data.get("config", {}), config)
             if diff:
                 raise ValueError(f"{path} holds a search with other settings ({'; '.join(diff[:6])}); delete it or "
@@ -415,6 +422,15 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
                          "dart, random; visiondrop with explicit --tokens): the optimiser searches its stage layers "
                          "and counts for a budget of the language model's visual tokens")
     items, _ = model_vqa_loader.read_questions(args)
+    state_path = args.state or args.out + ".state"
+    from llava.eval.runfiles import check_distinct_outputs
+    from llava.utils import ensure_writable
+
+    check_distinct_outputs({"--out": args.out, "--state": state_path}, {"--question-file": args.question_file})
+    for flag, path in (("--out", args.out), ("--state", state_path)):  # before the slow load and search
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+        ensure_writable(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
     tok, model, proc, name = runner.load_model(args, method, loaded)
     depth = runner.decoder_depth(model.config)
     default_counts = method.schedule.counts(N0, depth)
@@ -425,7 +441,7 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
               "questions": file_sha256(args.question_file)[:16], "holdout": args.holdout, "seed": args.seed,
               "strategy": args.strategy, "objective": args.objective, "dtype": args.dtype,
               "conv_mode": args.conv_mode}
-    state = SearchState(args.state or args.out + ".state", config)
+    state = SearchState(state_path, config)
     prepared = [model_vqa_loader.prepare(args, q, tok, proc, model.config) for q in items]
     prepared = [(ids, runner.to_model(px, model) if px is not None else None, sizes) for ids, px, sizes in prepared]
     evaluator = Evaluator(model, prepared)

@@ -139,14 +139,14 @@ def check_loading_info(model_path: str, info: dict, vision_optional: bool = True
         return sorted(k for k in keys if not vision_optional or ".vision_tower." not in f".{k}")
 
     missing, unexpected = relevant(info.get("missing_keys", [])), relevant(info.get("unexpected_keys", []))
-    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    mismatched = sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", []))
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
         if keys:
             problems.append(f"{len(keys)} {what} ({', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})")
     if problems:
         raise ValueError(f"checkpoint {model_path} does not match the model: tensors {'; '.join(problems)}; a "
-                         "missing tensor would run with random weights")
+                         "missing tensor or one of the wrong shape would run with random weights")
 
 
 def load_pretrained_model(
