@@ -403,7 +403,8 @@ def _answers_agreement(model, tok, prepared, which, args, method, reference: dic
 def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]:
     """The search the flags describe; writes and returns the schedule file's content."""
     from llava.eval import model_vqa_loader, runner
-    from llava.eval.runfiles import file_sha256, weights_fingerprint
+    from llava.eval.runfiles import check_distinct_outputs, file_sha256, weights_fingerprint
+    from llava.utils import ensure_writable
     from pio.encoder import EncoderMethod, Pipeline
     from pio.schedule import average_visual_tokens
 
@@ -423,25 +424,23 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
                          "and counts for a budget of the language model's visual tokens")
     items, _ = model_vqa_loader.read_questions(args)
     state_path = args.state or args.out + ".state"
-    from llava.eval.runfiles import check_distinct_outputs
-    from llava.utils import ensure_writable
 
     check_distinct_outputs({"--out": args.out, "--state": state_path}, {"--question-file": args.question_file})
     for flag, path in (("--out", args.out), ("--state", state_path)):  # before the slow load and search
         if os.path.isdir(path):
             raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
         ensure_writable(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
-    tok, model, proc, name = runner.load_model(args, method, loaded)
-    depth = runner.decoder_depth(model.config)
-    default_counts = method.schedule.counts(N0, depth)
-    default = solve(method.schedule.layers, default_counts, budget, depth) or Candidate(
-        tuple(method.schedule.layers), tuple(default_counts))
     search_ids, held_ids = _split(len(items), args.holdout, args.seed)
     config = {"model": weights_fingerprint(args.model_path), "method": method.config(), "budget": budget,
               "questions": file_sha256(args.question_file)[:16], "holdout": args.holdout, "seed": args.seed,
               "strategy": args.strategy, "objective": args.objective, "dtype": args.dtype,
               "conv_mode": args.conv_mode}
-    state = SearchState(state_path, config)
+    state = SearchState(state_path, config)  # a state of other settings (or a broken one) refused before loading
+    tok, model, proc, name = runner.load_model(args, method, loaded)
+    depth = runner.decoder_depth(model.config)
+    default_counts = method.schedule.counts(N0, depth)
+    default = solve(method.schedule.layers, default_counts, budget, depth) or Candidate(
+        tuple(method.schedule.layers), tuple(default_counts))
     prepared = [model_vqa_loader.prepare(args, q, tok, proc, model.config) for q in items]
     prepared = [(ids, runner.to_model(px, model) if px is not None else None, sizes) for ids, px, sizes in prepared]
     evaluator = Evaluator(model, prepared)
