@@ -39,7 +39,6 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from llava.eval.fingerprint import file_sha256, weights_fingerprint
@@ -210,8 +209,7 @@ class RunFiles:
         outputs = {flags[name]: p for name, p in self.paths.items()}
         check_distinct_outputs(outputs, {f"--{k.replace('_', '-')}": getattr(args, k, None)
                                          for k in ("question_file", "loyalty_to", "schedule_file")})
-        for flag, p in outputs.items():
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
+        for flag, p in outputs.items():  # a read-only or full folder is found before the model loads
             ensure_writable(os.path.dirname(os.path.abspath(p)), f"{flag} {p}")
         self._lock = OutputLock(outputs).acquire()
         try:
