@@ -12,6 +12,7 @@ that the others meet it while it works, however fast the machine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -151,6 +152,24 @@ def check_refused(proc: subprocess.Popen, holder: int) -> None:
     assert re.search(rf"is being written by another run: pid {holder} on \S+ since .*one writer per output", msgs[0])
 
 
+@contextlib.contextmanager
+def cleanup(procs: list[subprocess.Popen], *gates: Path):
+    """Yields ``procs`` (append more); on the way out, however the test ends, opens the gates and kills what is left
+    of them."""
+    try:
+        yield procs
+    finally:
+        for gate in gates:
+            gate.touch()
+        for proc in procs:
+            if proc.poll() is None:
+                if os.getpgid(proc.pid) == proc.pid:  # a script: its runner too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+                proc.communicate()
+
+
 def check_complete(answers: Path, n: int) -> None:
     keys = [r["metadata"]["q"] for r in read(answers)]
     assert sorted(keys, key=int) == [str(i) for i in range(n)], keys  # every question once: none lost, none repeated
@@ -163,14 +182,21 @@ def test_one_writer_per_output_and_a_killed_writers_lock_is_taken_over(tiny_v15,
     writer = subprocess.Popen(runner(tiny_v15, qfile, answers, "--resume"), cwd=REPO, text=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=env_with(site, PIO_TEST_GATE=str(gate), PIO_TEST_GATE_AFTER="2"))
+    with cleanup([writer], gate) as procs:
+        _meet_and_take_over(tiny_v15, qfile, answers, writer, procs, site)
+
+
+def _meet_and_take_over(tiny_v15, qfile: Path, answers: Path, writer: subprocess.Popen, procs: list, site: Path):
+    tmp_path = answers.parent
+    others = []
     wait_for(lambda: lines(answers) == 2, [writer], "the writer's first answers")  # it now waits at its 3rd image
     assert holder_pid(answers) == writer.pid
     rng = random.Random(0)
-    others = []
     for extra in (["--resume"], [], ["--overwrite"]):  # a script launched twice, a fresh run, a replacement
         time.sleep(rng.uniform(0, 0.5))
         others.append(subprocess.Popen(runner(tiny_v15, qfile, answers, *extra), cwd=REPO, text=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env_with(site)))
+        procs.append(others[-1])
     for proc in others:
         check_refused(proc, writer.pid)
     assert writer.poll() is None and lines(answers) == 2  # the others changed nothing
@@ -198,7 +224,11 @@ def test_many_writers_and_a_script_launched_twice(tiny_v15, tmp_path, site):
     gate = tmp_path / "gate"
     rng = random.Random(1)
     kinds = [["--resume"]] * 4 + [[]] * 2 + [["--overwrite"], ["--resume", "--overwrite"]]
-    procs = []
+    with cleanup([], gate, tmp_path / "gate2") as procs:
+        _stress(tiny_v15, tmp_path, site, qfile, answers, gate, rng, kinds, procs)
+
+
+def _stress(tiny_v15, tmp_path: Path, site: Path, qfile: Path, answers: Path, gate: Path, rng, kinds, procs: list):
     for extra in kinds:
         time.sleep(rng.uniform(0, 1.5))
         procs.append(subprocess.Popen(runner(tiny_v15, qfile, answers, *extra), cwd=REPO, text=True,
@@ -226,7 +256,8 @@ def test_many_writers_and_a_script_launched_twice(tiny_v15, tmp_path, site):
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env = {k: v for k, v in env.items() if k not in ("METHOD", "BUDGET", "PIO", "CKPT", "SCHEDULE", "CUDA_VISIBLE_DEVICES")}
     first = subprocess.Popen(["bash", str(script)], cwd=REPO, text=True, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+                             stderr=subprocess.PIPE, start_new_session=True)
+    procs.append(first)
     pope_answers = data / "pope" / "answers" / f"{tiny_v15.rsplit('/', 1)[-1]}.jsonl"
     wait_for(lambda: lines(pope_answers) >= 1, [first], "the first script's first answer")
     second = subprocess.run(["bash", str(script)], cwd=REPO, text=True, env=env, capture_output=True, timeout=300)

@@ -338,6 +338,35 @@ def test_stage_larger_than_the_image_is_said(tiny_v15, tmp_path, caplog):
     model_vqa_loader.main(loader_args(tiny_v15, qfile, tmp_path / "a.jsonl", "--pio-layers", "1,2", "--pio-tokens",
                                       "5000,100"))
     assert "stage(s) after layer 1 (keep 5000) keep all of them and prune nothing" in caplog.text
+    model_vqa_loader.main(loader_args(tiny_v15, qfile, tmp_path / "b.jsonl", "--method", "scan+pio", "--pre-tokens",
+                                      "9999", "--tokens", "20", "--layers", "2"))  # the same before the LLM
+    assert ("scan keeps 9999 tokens per crop of 576: a crop of 576 patches keeps all of them and nothing is reduced "
+            "before the language model") in caplog.text
+
+
+@pytest.mark.parametrize("command", ["run_llava_url", "visualize_offline"])
+def test_other_commands_exit_2_with_one_line(tiny_v15, tmp_path, capsys, monkeypatch, command):
+    """An image URL with no network, and visualize --pio-log reaching for the default hub checkpoint offline."""
+    import huggingface_hub.constants
+
+    from llava.eval import run_llava, visualize
+    from llava.utils import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    image(64, 64).save(tmp_path / "im.png")
+    if command == "run_llava_url":  # nothing listens on port 9 of this machine: as with no network
+        main, argv = run_llava.main, ["--model-path", tiny_v15, "--image-file", "http://127.0.0.1:9/view.jpg",
+                                      "--query", "What is it?", "--device", "cpu"]
+        message = r"--image-file http://127\.0\.0\.1:9/view\.jpg: cannot download it \(.*\); download it where"
+    else:
+        (tmp_path / "log.jsonl").write_text(json.dumps({"question_id": 1, "n_visual": 576, "stages": []}) + "\n")
+        main, argv = visualize.main, ["--image-file", str(tmp_path / "im.png"), "--pio-log", str(tmp_path / "log.jsonl"),
+                                      "--out", str(tmp_path / "k.png")]
+        message = r"--model-path liuhaotian/llava-v1\.5-7b: not a local folder, and the Hugging Face hub is offline"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
 
 
 # --------------------------------------------------------------------------- changed inputs, mixed and partial files

@@ -56,7 +56,8 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
                    help="continue --answers-file (only a file written by the same run: model, method, decoding, "
                         "question file)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --answers-file (the old files stay until the new run finishes)")
+                   help="replace a non-empty --answers-file (the old files stay until the new run finishes); with "
+                        "--resume (the scripts' EXTRA_ARGS=--overwrite): continue the same run, replace a different one")
     p.add_argument("--keep-first-duplicate", action="store_true",
                    help="answer a question id that appears twice once, the first time (default: an error)")
     p.add_argument("--profile", type=str, default=None, help="write one JSON line of timings/FLOPs/KV per sample")
