@@ -344,6 +344,22 @@ def test_stage_larger_than_the_image_is_said(tiny_v15, tmp_path, caplog):
             "before the language model") in caplog.text
 
 
+@pytest.mark.slow  # huggingface_hub retries the connection for about 30 s; the offline case is in the fast table
+def test_a_hub_id_without_network_is_one_line(tmp_path):
+    """The README's hub id on a machine without network (and without HF_HUB_OFFLINE): what to download, in one line."""
+    qfile = write_questions(tmp_path, 1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache"), "HF_HUB_ETAG_TIMEOUT": "2"}
+    done = subprocess.run([sys.executable, "-m", "llava.eval.model_vqa_loader", *loader_args(
+        "liuhaotian/llava-v1.5-7b", qfile, tmp_path / "a.jsonl")], cwd=REPO, env=env, text=True, capture_output=True,
+        timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.search(r"--model-path liuhaotian/llava-v1\.5-7b: cannot fetch it from the Hugging Face hub \(.*\); "
+                     r"download it where there is network \(huggingface-cli download liuhaotian/llava-v1\.5-7b\)",
+                     errors[0]), errors
+
+
 @pytest.mark.parametrize("command", ["run_llava_url", "visualize_offline"])
 def test_other_commands_exit_2_with_one_line(tiny_v15, tmp_path, capsys, monkeypatch, command):
     """An image URL with no network, and visualize --pio-log reaching for the default hub checkpoint offline."""
