@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # file digests of the run identities (llava.eval.fingerprint) cached per test session, not in the user's cache
-os.environ.setdefault("PIO_FVLM_CACHE", tempfile.mkdtemp(prefix="pio-fvlm-test-cache-"))
+if "PIO_FVLM_CACHE" not in os.environ:
+    os.environ["PIO_FVLM_CACHE"] = tempfile.mkdtemp(prefix="pio-fvlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PIO_FVLM_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -313,16 +313,17 @@ def long_id_questions(root: Path, n: int) -> Path:
 
 
 def test_a_full_disk_leaves_the_old_answers_and_nothing_temporary(tiny_v15, tmp_path, site):
-    qfile = long_id_questions(tmp_path, 4)
+    qfile = long_id_questions(tmp_path, 8)
     disk = tmp_path / "disk"
     disk.mkdir()
     answers = disk / "a.jsonl"
     old = '{"question_id": "q0", "text": "an earlier run", "metadata": {"q": "0", "run": "0123456789ab"}}'
     setup = f"echo {shlex.quote(old)} > {shlex.quote(str(answers))}"
     after = f"echo ===; cat {shlex.quote(str(answers))}; echo ===; ls -A {shlex.quote(str(disk))}"
-    # 4 pages: the old answers, the lock, the new run file, and one page of new answers (two of four lines)
-    mount = "size=16k" if can_mount() else None
-    env = env_with(site) if mount else env_with(site, PIO_TEST_FULL_DIR=str(disk), PIO_TEST_FULL_BYTES="4000")
+    # 6 pages: the old answers, the lock, the new run file (one or two pages), and room for at most six of the
+    # eight new answer lines
+    mount = "size=24k" if can_mount() else None
+    env = env_with(site) if mount else env_with(site, PIO_TEST_FULL_DIR=str(disk), PIO_TEST_FULL_BYTES="9000")
     done = on_disk(runner(tiny_v15, qfile, answers, "--overwrite"), disk, mount, env, setup, after)
     msgs = errors(done.stderr)
     assert done.returncode == 2 and len(msgs) == 1, done.stderr[-3000:]
