@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError,
-               NotImplementedError)
+               NotImplementedError, FileExistsError)
 """What bad input raises (flags, files, checkpoints, images, missing packages): reported in one line."""
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENAMETOOLONG, errno.EIO})
+"""Errors of the disk a command writes to (full, over quota, read-only, failing): reported in one line too."""
 
 
 def require_flash_attn() -> None:
@@ -39,9 +45,27 @@ def cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
     argv = [a for a in argv if a != "--debug"]
     try:
         main(argv)
-    except USER_ERRORS as err:
-        if debug:
+    except (*USER_ERRORS, OSError) as err:
+        if debug or not (isinstance(err, USER_ERRORS) or err.errno in DISK_ERRNOS):
             raise
-        text = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, OSError) and err.filename and err.strerror:
+            text = f"cannot write {err.filename}: {err.strerror}" if err.errno in DISK_ERRNOS else \
+                f"{err.filename}: {err.strerror}"
+        else:
+            text = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {text} (--debug shows where)", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def ensure_writable(folder: str, what: str) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it (a read-only mount, a folder without
+    permission, a file in the way), before any slow work; raises naming ``what`` (the flag and its value)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise PermissionError(f"{what}: cannot write in {err.filename or folder} ({reason}); choose a folder this "
+                              "process can write") from None

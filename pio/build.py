@@ -398,7 +398,13 @@ class _Request:
             raise ValueError(f"{self.first_own(others[0])} is {self.a_kind} of method {others[0]}; the schedule file is "
                              f"{name}'s")
         self.tie_loose([cls])
-        options = {**cls.defaults(family)["options"], **(data.get("options") or {}), **self.options(cls)}
+        saved = data.get("options") or {}
+        allowed = sorted(f.name for f in fields(cls) if f.name != "schedule")
+        unknown = sorted(set(saved) - set(allowed)) if isinstance(saved, dict) else ["(not a JSON object)"]
+        if unknown:
+            raise ValueError(f"{self.said('schedule_file', path)}: option(s) {', '.join(unknown)} are not {name}'s; "
+                             f"allowed: {', '.join(allowed)} (write the file again with python -m llava.eval.tune)")
+        options = {**cls.defaults(family)["options"], **saved, **self.options(cls)}
         if "positions" in self.given:
             options["positions"] = self.given["positions"]
         return cls(Schedule.from_dict(data["schedule"]), **options)

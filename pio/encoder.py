@@ -47,7 +47,7 @@ import torch
 
 from .base import Flag, ReductionMethod
 from .family import ModelFamily
-from .schedule import PAPER_N0
+from .schedule import PAPER_N0, _warn_once
 
 __all__ = ["ENCODER_NEEDS", "TOWER_REQUIREMENTS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline",
            "TowerTraits", "split_reducer"]
@@ -187,8 +187,12 @@ class EncoderMethod(ABC):
 
     def target(self, patches: int) -> int:
         """Tokens to keep of a crop with ``patches`` patches (``tokens`` out of 576, scaled, at most all); a crop
-        whose target is all its patches is left whole."""
-        return min(patches, max(1, round(self.tokens * patches / PAPER_N0)))
+        whose target is all its patches is left whole (said once in the log)."""
+        target = max(1, round(self.tokens * patches / PAPER_N0))
+        if target >= patches:
+            _warn_once(f"{self.name} keeps {self.tokens} tokens per crop of {PAPER_N0}: a crop of {patches} patches "
+                       "keeps all of them and nothing is reduced before the language model")
+        return min(patches, target)
 
     def validate(self, num_layers: int | None = None) -> None:
         """Check the configuration (``num_layers``, the decoder's depth, is not needed before the LLM)."""
@@ -250,10 +254,10 @@ class Pipeline:
         """The paper's "w/ VE" row B: the encoder keeps ``1.5 B`` per crop (the authors' 96 for 64), then the
         in-LLM method, after its w/ VE layers (PIO: 16, the authors' README), keeps what makes the average over the
         decoder layers B: for one stage after layer L/2, a third of the encoder's tokens (96 -> 32)."""
+        if not 0 < budget <= PAPER_N0 / VE_SHARE:
+            raise ValueError(f"budget {budget:g} w/ VE must be in (0, {PAPER_N0 / VE_SHARE:g}]: the encoder keeps "
+                             f"{VE_SHARE:g} x the budget per crop of {PAPER_N0} (the paper's 64, 128, 192)")
         encoder_tokens = VE_SHARE * budget
-        if encoder_tokens > PAPER_N0:
-            raise ValueError(f"budget {budget:g} w/ VE: the encoder would keep {encoder_tokens:g} of {PAPER_N0} per "
-                             f"crop; the largest budget with an encoder stage is {PAPER_N0 / VE_SHARE:g}")
         d = llm.defaults(family)
         layers = layers if layers is not None else (d["ve_layers"] or d["layers"])
         schedule = llm.schedule_for(layers, budget_ratio=1 / VE_SHARE, family=family)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +13,10 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# file digests of the run identities (llava.eval.fingerprint) cached per test session, not in the user's cache
+if "PIO_FVLM_CACHE" not in os.environ:
+    os.environ["PIO_FVLM_CACHE"] = tempfile.mkdtemp(prefix="pio-fvlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PIO_FVLM_CACHE"], True)
 
 
 TINY_SEEDS = {"llava-v1.5": 0, "llava-v1.6": 1, "qwen2_5_vl": 2}

@@ -72,7 +72,8 @@ def test_pio_spellings_and_authors_aliases():
     ("--method fastvv --budget 64", r"unknown method 'fastvv'; known methods: pio, fastv, pdrop, sparsevlm, dart, random"),
     ("--method pio+scan --budget 64", r"the first method must act before the language model"),
     ("--method visionzip --budget 64 --layers 2", r"--layers does not apply to visionzip, which acts before"),
-    ("--method scan+pio --budget 500", r"the encoder would keep 750 of 576"),
+    ("--method scan+pio --budget 500", r"budget 500 w/ VE must be in \(0, 384\]: the encoder keeps 1\.5 x the budget"),
+    ("--method scan+pio --budget -5", r"budget -5 w/ VE must be in \(0, 384\]"),  # the budget given, not 1.5 x
     ("--method scan+pio --tokens 32", r"needs --budget B \(the paper's w/ VE row\) or --pre-tokens T"),
     ("--visual_token_num 700 --pio-preset 64", r"--visual_token_num 700: the authors' scan keeps 1\.\.576"),
     ("--method fastv --pre-tokens 96 --tokens 30", r"--pre-tokens needs an encoder-side method"),

@@ -179,8 +179,39 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, data
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(RuntimeError, match=r"pip install -e \"\.\[viz\]\""):
+    with pytest.raises(ImportError, match=r"pip install -e \"\.\[viz\]\""):
         summarize.main(["--data-root", data_root, "--baseline", "base", "--plot", str(tmp_path / "p")])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("score", r"gqa/results/broken-2025-01-01\.json: score is 'sixty', allowed: a number or null"),
+    ("plot_file", r"--plot .*table\.md is a file; give a folder for the pictures"),
+    ("no_matplotlib", r"--plot needs matplotlib, an optional extra: pip install -e \"\.\[viz\]\""),
+    ("profile_answers", r"--profile .*a\.jsonl: record 1 has no flops, kv_bytes, so it is not a profile line"),
+])
+def test_broken_inputs_exit_2_with_one_line(data_root, tmp_path, monkeypatch, capsys, case, message):
+    import re
+    import sys
+
+    from llava.utils import cli
+
+    argv = ["--data-root", data_root, "--baseline", "base"]
+    if case == "score":
+        put(data_root, "gqa", "broken", "sixty")  # a hand-edited result file
+    elif case == "plot_file":
+        (tmp_path / "table.md").write_text("a table\n")
+        argv += ["--plot", str(tmp_path / "table.md")]
+    elif case == "no_matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        argv += ["--plot", str(tmp_path / "plots")]
+    else:
+        (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "text": "yes", "metadata": {}}) + "\n")
+        argv = ["--profile", str(tmp_path / "a.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(summarize.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "plots").exists()
 
 
 def test_loyalty_columns(tmp_path, capsys):

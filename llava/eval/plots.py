@@ -35,8 +35,8 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plots need matplotlib, an optional extra: pip install -e \".[viz]\" (make test and make "
-                           "demo install it)") from None
+        raise ImportError("--plot needs matplotlib, an optional extra: pip install -e \".[viz]\" (make test and make "
+                          "demo install it)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -56,7 +56,8 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
                    help="continue --answers-file (only a file written by the same run: model, method, decoding, "
                         "question file)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --answers-file (the old files stay until the new run finishes)")
+                   help="replace a non-empty --answers-file (the old files stay until the new run finishes); with "
+                        "--resume (the scripts' EXTRA_ARGS=--overwrite): continue the same run, replace a different one")
     p.add_argument("--keep-first-duplicate", action="store_true",
                    help="answer a question id that appears twice once, the first time (default: an error)")
     p.add_argument("--profile", type=str, default=None, help="write one JSON line of timings/FLOPs/KV per sample")
@@ -77,7 +78,12 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
 
 def check_args(args: argparse.Namespace) -> ReductionMethod | None:
     """Validate the flags that need no model (model family, conversation template, decoding, reduction method)
-    and return the method they describe; raises ValueError naming what is wrong."""
+    and return the method they describe; raises ValueError naming what is wrong. A checkpoint's broken or missing
+    files (and a hub id that cannot be fetched) are named here too, before any file is opened and the model
+    loaded."""
+    from llava.model.checkpoint_checks import check_checkpoint
+
+    check_checkpoint(args.model_path)
     resolve_family_args(args)
     check_conv_mode(args.conv_mode)
     if args.max_new_tokens < 1:
@@ -356,9 +362,12 @@ def log_record(question_id: Any, state: PruneState, **extra: Any) -> dict:
 
 
 # --------------------------------------------------------------------------- loyalty
-def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any]) -> dict[str, str]:
+def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any],
+                           expected: dict[str, dict] | None = None) -> dict[str, str]:
     """``{question key: answer text}`` of an unpruned run's answers file (``--loyalty-to``); a file of a pruned
-    run, of other questions or without question keys is refused, naming what differs."""
+    run, of other questions or without question keys is refused, naming what differs. ``expected`` (``{key:
+    {"question_id": ..., "prompt": ...}}`` of this run's questions) is what the file's lines must say of the keys
+    they share with it, with or without a run file beside them (and they must share some)."""
     from llava.eval.results import iter_jsonl
 
     if not os.path.isfile(path):
@@ -381,6 +390,16 @@ def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any]) -> d
             raise ValueError(f"--loyalty-to {path}:{lineno}: an answer line without its question key (metadata.q); "
                              "answers written by this codebase's runners have it")
         out[str(key)] = str(rec.get("text", ""))
+        mine = (expected or {}).get(str(key))
+        if mine is not None:
+            for what in ("question_id", "prompt"):
+                if what in rec and str(rec[what]) != str(mine[what]):
+                    raise ValueError(f"--loyalty-to {path}:{lineno}: question {key} is {rec[what]!r} there but "
+                                     f"{mine[what]!r} in this run's question file ({what} differs): the answers of "
+                                     "another question file; give the unpruned run of the same questions")
+    if expected is not None and not set(out) & set(expected):
+        raise ValueError(f"--loyalty-to {path}: none of its {len(out)} answers is to a question of this run (keys "
+                         f"{', '.join(sorted(out)[:3])}...); give the unpruned run of the same question file")
     return out
 
 
@@ -479,6 +498,9 @@ def run_questions(
         expected: how many questions the whole question file asks (every chunk), for the scorers' coverage.
     """
     method = check_args(args)  # before any file is opened and the model loaded
+    if expected == 0 or (expected is None and not items and args.num_chunks == 1):
+        raise ValueError(f"--question-file {getattr(args, 'question_file', None)}: it holds no questions (an empty "
+                         "file?); give the benchmark's question file")
     identity = run_identity(args, method, runner_options or {})
     summary = {"method": method.name if method is not None else "none", "budget": budget_label(args, method),
                "method_config": method.config() if method is not None else None, "expected": expected}
@@ -489,7 +511,8 @@ def run_questions(
         if method is None or not args.pio_log:
             raise ValueError("--loyalty-to compares a pruned run with the unpruned one: it needs --method and "
                              "--pio-log (where the per-question loyalty is written)")
-        reference = read_reference_answers(args.loyalty_to, identity)
+        reference = read_reference_answers(args.loyalty_to, identity,
+                                           {q.key: record(q, "", "") for q in items})
     files = RunFiles(args, identity, summary)
     finished = False
     try:
@@ -518,8 +541,11 @@ def run_questions(
                                                 reference.get(q.key)))
                 log = log_record(q.question_id, state, **extra) if files.logging else None
                 files.write(q.key, record(q, text, name), log, profile)
-        else:
+        elif items:
             logger.info("nothing to do: every question of this chunk is answered")
+        else:
+            logger.info("nothing to do: chunk %d of %d has no questions (the file has %s)", args.chunk_idx,
+                        args.num_chunks, expected)
         finished = True
     finally:
         files.close(finished)

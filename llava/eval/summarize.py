@@ -111,8 +111,10 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
             cov = r.get("coverage") or {}
             if cov.get("partial"):
                 row.partial.add(bench)
+                reasons = "; ".join(str(x) for x in cov.get("reasons") or [])
                 row.notes.append(f"{column_label(bench)} is partial ({cov.get('answered')} of {cov.get('expected')} "
-                                 f"questions answered, {cov.get('logged')} logged): marked *, left out of the Avg")
+                                 f"questions answered, {cov.get('logged')} logged{'; ' + reasons if reasons else ''}): "
+                                 "marked *, left out of the Avg")
             score = r.get("score")
             row.scores[bench] = None if score is None else float(score)
             row.metrics[bench] = str(r.get("metric") or "")
@@ -294,9 +296,18 @@ def _read_profiles(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
             name, path = os.path.splitext(os.path.basename(spec))[0], spec
         recs = read_jsonl(path)
         if not recs:
-            raise ValueError(f"profile {path} has no records")
+            raise ValueError(f"--profile {path} has no records")
+        for i, rec in enumerate(recs, 1):
+            lacking = [k for k in PROFILE_FIELDS if k not in rec]
+            if lacking:
+                raise ValueError(f"--profile {path}: record {i} has no {', '.join(lacking)}, so it is not a profile "
+                                 "line: give the runner's --profile file (X.profile.jsonl beside the answers X.jsonl)")
         out[name] = recs
     return out
+
+
+PROFILE_FIELDS = ("flops", "kv_bytes")
+"""What every line of a runner's ``--profile`` file has (:mod:`llava.eval.profiling`)."""
 
 
 def main(argv: list[str] | None = None) -> list[AccuracyRow]:
@@ -321,6 +332,14 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
                              "\".[viz]\"); the table links them")
     args = parser.parse_args(argv)
     configure_logging()
+    if args.plot:  # before any work: the package, and a folder for the pictures
+        from llava.eval.plots import require_matplotlib
+        from llava.utils import ensure_writable
+
+        if os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            raise NotADirectoryError(f"--plot {args.plot} is a file; give a folder for the pictures (it is created)")
+        require_matplotlib()
+        ensure_writable(args.plot, f"--plot {args.plot}")
     if args.profile:
         profiles = _read_profiles(args.profile)
         base = args.baseline if args.baseline in profiles else next(iter(profiles))

@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> str:
 
     args = build_parser().parse_args(argv)
     runner.setup_logging()
+    from llava.utils import ensure_writable
+
+    ensure_writable(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}")  # before the model loads
     fig = make_figure(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.image.save(args.out)

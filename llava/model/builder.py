@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_checks import check_checkpoint
 from .families import family_for_path
 
 logger = logging.getLogger(__name__)
@@ -65,14 +66,14 @@ def check_loading_info(model_path: str, info: dict, vision_optional: bool = True
         return sorted(k for k in keys if not vision_optional or ".vision_tower." not in f".{k}")
 
     missing, unexpected = relevant(info.get("missing_keys", [])), relevant(info.get("unexpected_keys", []))
-    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    mismatched = sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", []))
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
         if keys:
             problems.append(f"{len(keys)} {what} ({', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})")
     if problems:
         raise ValueError(f"checkpoint {model_path} does not match the model: tensors {'; '.join(problems)}; a "
-                         "missing tensor would run with random weights")
+                         "missing tensor or one of the wrong shape would run with random weights")
 
 
 def load_pretrained_model(
@@ -127,7 +128,10 @@ def load_pretrained_model(
             f"{model_path} is a LoRA checkpoint; merge it into its base first (upstream merge_lora_weights) "
             "and load the merged directory"
         )
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    check_checkpoint(model_path)  # broken or incomplete files named before the slow load
+    # a tensor of the wrong shape is reported by check_loading_info, naming it, instead of raised mid-load
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
+                                   "ignore_mismatched_sizes": True}
     if load_8bit or load_4bit:
         from transformers import BitsAndBytesConfig
 

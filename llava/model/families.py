@@ -22,7 +22,6 @@ Adding a family: its module (a :class:`Family` subclass, ``llava/model/family_<n
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -298,15 +297,11 @@ def family_for_path(model_path: str) -> Family:
     """The family of a checkpoint: a local directory's ``config.json``, or a hub id's config (through
     transformers' cache or the hub)."""
     from .builder import check_checkpoint_dir
+    from .checkpoint_checks import read_config_json
 
     if os.path.isdir(model_path):
         check_checkpoint_dir(model_path, tokenizer=False, weights=False)
-        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
-    else:
-        from transformers import PretrainedConfig
-
-        raw = PretrainedConfig.get_config_dict(model_path)[0]
+    raw = read_config_json(model_path)  # a broken file or an unreachable hub id: one line
     try:
         return family_of(raw)
     except ValueError as e:

@@ -100,7 +100,7 @@ class LlavaFamily(Family):
             cfg = load_llava_config(model_path)
             tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
             model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=cfg, low_cpu_mem_usage=True,
-                                                          **load_kwargs)
+                                                          **{**load_kwargs, "ignore_mismatched_sizes": False})
             proj_file = os.path.join(model_path, "mm_projector.bin")
             if not os.path.isfile(proj_file):
                 raise FileNotFoundError(f"{proj_file} not found: a checkpoint with model_base needs its projector "

@@ -51,7 +51,12 @@ class CLIPVisionTower(nn.Module):
             logger.debug("vision tower %s already loaded", self.vision_tower_name)
             return
         self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
-        self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, dtype=dtype)
+        self.vision_tower, info = CLIPVisionModel.from_pretrained(self.vision_tower_name, dtype=dtype,
+                                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+        from llava.model.builder import check_loading_info
+
+        # strict: a tensor missing or of the wrong shape is named (a full CLIP checkpoint's text tower is not used)
+        check_loading_info(self.vision_tower_name, {**info, "unexpected_keys": []}, vision_optional=False)
         self.vision_tower.requires_grad_(False)
         if device is not None:
             self.vision_tower.to(device)
