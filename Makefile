@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,viz]"
+	$(PY) -m pip install -q -e ".[test,viz,video,lmms]" "$(TORCH_SPEC)"
+	@# lmms-eval pulls PyPI's torchvision, a CUDA build that cannot load beside the CPU torch wheel (and transformers
+	@# imports torchvision whenever it is installed): on a torch without CUDA, remove it.
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)" && $(PY) -m pip uninstall -q -y torchvision || true
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,12 +3,13 @@
 The package depends on torch only. Every method (:mod:`pio.methods`: PIO-FVLM and the comparison methods) is a
 small class behind one interface (:mod:`pio.base`), registered by name (:mod:`pio.registry`). A model hands a
 method what it declared it needs at each of its stages and applies the kept positions with :mod:`pio.gather`;
-:mod:`pio.schedule` and :mod:`pio.budget` say where and how much, :mod:`pio.cli` builds a method from runner
-flags, :mod:`pio.flops` accounts for the cost.
+:mod:`pio.schedule` and :mod:`pio.budget` say where and how much, :mod:`pio.build` turns a method name and
+its options into a reducer (:mod:`pio.cli`: from runner flags), :mod:`pio.flops` accounts for the cost.
 """
 
-from .base import ReductionMethod, Selection, StageInputs
+from .base import ReductionMethod, SampleScores, ScorerMethod, Selection, StageInputs
 from .budget import Anchors
+from .build import build_reducer
 from .methods import PIO
 from .registry import get_method, make_method, method_names, register
 from .schedule import PAPER_N0, Schedule
@@ -20,9 +21,12 @@ __all__ = [
     "Anchors",
     "PruneState",
     "ReductionMethod",
+    "SampleScores",
     "Schedule",
+    "ScorerMethod",
     "Selection",
     "StageInputs",
+    "build_reducer",
     "get_method",
     "make_method",
     "method_names",

@@ -24,8 +24,14 @@ returns a :class:`Selection`: per sample the kept positions local to its visual 
 optionally new merged tokens that follow them. Methods never touch the model; the adapter supplies only what
 was declared, and :func:`pio.gather.build_keep_index` is the one place kept positions are applied.
 
+A method that ranks the visual tokens and keeps the best ones subclasses :class:`ScorerMethod` (the shape of
+NVIDIA/kvpress's ``ScorerPress``) and writes only ``score``; the per-sample loop (active samples, span slicing,
+the stable top-k, kept indices ascending) is the base class's, and a method that does more than top-k (NMS,
+recycling, merging) overrides its per-sample hook ``choose``.
+
 Adding a method touches three places: its class (``pio/methods/<name>.py``), its registry entry (the list in
-``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``).
+``pio/methods/__init__.py``) and its test entry (the naive reference in ``tests/test_methods.py``); and the README
+names it (``docs/methods.md``, "Adding a method").
 """
 
 from __future__ import annotations
@@ -39,11 +45,15 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .budget import Anchors
+from .family import ModelFamily, model_family
 from .gather import Span
+from .nms import topk_indices
+from .parse import parse_counts
 from .proxy import ProxyFn
 from .schedule import PAPER_N0, Schedule
 
-__all__ = ["NEEDS", "Flag", "ReductionMethod", "Selection", "StageInputs"]
+__all__ = ["NEEDS", "Flag", "ReductionMethod", "SampleScores", "ScorerMethod", "Selection", "StageInputs",
+           "active_samples"]
 
 NEEDS = ("hidden", "attention", "keys", "norm", "embeddings", "proxy")
 POSITIONS = ("renumber", "original")
@@ -151,7 +161,7 @@ class ReductionMethod(ABC):
             None: every stage keeps the same count.
         flags: method-specific command-line flags.
         source: where the defaults come from (paper, repository), for the docs and result files.
-        family_defaults: per model family (``"qwen2_5_vl"``), the authors' own settings there where they differ:
+        family_defaults: per model family name (``"qwen2_5_vl"``), the authors' own settings there where they differ:
             ``layers``, ``ve_layers``, ``anchors`` and ``options`` (hyper-parameter defaults).
     """
 
@@ -170,15 +180,15 @@ class ReductionMethod(ABC):
     positions: str = "renumber"
 
     @classmethod
-    def defaults(cls, family: str | None = None) -> dict[str, Any]:
-        """``layers``, ``ve_layers``, ``anchors`` and the hyper-parameter ``options`` for a model ``family`` (None:
-        LLaVA, the methods' published setting). Every method keeps its tokens' original positions on
-        Qwen2.5-VL (its M-RoPE ids; the PIO authors' Qwen choice) unless told otherwise."""
+    def defaults(cls, family: str | ModelFamily | None = None) -> dict[str, Any]:
+        """``layers``, ``ve_layers``, ``anchors`` and the hyper-parameter ``options`` for a model ``family`` (a
+        :class:`~pio.family.ModelFamily` or its registered name; None: the methods' published setting, LLaVA's):
+        the family's options for every method (e.g. Qwen2.5-VL's original M-RoPE positions, the PIO authors' Qwen
+        choice), then the method's own :attr:`family_defaults` for it."""
+        fam = model_family(family)
         out: dict[str, Any] = {"layers": cls.default_layers, "ve_layers": cls.ve_layers, "anchors": cls.anchors,
-                               "options": {}}
-        if family in FAMILY_POSITIONS:
-            out["options"] = {"positions": FAMILY_POSITIONS[family]}
-        own = cls.family_defaults.get(family or "", {})
+                               "options": dict(fam.method_options) if fam is not None else {}}
+        own = cls.family_defaults.get(fam.name if fam is not None else "", {})
         out.update({k: v for k, v in own.items() if k != "options"})
         out["options"] = {**out["options"], **own.get("options", {})}
         return out
@@ -195,7 +205,7 @@ class ReductionMethod(ABC):
         tokens: Sequence[int] | None = None,
         ratios: Sequence[float] | None = None,
         ratio_mode: str = "initial",
-        family: str | None = None,
+        family: str | ModelFamily | None = None,
     ) -> Schedule:
         """The method's schedule for one target: a paper budget label ``budget`` (64, 128, 192: the average
         visual tokens per layer as a fraction of 576, so exactly that on LLaVA-1.5 and the same share of each
@@ -224,12 +234,20 @@ class ReductionMethod(ABC):
         )
 
     @classmethod
-    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, family: str | None = None,
+    def from_budget(cls, budget: float, layers: Sequence[int] | None = None, family: str | ModelFamily | None = None,
                     **options: Any) -> ReductionMethod:
         """The method at a paper budget label (64, 128, 192; see :meth:`schedule_for`) with its defaults for
         ``family``; ``options`` override them."""
         return cls(cls.schedule_for(layers, budget=budget, family=family),
                    **{**cls.defaults(family)["options"], **options})
+
+    @classmethod
+    def read_tokens(cls, text: Any) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """The per-stage counts of a ``tokens`` option as the user wrote it (``--tokens 92,54,22``, the authors'
+        ``--image_token_list [92, 54, 22]``), and the options of the method that the same spelling gives (none
+        here; a method whose authors write more per stage reads it, e.g. VisionDrop's ``[dominant, contextual]``
+        pairs)."""
+        return parse_counts(text), {}
 
     # -- what the model asks ----------------------------------------------------------------------------------
     @property
@@ -274,10 +292,84 @@ class ReductionMethod(ABC):
         return f"{self.name}: {self.schedule.describe(n0)}" + (f" ({opts})" if opts else "")
 
 
-FAMILY_POSITIONS = {"qwen2_5_vl": "original"}
-"""Positions after a prune per model family where every method keeps the original ones (M-RoPE ids)."""
-
 
 def active_samples(inputs: StageInputs) -> list[bool]:
     """Samples pruned at this stage: an image whose span is longer than its target."""
     return [s is not None and 0 <= t < s[1] for s, t in zip(inputs.spans, inputs.targets)]
+
+
+@dataclass(frozen=True)
+class SampleScores:
+    """One sample pruned at a stage, as :meth:`ScorerMethod.choose` sees it.
+
+    Attributes:
+        index: its row in the batch.
+        start: where its visual span starts.
+        length: the span's length ``n``.
+        target: visual tokens to keep, fewer than ``n``.
+        row: (S,) its scores at every position (:meth:`ScorerMethod.score`).
+    """
+
+    index: int
+    start: int
+    length: int
+    target: int
+    row: torch.Tensor
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(n,) the scores of the visual tokens."""
+        return self.row[self.start : self.start + self.length]
+
+    def span(self, x: torch.Tensor) -> torch.Tensor:
+        """The visual span's rows of the batch tensor ``x`` (B, S, ...) -> (n, ...)."""
+        return x[self.index, self.start : self.start + self.length]
+
+
+@dataclass(frozen=True)
+class ScorerMethod(ReductionMethod):
+    """An in-LLM method that scores the visual tokens and keeps each sample's best ones (the shape of
+    NVIDIA/kvpress's ``ScorerPress``).
+
+    A subclass writes :meth:`score`, (B, S) scores of the whole batch; :meth:`select` runs the per-sample loop:
+    samples without an image or already within their target are left whole, the others keep the top ``target``
+    of their span by score, ties broken by the lower index, kept indices ascending. A method that does more than
+    top-k (PIO's NMS, SparseVLM's and VFlowOpt's recycling, VisionDrop's merging) overrides the per-sample hook
+    :meth:`choose`, and :meth:`prepare` for batch-level inputs that hook reads.
+
+    Class attributes:
+        phase: the profile phase the per-sample loop is timed under.
+    """
+
+    phase: ClassVar[str] = "score"
+
+    @abstractmethod
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S) scores of every position, higher kept; only the visual spans of the ``active`` samples (see
+        :func:`active_samples`) are read."""
+
+    def prepare(self, inputs: StageInputs, active: Sequence[bool]) -> Any:
+        """Batch-level inputs of :meth:`choose`, computed once per stage after :meth:`score` (default: none)."""
+        return None
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, prepared: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sample's kept indices local to its span (LongTensor, ascending) and the merged tokens (m, D) that
+        follow them, or None: here the top ``sample.target`` by score, ties to the lower index."""
+        return topk_indices(sample.scores, sample.target), None
+
+    def select(self, inputs: StageInputs) -> Selection:
+        active = active_samples(inputs)
+        if not any(active):
+            return Selection([None] * len(active))
+        scores = self.score(inputs, active)  # (B, S)
+        prepared = self.prepare(inputs, active)
+        keep: list[torch.Tensor | None] = []
+        merged: list[torch.Tensor | None] = []
+        with inputs.timed(self.phase):
+            for b, (span, target) in enumerate(zip(inputs.spans, inputs.targets)):
+                kept, new = (None, None) if not active[b] else self.choose(
+                    inputs, SampleScores(b, span[0], span[1], target, scores[b]), prepared)
+                keep.append(kept)
+                merged.append(new)
+        return Selection(keep, merged if any(m is not None for m in merged) else None)

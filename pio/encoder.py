@@ -16,17 +16,19 @@ after them (merged "contextual" tokens). What it may ask the model for (``needs`
 ``"keys"``
     an encoder layer's keys of the patches (N, P, H, head_dim);
 ``"received_attention"``
-    for a vision transformer without a CLS token (Qwen2.5-VL's), the attention each token receives at a layer,
-    summed over heads and averaged over the query rows (and over the patches merged into one token).
+    the attention each token receives at a layer, summed over heads and averaged over the query rows (and over
+    the patches merged into one token): what a tower without a CLS token offers instead (Qwen2.5-VL's);
 ``"attention"``
-    an encoder layer's full softmax attention over all its tokens (N, 1 + P, 1 + P), CLS first, averaged over
-    heads, recomputed from that layer's input (VFlowOpt's "global" query rows);
+    an encoder layer's full softmax attention over all its tokens (N, T, T; T = P, plus 1 for a CLS token,
+    first), averaged over heads, recomputed from that layer's input (VFlowOpt's "global" query rows);
 ``"pixels"``
     the crops' 8-bit pixel values (N, 3, H, W) as the image processor resized them, its normalisation undone
     (VFlowOpt's patch entropy).
 
-``encoders`` says which vision encoders a method can read: ``"clip"`` (LLaVA's CLIP, with a CLS token) and
-``"merged"`` (Qwen2.5-VL's vision transformer: patches merged 2 x 2 into the tokens the LLM sees, no CLS).
+The model describes its vision tower by capability flags (:class:`TowerTraits`: a CLS token or not, how many
+encoder patches make one language-model token, fixed-size crops or one grid per image) and serves the needs it
+can; a method declares the flags it ``requires`` (VisionZip: ``{"cls_token"}``) and is refused by name, before
+it runs, on a tower without them. Without a CLS token, ``hidden`` and ``attention`` have no CLS row.
 
 A run composes an encoder-side method and an in-language-model one with :class:`Pipeline`
 (``--method visionzip+pio``); the in-LLM stages then see the reduced span. The budget of a composition is still
@@ -44,13 +46,44 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .base import Flag, ReductionMethod
-from .schedule import PAPER_N0
+from .family import ModelFamily
+from .schedule import PAPER_N0, _warn_once
 
-__all__ = ["ENCODER_KINDS", "ENCODER_NEEDS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline", "split_reducer"]
+__all__ = ["ENCODER_NEEDS", "TOWER_REQUIREMENTS", "EncoderInputs", "EncoderMethod", "EncoderSelection", "Pipeline",
+           "TowerTraits", "split_reducer"]
 
 ENCODER_NEEDS = ("features", "cls_attention", "hidden", "keys", "received_attention", "attention", "pixels")
-ENCODER_KINDS = ("clip", "merged")
 LEAD, KEPT, EXTRA = "lead", "kept", "extra"
+
+
+@dataclass(frozen=True)
+class TowerTraits:
+    """What a model's vision tower is, as the encoder-side methods see it.
+
+    Attributes:
+        cls_token: its hidden states start with a CLS token (CLIP); False for SigLIP and Qwen2.5-VL's tower.
+        patches_per_token: encoder patches merged into one language-model token (Qwen2.5-VL: 4, its 2 x 2
+            merger; CLIP and SigLIP: 1).
+        per_crop: images arrive as fixed-size crops of one patch grid (LLaVA's base view and anyres crops);
+            False: one grid per image, its size following the image (Qwen2.5-VL).
+    """
+
+    cls_token: bool
+    patches_per_token: int = 1
+    per_crop: bool = True
+
+    @property
+    def unmerged(self) -> bool:
+        """Every language-model token is one encoder patch."""
+        return self.patches_per_token == 1
+
+
+TOWER_REQUIREMENTS = {
+    "cls_token": "the CLS attention of a vision tower with a CLS token",
+    "unmerged": "one encoder patch per language-model token",
+    "per_crop": "a vision tower that encodes fixed-size crops",
+}
+"""The :class:`TowerTraits` flags a method may require (:attr:`EncoderMethod.requires`), and what each means."""
 
 
 class EncoderInputs(Protocol):
@@ -61,7 +94,7 @@ class EncoderInputs(Protocol):
         grid: (rows, cols) of a crop's patch grid (24 x 24 for CLIP ViT-L/14 at 336 px).
         crops: per crop ``(image index, crop index)``; crop 0 of an image is its base view.
         targets: per crop the number of tokens to keep.
-        encoder: ``"clip"`` or ``"merged"`` (module docstring).
+        tower: what the vision tower is (:class:`TowerTraits`).
         full_attention_layers: the encoder layers that attend over the whole image (every layer of CLIP; Qwen's
             full-attention blocks between its windowed ones).
     """
@@ -70,7 +103,7 @@ class EncoderInputs(Protocol):
     grid: tuple[int, int]
     crops: Sequence[tuple[int, int]]
     targets: Sequence[int]
-    encoder: str
+    tower: TowerTraits
     full_attention_layers: Sequence[int]
 
     def cls_attention(self, layer: int) -> torch.Tensor:
@@ -79,8 +112,9 @@ class EncoderInputs(Protocol):
         ...
 
     def hidden(self, index: int) -> torch.Tensor:
-        """(N, 1 + P, C), CLS first: the encoder's hidden states ``index``, transformers' indexing (0: the
-        embeddings, ``i``: layer i-1's output, ``-2``: the penultimate layer's output, which LLaVA projects)."""
+        """(N, T, C), a CLS token first where the tower has one: the encoder's hidden states ``index``,
+        transformers' indexing (0: the embeddings, ``i``: layer i-1's output, ``-2``: the penultimate layer's
+        output, which LLaVA projects)."""
         ...
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +131,8 @@ class EncoderInputs(Protocol):
         ...
 
     def attention(self, layer: int) -> torch.Tensor:
-        """(N, 1 + P, 1 + P) float32 (float64 for a float64 tower): encoder layer ``layer``'s softmax attention of
-        every query over every key, CLS first, averaged over heads."""
+        """(N, T, T) float32 (float64 for a float64 tower): encoder layer ``layer``'s softmax attention of every
+        query over every key (a CLS token first where the tower has one), averaged over heads."""
         ...
 
     def pixels(self) -> torch.Tensor:
@@ -127,11 +161,16 @@ class EncoderMethod(ABC):
 
     Fields:
         tokens: tokens the language model gets per crop (LLaVA-1.5: per image), merged ones included.
+
+    Class attributes:
+        needs: what it asks the model for, a subset of :data:`ENCODER_NEEDS`.
+        requires: the :class:`TowerTraits` flags the vision tower must have (:data:`TOWER_REQUIREMENTS`);
+            by default a CLS token, what most published encoder-side methods read.
     """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset({"features"})
-    encoders: ClassVar[frozenset[str]] = frozenset({"clip"})
+    requires: ClassVar[frozenset[str]] = frozenset({"cls_token"})
     where: ClassVar[str] = "pre_llm"
     flags: ClassVar[tuple[Flag, ...]] = ()
     source: ClassVar[str] = ""
@@ -148,8 +187,12 @@ class EncoderMethod(ABC):
 
     def target(self, patches: int) -> int:
         """Tokens to keep of a crop with ``patches`` patches (``tokens`` out of 576, scaled, at most all); a crop
-        whose target is all its patches is left whole."""
-        return min(patches, max(1, round(self.tokens * patches / PAPER_N0)))
+        whose target is all its patches is left whole (said once in the log)."""
+        target = max(1, round(self.tokens * patches / PAPER_N0))
+        if target >= patches:
+            _warn_once(f"{self.name} keeps {self.tokens} tokens per crop of {PAPER_N0}: a crop of {patches} patches "
+                       "keeps all of them and nothing is reduced before the language model")
+        return min(patches, target)
 
     def validate(self, num_layers: int | None = None) -> None:
         """Check the configuration (``num_layers``, the decoder's depth, is not needed before the LLM)."""
@@ -158,6 +201,15 @@ class EncoderMethod(ABC):
         unknown = set(self.needs) - set(ENCODER_NEEDS)
         if unknown:
             raise ValueError(f"{self.name}: unknown needs {sorted(unknown)}; allowed: {', '.join(ENCODER_NEEDS)}")
+        unknown = set(self.requires) - set(TOWER_REQUIREMENTS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown requirements {sorted(unknown)}; allowed: "
+                             f"{', '.join(TOWER_REQUIREMENTS)}")
+
+    @classmethod
+    def runs_on(cls, tower: TowerTraits) -> bool:
+        """Whether ``tower`` has every flag the method :attr:`requires`."""
+        return all(getattr(tower, r) for r in cls.requires)
 
     @abstractmethod
     def select(self, inputs: EncoderInputs) -> EncoderSelection:
@@ -197,14 +249,15 @@ class Pipeline:
 
     @classmethod
     def from_budget(cls, pre: type[EncoderMethod], llm: type[ReductionMethod], budget: float,
-                    layers: Sequence[int] | None = None, family: str | None = None, **options: Any) -> Pipeline:
+                    layers: Sequence[int] | None = None, family: str | ModelFamily | None = None,
+                    **options: Any) -> Pipeline:
         """The paper's "w/ VE" row B: the encoder keeps ``1.5 B`` per crop (the authors' 96 for 64), then the
         in-LLM method, after its w/ VE layers (PIO: 16, the authors' README), keeps what makes the average over the
         decoder layers B: for one stage after layer L/2, a third of the encoder's tokens (96 -> 32)."""
+        if not 0 < budget <= PAPER_N0 / VE_SHARE:
+            raise ValueError(f"budget {budget:g} w/ VE must be in (0, {PAPER_N0 / VE_SHARE:g}]: the encoder keeps "
+                             f"{VE_SHARE:g} x the budget per crop of {PAPER_N0} (the paper's 64, 128, 192)")
         encoder_tokens = VE_SHARE * budget
-        if encoder_tokens > PAPER_N0:
-            raise ValueError(f"budget {budget:g} w/ VE: the encoder would keep {encoder_tokens:g} of {PAPER_N0} per "
-                             f"crop; the largest budget with an encoder stage is {PAPER_N0 / VE_SHARE:g}")
         d = llm.defaults(family)
         layers = layers if layers is not None else (d["ve_layers"] or d["layers"])
         schedule = llm.schedule_for(layers, budget_ratio=1 / VE_SHARE, family=family)

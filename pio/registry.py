@@ -41,25 +41,13 @@ def make_method(name: str, **kwargs: Any) -> Any:
     """An instance of the method ``name``: ``make_method("fastv", budget=64)`` (a paper budget label, solved with
     the method's published shape), ``make_method("pio", schedule=Schedule(...), tau=0.8)``,
     ``make_method("visionzip", budget=64)`` (tokens per crop), or ``make_method("scan+pio", budget=64)`` (the
-    paper's "w/ VE" row: a :class:`~pio.encoder.Pipeline`; options go to the in-LLM method). ``family="qwen2_5_vl"``
-    gives the method's defaults for that model family (e.g. PIO's layers 1, 8, 14 and current-layer proxy)."""
-    from .encoder import EncoderMethod, Pipeline
+    paper's "w/ VE" row: a :class:`~pio.encoder.Pipeline`; options go to the method that has them).
+    ``family="qwen2_5_vl"`` gives the method's defaults for that model family (e.g. PIO's layers 1, 8, 14 and
+    current-layer proxy). The keyword arguments are :func:`pio.build.build_reducer`'s options."""
+    from .build import build_reducer
 
-    names = str(name).split("+")
-    if len(names) == 2:
-        if "budget" not in kwargs:
-            raise ValueError(f"make_method({name!r}) builds the paper's w/ VE row: give budget=B, or build "
-                             "pio.encoder.Pipeline(encoder_method, llm_method) yourself")
-        pre, llm = get_method(names[0]), get_method(names[1])
-        if not (issubclass(pre, EncoderMethod) and not issubclass(llm, EncoderMethod)):
-            raise ValueError(f"{name!r}: the first method must act before the language model, the second inside it")
-        return Pipeline.from_budget(pre, llm, kwargs.pop("budget"), kwargs.pop("layers", None), **kwargs)
-    cls = get_method(name)
-    if "budget" in kwargs:
-        budget = kwargs.pop("budget")
-        if issubclass(cls, EncoderMethod):
-            kwargs.pop("family", None)
-            return cls.from_budget(budget, **kwargs)
-        return cls.from_budget(budget, kwargs.pop("layers", None), **kwargs)
     family = kwargs.pop("family", None)
-    return cls(**{**cls.defaults(family)["options"], **kwargs}) if family else cls(**kwargs)
+    if "+" in str(name) and "budget" not in kwargs and "pre_tokens" not in kwargs:
+        raise ValueError(f"make_method({name!r}) builds the paper's w/ VE row: give budget=B, or pre_tokens=T with the "
+                         "in-LLM method's target, or build pio.encoder.Pipeline(encoder_method, llm_method) yourself")
+    return build_reducer(name, kwargs, family=family)

@@ -98,6 +98,7 @@ class PruneState:
         self.vision_crops = 0  # crops the vision tower encoded (every image's views)
         self.vision_grids: list[list[int]] = []  # patch grids (t, h, w) a Qwen-style vision transformer encoded
         self.first_logits: torch.Tensor | None = None  # (B, V) the prefill's next-token logits, when a caller asks
+        self.step_logits: tuple[torch.Tensor, ...] = ()  # (B, V) per generated token, when a caller asks
         self._orig_local: list[torch.Tensor | None] = []
         self._visual_spans: list[list[Span]] | None = None
         self._encoder: list[list[EncoderRecord]] | None = None

@@ -14,7 +14,8 @@
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
 #   CONV_MODE    conversation template               (default vicuna_v1; qwen2_5_vl in scripts/qwen2_5_vl)
 #   MIN_PIXELS MAX_PIXELS  Qwen2.5-VL image area bounds (default: the runner's, 1008*1008 both)
-#   EXTRA_ARGS   more runner flags, word-split       (default empty)
+#   EXTRA_ARGS   more runner flags, word-split       (default empty; the runners always --resume the same run:
+#                                                    EXTRA_ARGS=--overwrite replaces a different earlier one)
 #   PYTHON       interpreter                         (default: the project's .venv/bin/python when there is
 #                                                    one, else python)
 #   CUDA_VISIBLE_DEVICES  chunked benchmarks run one chunk per listed GPU

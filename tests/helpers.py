@@ -34,25 +34,39 @@ def pixels(images, processor, model):
 QWEN_TEST_PIXELS = (3136, 100352)  # tiny Qwen tests: 4 to 128 merged visual tokens per image (not 1008^2)
 
 
-def load(path: str, attn: str = "sdpa", dtype: str = "float32"):
-    """Load a tiny checkpoint on CPU through the real builder (Qwen2.5-VL at :data:`QWEN_TEST_PIXELS`)."""
-    from llava.model.builder import checkpoint_family, load_pretrained_model
+TEST_OPTIONS = {"qwen2_5_vl": dict(zip(("min_pixels", "max_pixels"), QWEN_TEST_PIXELS, strict=True))}
+"""Loader options of a family's tiny checkpoints in the tests (by family name)."""
 
-    extra = {}
-    if checkpoint_family(path) == "qwen2_5_vl":
-        extra = dict(zip(("min_pixels", "max_pixels"), QWEN_TEST_PIXELS, strict=True))
+
+def family_flags(variant: str) -> list[str]:
+    """The runner flags of a variant's tiny checkpoint in the tests: its family's template and test options."""
+    from llava.model.families import variants
+
+    family = variants()[variant]
+    options = TEST_OPTIONS.get(family.name, {})
+    return ["--conv-mode", family.conv_mode, *[x for k, v in options.items() for x in (f"--{k.replace('_', '-')}",
+                                                                                         str(v))]]
+
+
+def load(path: str, attn: str = "sdpa", dtype: str = "float32"):
+    """Load a tiny checkpoint on CPU through the real builder (with its family's :data:`TEST_OPTIONS`)."""
+    from llava.model.builder import load_pretrained_model
+    from llava.model.families import family_for_path
+
+    extra = TEST_OPTIONS.get(family_for_path(path).name, {})
     return load_pretrained_model(path, device="cpu", torch_dtype=dtype, attn_implementation=attn, **extra)
 
 
 def encode(models, arch: str, question: str, images=(), mode: str | None = None):
-    """``(input_ids (1, T), kwargs)`` of one question with ``images`` for ``models[arch]``; kwargs carry the
-    pixels and sizes (LLaVA: image sizes; Qwen2.5-VL: its grids) under the names ``generate`` and ``forward``
-    take (``images``, ``image_sizes``)."""
-    from llava.eval.runner import QWEN_CONV_MODE, chat_prompt
+    """``(input_ids (1, T), kwargs)`` of one question with ``images`` for ``models[arch]`` (a variant) in its
+    family's default template; kwargs carry the pixels and sizes (LLaVA: image sizes; Qwen2.5-VL: its grids)
+    under the names ``generate`` and ``forward`` take (``images``, ``image_sizes``)."""
+    from llava.eval.runner import chat_prompt
     from llava.eval.runner import encode as encode_prompt
+    from llava.model.families import variants
 
     tok, model, proc = models[arch]
-    mode = mode or (QWEN_CONV_MODE if arch == "qwen" else "vicuna_v1")
+    mode = mode or variants()[arch].conv_mode
     prompt = chat_prompt("<image>\n" * len(images) + question, mode)
     ids, px, sizes = encode_prompt(prompt, list(images), tok, proc, model.config)
     return ids, ({"images": px, "image_sizes": sizes} if images else {})

@@ -72,7 +72,8 @@ def test_pio_spellings_and_authors_aliases():
     ("--method fastvv --budget 64", r"unknown method 'fastvv'; known methods: pio, fastv, pdrop, sparsevlm, dart, random"),
     ("--method pio+scan --budget 64", r"the first method must act before the language model"),
     ("--method visionzip --budget 64 --layers 2", r"--layers does not apply to visionzip, which acts before"),
-    ("--method scan+pio --budget 500", r"the encoder would keep 750 of 576"),
+    ("--method scan+pio --budget 500", r"budget 500 w/ VE must be in \(0, 384\]: the encoder keeps 1\.5 x the budget"),
+    ("--method scan+pio --budget -5", r"budget -5 w/ VE must be in \(0, 384\]"),  # the budget given, not 1.5 x
     ("--method scan+pio --tokens 32", r"needs --budget B \(the paper's w/ VE row\) or --pre-tokens T"),
     ("--visual_token_num 700 --pio-preset 64", r"--visual_token_num 700: the authors' scan keeps 1\.\.576"),
     ("--method fastv --pre-tokens 96 --tokens 30", r"--pre-tokens needs an encoder-side method"),
@@ -134,3 +135,71 @@ def test_visiondrop_authors_spelling():
         parse("--method pio --image_token_list '[[30,5],[22,4]]'")
     with pytest.raises(ValueError, match="every stage needs"):
         parse("--method visiondrop --layers 8,16 --image_token_list '[[30,5],[22]]'")
+
+
+# ------------------------------------------------------------------------------------------ plain options
+@pytest.mark.parametrize("name", method_names())
+def test_plain_options_build_what_the_flags_build(name):
+    """build_reducer takes (name, options) as an lmms-eval --model_args string gives them: text values, the
+    method's own options by field name; the result is the flags' reducer."""
+    from pio import build_reducer
+
+    assert build_reducer(name, {"budget": "64"}) == parse(f"--method {name} --budget 64")
+    cls = get_method(name)
+    for flag in cls.flags:  # every own option, spelled as text, as its flag gives it
+        if flag.type is None:
+            value, text = flag.const, str(flag.const).lower()
+        else:
+            value = {"pio-proxy": "current", "pio-proxy-impl": "full"}.get(flag.name, "3")
+            text = value
+        flags = parse(f"--method {name} --budget 64 --{flag.name} {value if flag.type else ''}")
+        assert build_reducer(name, {"budget": 64, flag.field: text}) == flags, flag.name
+
+
+def test_plain_options_schedules_compositions_and_errors():
+    from pio import build_reducer
+
+    assert build_reducer("pio", {"layers": "1,10,15", "tokens": "92,54,22", "tau": "0.8"}) == parse(
+        "--method pio --layers 1,10,15 --tokens 92,54,22 --pio-tau 0.8")
+    assert build_reducer("pio", {"layers": [1, 10, 15], "tokens": "[92, 54, 22]", "nms": "false"}).nms is False
+    assert build_reducer("scan+pio", {"budget": 64, "tau": 0.5, "merge": "false"}) == parse(
+        "--method scan+pio --budget 64 --pio-tau 0.5 --scan-no-merge")
+    assert build_reducer("visionzip+fastv", {"pre_tokens": 128, "tokens": 64, "visionzip.contextual": "16"}) == parse(
+        "--method visionzip+fastv --pre-tokens 128 --tokens 64 --visionzip-contextual 16")
+    assert build_reducer("pio", {"budget": 64}, family="qwen2_5_vl").layers == (1, 8, 14)
+    assert build_reducer(None, {}) is None and build_reducer("none", {"budget": None}) is None
+    for method, options, message in [
+        ("pio", {"budget": 64, "taux": 1}, r"unknown option 'taux' for pio; allowed: budget, .*, tau, k_pos"),
+        ("fastv", {"budget": 64, "tau": 1}, r"unknown option 'tau' for fastv; allowed: budget"),
+        ("pio", {"budget": 64, "proxy": "prev"}, r"proxy=prev: allowed next, current"),
+        ("pio", {"budget": 64, "nms": "maybe"}, r"nms is a switch: give true or false"),
+        ("visionzip+visiondrop", {"pre_tokens": 64, "contextual": 3}, r"'contextual' belongs to visionzip and "
+                                                                      r"visiondrop; give visionzip.contextual"),
+        ("fastv", {"budget": 64, "pio.tau": 1}, r"pio.tau is an option of method pio, but method is fastv"),
+        ("fastv", {}, r"method=fastv needs a target: budget=64\|128\|192"),
+        ("fastv", {"budget": 64, "tokens": 30}, r"give one target, got budget and tokens"),
+        (None, {"tau": 0.5}, r"tau is a method's own option; add method=NAME"),
+        ("pio", {"image_token_list": "[[30,5]]"}, r"unknown option 'image_token_list'"),
+        ("pio", {"tokens": "[[30,5],[22,4]]"}, r"tokens=\[\[30,5\],\[22,4\]\]: per-stage pairs are VisionDrop's"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_reducer(method, options)
+
+
+# ------------------------------------------------------------------------------------------ the README's lists
+def test_readme_lists_every_registered_method_and_flag():
+    """The README's Methods table and its --method NAME row name every registered method; its flag rows name
+    every method's own flags."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    methods = text[text.index("### Methods"):text.index("### Reduction flags")]
+    flags = text[text.index("### Reduction flags"):text.index("### Python")]
+    table = set(re.findall(r"^\| `([a-z0-9_]+)` \|", methods, re.M))
+    row = next(line for line in flags.splitlines() if line.startswith("| `--method NAME` |"))
+    missing = {"Methods table": set(method_names()) - table,
+               "--method NAME row": set(method_names()) - set(re.findall(r"`([a-z0-9_]+)`", row)),
+               "flag rows": {f"--{f.name}" for n in method_names() for f in get_method(n).flags
+                             if not re.search(rf"`--{f.name}[` ]", flags)}}
+    assert not any(missing.values()), missing

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
+from llava.model.families import variants
 from pio import PruneState, Schedule, get_method, method_names
 from tests.helpers import encode, image, left_padded_pair, load, pixels, prompt_ids
 
-FAMILY = {"v15": None, "v16": None, "qwen": "qwen2_5_vl"}
+VARIANTS = list(variants())  # every registered family's variants: llava-v1.5, llava-v1.6, qwen2_5_vl
 
 
 def parts(model):
@@ -266,11 +267,11 @@ CASES = {  # (schedule, options) for a 4-layer decoder, several budgets each
 NAMES = [n for n in method_names() if get_method(n).where == "llm"]
 
 
-def make(name: str, case: int = 0, arch: str = "v15"):
+def make(name: str, case: int = 0, arch: str = "llava-v1.5"):
     """The method of ``CASES[name][case]`` with its defaults for ``arch``'s model family."""
     schedule, options = CASES[name][case]
     cls = get_method(name)
-    return cls(schedule, **{**cls.defaults(FAMILY[arch])["options"], **options})
+    return cls(schedule, **{**cls.defaults(variants()[arch])["options"], **options})
 
 
 def naive_run(model, embeds, span, method, positions=None) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
@@ -330,27 +331,23 @@ def test_every_method_has_a_test_entry():
     assert set(method_names()) == set(NAMES) | set(ENCODER_REFERENCES)
 
 
-ARCHES = ["v15", "v16", "qwen"]
-
-
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_kept_positions_equal_naive_reference(models, name, arch):
     tok, model, proc = models[arch]
     model.to(torch.float64)
     try:
-        cases = range(len(CASES[name])) if arch == "v15" else range(1)
+        cases = range(len(CASES[name])) if arch == "llava-v1.5" else range(1)
         for case in cases:
             method = make(name, case, arch)
-            ids, kw = single_input(models, arch, seed=case + {"v15": 0, "v16": 5, "qwen": 3}[arch])
+            ids, kw = single_input(models, arch, seed=case + {"llava-v1.5": 0, "llava-v1.6": 5, "qwen2_5_vl": 3}[arch])
             mm = model.prepare_multimodal_inputs(ids, None, kw["images"].to(torch.float64), kw["image_sizes"])
             state = PruneState()
             state.set_inputs(mm.spans, mm.padding_side)
             model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
                   reducer=method, prune_state=state)
             ours = [st.kept for st in state.samples[0].stages]
-            qwen_ids = mm.position_ids if arch == "qwen" else None
-            ref, ref_merged = naive_run(model, mm.inputs_embeds, mm.spans[0][0], method, qwen_ids)
+            ref, ref_merged = naive_run(model, mm.inputs_embeds, mm.spans[0][0], method, mm.position_ids)
             assert len(ref) >= 1, (name, case)
             assert ours == ref, (name, case)
             merged = {layer: sel.merged[0] for layer, sel in state.selections.items() if sel.merged is not None}
@@ -362,7 +359,7 @@ def test_kept_positions_equal_naive_reference(models, name, arch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("arch", ["v15", "qwen"])
+@pytest.mark.parametrize("arch", ["llava-v1.5", "qwen2_5_vl"])
 def test_keep_all_is_identity(models, name, arch):
     tok, model, proc = models[arch]
     schedule, options = CASES[name][0]
@@ -377,7 +374,7 @@ def test_keep_all_is_identity(models, name, arch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_cached_decoding_equals_recomputation(models, name, arch):
     tok, model, proc = models[arch]
     method = make(name, 0, arch)
@@ -395,7 +392,7 @@ def test_cached_decoding_equals_recomputation(models, name, arch):
         assert int(logits.argmax()) == tokens[t]
 
 
-def batch(models, side, arch="v15"):
+def batch(models, side, arch="llava-v1.5"):
     """Three questions (two images of different sizes, one text-only) padded on ``side``: ``(questions, per-sample
     (ids, kwargs), ids, mask, kwargs of the batch's images)``."""
     qs = [("Is there a cat?", 0), ("What is written on the sign in the picture?", None), ("Name the colour.", 1)]
@@ -408,17 +405,14 @@ def batch(models, side, arch="v15"):
         sl = slice(width - s.shape[1], width) if side == "left" else slice(0, s.shape[1])
         ids[b, sl], mask[b, sl] = s[0], 1
     with_images = [kw for _, kw in singles if kw]
-    if arch == "qwen":
-        kw = {"images": torch.cat([k["images"] for k in with_images]),
-              "image_sizes": torch.cat([k["image_sizes"] for k in with_images])}
-    else:
-        kw = {"images": torch.cat([k["images"] for k in with_images]),
-              "image_sizes": [size for k in with_images for size in k["image_sizes"]]}
+    sizes = [k["image_sizes"] for k in with_images]  # LLaVA: lists of (width, height); Qwen2.5-VL: grid tensors
+    kw = {"images": torch.cat([k["images"] for k in with_images]),
+          "image_sizes": torch.cat(sizes) if torch.is_tensor(sizes[0]) else [s for k in sizes for s in k]}
     return qs, singles, ids, mask, kw
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("arch", ["v15", "qwen"])
+@pytest.mark.parametrize("arch", ["llava-v1.5", "qwen2_5_vl"])
 def test_batch_equals_single(models, name, arch):
     tok, model, proc = models[arch]
     method = make(name, 0, arch)
@@ -501,7 +495,73 @@ def cls_row(v: dict, layer: int, c: int) -> torch.Tensor:
     return v["attn"][layer][c, :, 0, 1:]  # (H, P)
 
 
+def naive_received_views(model, pixels, grid) -> dict:
+    """What an encoder-side method reads of one image on a tower without a CLS token (Qwen2.5-VL), the plain way:
+    every vision block's input caught, each block's full softmax attention recomputed with transformers' own
+    vision rotary, the attention each merged token receives (heads summed, query rows averaged, its patches
+    averaged) in raster order, and the merged features."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    visual = model.model.visual
+    caught = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw, i=i: caught.__setitem__(i, (a[0], kw)), with_kwargs=True)
+             for i, b in enumerate(visual.blocks)]
+    try:
+        feats = model.model.get_image_features(pixels, grid)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    window_index, _ = visual.get_window_index(grid)
+    unit = visual.spatial_merge_unit
+
+    def received(layer):
+        h, kw = caught[layer % len(visual.blocks)]
+        block = visual.blocks[layer % len(visual.blocks)]
+        S = h.shape[0]
+        q, k, _ = block.attn.qkv(block.norm1(h)).reshape(S, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
+        p = torch.softmax(torch.einsum("shd,thd->hst", q.float(), k.float()) / q.shape[-1] ** 0.5, dim=-1)
+        per_patch = p.sum(0).mean(0)  # one image: one attention group
+        in_window_order = [float(per_patch[unit * i:unit * i + unit].mean()) for i in range(S // unit)]
+        raster = [0.0] * (S // unit)
+        for i, w in enumerate(window_index.tolist()):
+            raster[w] = in_window_order[i]
+        return raster
+
+    merge = visual.spatial_merge_size
+    return {"features": feats[None], "received": received, "grid": (int(grid[0, 1]) // merge, int(grid[0, 2]) // merge),
+            "full_attention_layers": list(visual.fullatt_block_indexes)}
+
+
+def naive_received_scan(v, c, method, target):
+    """The authors' scan on a tower without a CLS token (their Qwen2.5-VL form): windows of 4 x 4 tokens by the
+    attention received at the first full-attention block, then the rest by the last block's, merged as above."""
+    local_a = v["received"](v["full_attention_layers"][0] if method.local_layer is None else method.local_layer)
+    global_a = v["received"](-1 if method.global_layer is None else method.global_layer)
+    rows, cols = v["grid"]
+    nh, nw = max(1, rows // 4), max(1, cols // 4)
+    window = [min(r // 4, nh - 1) * nw + min(q // 4, nw - 1) for r in range(rows) for q in range(cols)]
+    n_local = target // 2
+    cap = -(-n_local // (nh * nw))
+    local, count = [], {}
+    for t in sorted(range(rows * cols), key=lambda t: (-local_a[t], t)):
+        if len(local) < n_local and count.get(window[t], 0) < cap:
+            local.append(t)
+            count[window[t]] = count.get(window[t], 0) + 1
+    others = sorted((t for t in range(rows * cols) if t not in local), key=lambda t: (-global_a[t], t))
+    keep = sorted(local + others[: target - n_local])
+    f = v["features"][c]
+    fn = F.normalize(f.float(), dim=-1)
+    groups = {k: [k] for k in keep}
+    for t in range(rows * cols):
+        if t not in groups:
+            groups[max(keep, key=lambda k: (float(fn[t] @ fn[k]), -k))].append(t)
+    return keep, torch.stack([f[groups[k]].mean(0) for k in keep]), None, None
+
+
 def naive_scan(v, c, method, target):
+    if "received" in v:  # a tower without a CLS token
+        return naive_received_scan(v, c, method, target)
     a_loc = cls_row(v, 5 if method.local_layer is None else method.local_layer, c).mean(0)
     a_glob = cls_row(v, -2 if method.global_layer is None else method.global_layer, c).mean(0)
     side = int(a_loc.numel() ** 0.5)
@@ -643,13 +703,15 @@ def naive_vflowopt_vit(v, c, method, target):
     return keep, torch.stack([new.get(j, f[j]) for j in keep]), None, None
 
 
-ENCODER_OPTIONS = {"scan": {"local_layer": 0},  # the scan's shallow layer 5 does not exist in the tiny tower
+ENCODER_OPTIONS = {"scan": {"local_layer": 0},  # the scan's shallow layer 5 does not exist in the tiny CLIP tower
                    "vflowopt_vit": {"t": 1.0, "alpha": 0.5, "m": 5.0}}  # a subset of global rows; entropy on
+"""Options for the tiny 2-layer CLIP tower; on the others (Qwen2.5-VL's 4 blocks) the methods' defaults run."""
 
 
-def make_encoder(name: str, tokens: int):
-    """The method for the tiny 2-layer vision tower."""
-    return get_method(name)(tokens=tokens, **ENCODER_OPTIONS.get(name, {}))
+def make_encoder(name: str, tokens: int, arch: str = "llava-v1.5"):
+    """The method for the tiny vision tower of ``arch``."""
+    options = ENCODER_OPTIONS.get(name, {}) if variants()[arch].tower.cls_token else {}
+    return get_method(name)(tokens=tokens, **options)
 
 
 ENCODER_REFERENCES = {"scan": naive_scan, "visionzip": naive_visionzip, "scope": naive_scope,
@@ -663,45 +725,118 @@ def encoder_input(models, arch, seed):
     return img, pixels([img], proc, model)
 
 
-@pytest.mark.parametrize("name", ENCODER_NAMES)
-@pytest.mark.parametrize("arch", ["v15", "v16"])
-def test_encoder_side_equals_naive_reference(models, name, arch):
+def runs_on(name: str, arch: str) -> bool:
+    """Whether the encoder-side method ``name`` runs on the vision tower of ``arch``'s family."""
+    return get_method(name).runs_on(variants()[arch].tower)
+
+
+ENCODER_SEEDS = {"llava-v1.5": ((0, 64), (1, 96)), "llava-v1.6": ((2, 64),), "qwen2_5_vl": ((3, 96), (4, 64))}
+"""Per variant, (image seed, tokens) of the encoder-side suite (a new family adds its variants)."""
+ENCODER_CASES = [(n, a) for a in VARIANTS for n in ENCODER_NAMES if runs_on(n, a)]
+
+
+def test_every_variant_has_an_encoder_entry():
+    assert set(ENCODER_SEEDS) == set(VARIANTS)
+    assert {a for _, a in ENCODER_CASES} == set(VARIANTS)
+
+
+def cls_tower_selection(models, arch, method, seed, tokens):
+    """``(ours, reference)`` per crop on a tower with a CLS token: our step on every crop of the image (each
+    attention backend) against the naive reference of each crop."""
     from llava.model.encoder_stage import reduce_crops
     from llava.model.llava_arch import _as_crops
+    from llava.model.multimodal_encoder.clip_encoder import ClipCrops
 
-    tok, model, proc = models[arch]
-    model.to(torch.float64)
+    model = models[arch][1]
+    img, x = encoder_input(models, arch, seed)
+    crops = torch.cat(_as_crops(x.to(torch.float64)))
+    v = naive_encoder_views(model, crops)
     clip_cfg = model.get_vision_tower().vision_tower.config
+    out = []
     try:
-        for seed, tokens in ((0, 64), (1, 96)) if arch == "v15" else ((2, 64),):
-            method = make_encoder(name, tokens)
-            img, x = encoder_input(models, arch, seed)
-            crops = torch.cat(_as_crops(x.to(torch.float64)))
-            v = naive_encoder_views(model, crops)
-            for backend in ("sdpa", "eager"):
-                clip_cfg._attn_implementation = backend
-                feats, hidden = model._encode(crops)
-                ours = reduce_crops(method, model.get_vision_tower(), model.get_model().mm_projector, hidden, feats,
-                                    [(0, j) for j in range(crops.shape[0])], pixels=crops)
-                for c, red in enumerate(ours):
-                    keep, kept_feats, lead, extra = ENCODER_REFERENCES[name](v, c, method, tokens)
-                    assert red.mask.nonzero().flatten().tolist() == keep, (name, seed, backend, c)
-                    if kept_feats is not None:
-                        torch.testing.assert_close(red.features[red.mask], kept_feats)
-                    for got, want in ((red.lead, lead), (red.extra, extra)):
-                        assert (got is None) == (want is None)
-                        if want is not None:
-                            torch.testing.assert_close(got, want)
+        for backend in ("sdpa", "eager"):
+            clip_cfg._attn_implementation = backend
+            feats, hidden = model._encode(crops)
+            tower = ClipCrops(model.get_vision_tower(), model.get_model().mm_projector, hidden, crops)
+            ours = reduce_crops(method, tower, feats, [(0, j) for j in range(crops.shape[0])])
+            out += [(backend, c, red, ENCODER_REFERENCES[method.name](v, c, method, tokens))
+                    for c, red in enumerate(ours)]
     finally:
         clip_cfg._attn_implementation = "sdpa"
+    return out
+
+
+def merged_tower_selection(models, arch, method, seed, tokens):
+    """The same on a tower without a CLS token that merges patches (Qwen2.5-VL: one crop per image): our prepared
+    inputs (each attention backend of the vision transformer) against the naive reference of the image."""
+    from llava.model.encoder_stage import ReducedCrop
+
+    model = models[arch][1]
+    img = image(*[(500, 400), (333, 700), (640, 427)][seed % 3], seed=seed)
+    ids, kw = encode(models, arch, "What is it?", [img])
+    px = kw["images"].to(torch.float64)
+    v = naive_received_views(model, px, kw["image_sizes"])
+    target = method.target(v["features"].shape[1])
+    vision_cfg = model.model.visual.config
+    out = []
+    try:
+        for backend in ("sdpa", "eager"):
+            vision_cfg._attn_implementation = backend
+            mm = model.prepare_multimodal_inputs(ids, None, px, kw["image_sizes"], pre=method, state=PruneState())
+            (start, length), = mm.spans[0]
+            (record,) = mm.encoder[0]
+            mask = torch.zeros(record.n, dtype=torch.bool)
+            mask[record.kept] = True
+            feats = torch.zeros(record.n, mm.inputs_embeds.shape[-1], dtype=mm.inputs_embeds.dtype)
+            feats[record.kept] = mm.inputs_embeds[0, start:start + length]
+            out.append((backend, 0, ReducedCrop(mask, feats), ENCODER_REFERENCES[method.name](v, 0, method, target)))
+    finally:
+        vision_cfg._attn_implementation = "sdpa"
+    return out
+
+
+@pytest.mark.parametrize("name,arch", ENCODER_CASES)
+def test_encoder_side_equals_naive_reference(models, name, arch):
+    """Every encoder-side method, on every family's tower it runs on, keeps (and merges, and adds) what a naive
+    reference of it does: per crop on a CLS tower, per image on Qwen2.5-VL's merged tower."""
+    tok, model, proc = models[arch]
+    selection = cls_tower_selection if model.vision_traits().cls_token else merged_tower_selection
+    model.to(torch.float64)
+    try:
+        for seed, tokens in ENCODER_SEEDS[arch]:
+            method = make_encoder(name, tokens, arch)
+            for backend, c, red, (keep, kept_feats, lead, extra) in selection(models, arch, method, seed, tokens):
+                assert red.mask.nonzero().flatten().tolist() == keep, (name, seed, backend, c)
+                if kept_feats is not None:
+                    torch.testing.assert_close(red.features[red.mask], kept_feats.to(red.features.dtype))
+                for got, want in ((red.lead, lead), (red.extra, extra)):
+                    assert (got is None) == (want is None)
+                    if want is not None:
+                        torch.testing.assert_close(got, want)
+    finally:
         model.to(torch.float32)
+
+
+@pytest.mark.parametrize("name,arch", [(n, a) for a in VARIANTS for n in ENCODER_NAMES if not runs_on(n, a)])
+def test_encoder_side_refused_where_the_tower_lacks_a_requirement(models, name, arch):
+    """A method that requires what a family's vision tower lacks is refused by name, in one line, before it runs
+    (by the family, as the runners check it) and by the model."""
+    from llava.model.families import variants as every
+
+    tok, model, proc = models[arch]
+    method = make_encoder(name, 64, arch)
+    ids, kw = single_input(models, arch, seed=1)
+    for refuse in (lambda: every()[arch].check_method(method), lambda: model(ids, reducer=method, **kw)):
+        with pytest.raises(ValueError, match=f"^{name} needs .*; encoder-side methods that run here: ") as e:
+            refuse()
+        assert "\n" not in str(e.value)
 
 
 def test_scan_says_when_it_keeps_fewer(models, caplog):
     from pio.methods.scan import Scan
 
-    tok, model, proc = models["v15"]
-    img, x = encoder_input(models, "v15", 0)
+    tok, model, proc = models["llava-v1.5"]
+    img, x = encoder_input(models, "llava-v1.5", 0)
     st = PruneState()
     model(prompt_ids(tok, "What is it?")[None], images=x, reducer=Scan(tokens=218, local_layer=0), prune_state=st)
     assert st.samples[0].n_visual == 205 and st.samples[0].n_encoder == 576
@@ -713,8 +848,8 @@ def test_encoder_side_keep_all_and_composition(models, name):
     from pio.encoder import Pipeline
     from pio.methods import PIO
 
-    tok, model, proc = models["v16"]
-    img, x = encoder_input(models, "v16", 1)
+    tok, model, proc = models["llava-v1.6"]
+    img, x = encoder_input(models, "llava-v1.6", 1)
     ids = prompt_ids(tok, "What is it?")[None]
     base = model(ids, images=x, image_sizes=[img.size]).logits
     assert torch.equal(model(ids, images=x, image_sizes=[img.size], reducer=make_encoder(name, 576)).logits, base)
@@ -729,7 +864,7 @@ def test_encoder_side_keep_all_and_composition(models, name):
 
 
 @pytest.mark.parametrize("name", ["visionzip", "divprune"])
-@pytest.mark.parametrize("arch", ["v15", "v16"])
+@pytest.mark.parametrize("arch", ["llava-v1.5", "llava-v1.6"])
 def test_encoder_kept_points_into_the_unreduced_sequence(models, name, arch):
     """The log's encoder_kept: every token after the encoder stage that the method did not add or re-weight is
     the unreduced sequence's token at the position it names (NeXT: tiling, unpadding and newlines included)."""
@@ -752,7 +887,7 @@ def test_encoder_kept_points_into_the_unreduced_sequence(models, name, arch):
 def check_batch_and_cached(models, reducer, steps: int, recompute_all: bool = True) -> None:
     """A left-padded batch gives each sample's tokens and kept positions; cached decoding equals recomputation
     with the prefill's decisions replayed (every sample with an image, or the first)."""
-    tok, model, proc = models["v15"]
+    tok, model, proc = models["llava-v1.5"]
     qs, singles, ids_l, mask_l, kw_l = batch(models, "left")
     single = []
     for s, kw in singles:
@@ -831,7 +966,7 @@ def test_visiondrop_presets_and_flags():
         make_method("visionzip+visiondrop", budget=64)
 
 
-@pytest.mark.parametrize("arch", ["v15", "v16"])
+@pytest.mark.parametrize("arch", ["llava-v1.5", "llava-v1.6"])
 def test_visiondrop_is_visionzip_then_its_stages(models, arch):
     """--budget B runs the encoder stage (VisionZip's selection at the configuration's counts) and then the in-LLM
     stages at their shares of what it passed on: the same as the composition spelled out."""
@@ -846,7 +981,7 @@ def test_visiondrop_is_visionzip_then_its_stages(models, arch):
     rec = st.samples[0]
     counts = method.counts(rec.n_visual, 4)
     assert rec.n_encoder > rec.n_visual and [s.after for s in rec.stages] == counts
-    if arch == "v15":  # the authors' configuration: 48 -> 35 -> 26 -> 19, 5, 4, 3 of them merged
+    if arch == "llava-v1.5":  # the authors' configuration: 48 -> 35 -> 26 -> 19, 5, 4, 3 of them merged
         assert (rec.n_encoder, rec.n_visual, counts) == (576, 48, [35, 26, 19])
         assert [s.merged for s in rec.stages] == [5, 4, 3]
     spelled = Pipeline(VisionZip(tokens=48, contextual=6), VisionDrop(
@@ -864,10 +999,10 @@ def test_visiondrop_with_its_encoder_stage_batch_and_cached_decoding(models):
 
 
 def test_visiondrop_refuses_qwen_at_a_budget(models):
-    """Its encoder stage reads a CLIP tower's CLS attention; its in-LLM stages alone (explicit counts) run on Qwen."""
+    """Its encoder stage reads the CLS attention; its in-LLM stages alone (explicit counts) run on Qwen."""
     from pio.methods import VisionDrop
 
-    tok, model, proc = models["qwen"]
-    ids, kw = single_input(models, "qwen", seed=1)
-    with pytest.raises(ValueError, match="visiondrop needs the CLS attention of a CLIP tower"):
+    tok, model, proc = models["qwen2_5_vl"]
+    ids, kw = single_input(models, "qwen2_5_vl", seed=1)
+    with pytest.raises(ValueError, match="visiondrop needs the CLS attention of a vision tower with a CLS token"):
         model(ids, reducer=VisionDrop.from_budget(64, layers=(1, 2, 3), family="qwen2_5_vl"), **kw)

@@ -60,11 +60,11 @@ def hf_inputs(model, ids, n_visual):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ["v15", "v16"])
-def test_matches_transformers(arch, attn, request):
-    path = request.getfixturevalue(f"tiny_{arch}")
+@pytest.mark.parametrize("arch", ["llava-v1.5", "llava-v1.6"])
+def test_matches_transformers(arch, attn, tiny_checkpoints):
+    path = tiny_checkpoints[arch]
     tok, model, proc, _ = load(path, attn)
-    next_ = arch == "v16"
+    next_ = arch == "llava-v1.6"
     img = image(640, 427, seed=3)
     x = pixels([img], proc, model)
     ids = prompt_ids(tok, "What is shown in the picture?")[None]

@@ -1,4 +1,5 @@
-"""Tests for pio.nms: greedy NMS with fill-up against a naive two-pass Python reference."""
+"""Tests for pio.nms: greedy NMS with fill-up against a naive two-pass Python reference; the per-sample top-k loop
+of the scorer base class (pio.base.ScorerMethod)."""
 
 from __future__ import annotations
 
@@ -168,3 +169,59 @@ def test_no_host_sync_in_loop(monkeypatch):
     out = greedy_nms(scores, feats, 20, 0.8, on_device=True)
     monkeypatch.undo()
     assert out.tolist() == want
+
+
+# ------------------------------------------------------------------------------------------ the scorer base class
+class _Inputs:
+    """A stage's inputs as a scorer method reads them: spans, targets, hidden states, a profile timer."""
+
+    def __init__(self, spans, targets, hidden):
+        self.spans, self.targets, self.hidden, self.layer, self.stage = spans, targets, hidden, 1, 0
+        self.mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+
+    def timed(self, name):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_scorer_method_keeps_each_samples_top_k():
+    """A method that only writes score(): per active sample the top k of its span, ties to the lower index, kept
+    indices ascending; samples without an image or within their target are left whole; choose() can add merged
+    tokens."""
+    from dataclasses import dataclass
+
+    from pio import Schedule, ScorerMethod
+
+    scores = torch.tensor([[9.0, 1.0, 5.0, 5.0, 2.0, 5.0, 0.0, 7.0],
+                           [0.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+
+    @dataclass(frozen=True)
+    class Fixed(ScorerMethod):
+        name = "fixed"
+        default_layers = (1,)
+
+        def score(self, inputs, active):
+            assert list(active) == [True, True, False, False]
+            return scores
+
+    hidden = torch.arange(4 * 8 * 2, dtype=torch.float64).view(4, 8, 2)
+    inputs = _Inputs([(1, 6), (1, 4), None, (0, 3)], [3, 2, 2, 3], hidden)
+    sel = Fixed(Schedule((1,), tokens=(3,))).select(inputs)
+    # sample 0: span scores 1,5,5,2,5,0 -> the three 5s (local 1, 2, 4); sample 1: four ties -> the first two
+    assert [k.tolist() if k is not None else None for k in sel.keep] == [[1, 2, 4], [0, 1], None, None]
+    assert sel.merged is None
+
+    @dataclass(frozen=True)
+    class Merging(Fixed):
+        def choose(self, inputs, sample, prepared):
+            keep, _ = super().choose(inputs, sample, prepared)
+            dropped = [j for j in range(sample.length) if j not in keep.tolist()]
+            return keep, sample.span(inputs.hidden)[dropped].mean(dim=0, keepdim=True)
+
+    sel = Merging(Schedule((1,), tokens=(3,))).select(inputs)
+    assert sel.merged[2] is None and sel.merged[3] is None
+    torch.testing.assert_close(sel.merged[0], hidden[0, [1, 4, 6]].mean(dim=0, keepdim=True))  # local 0, 3, 5
+    assert Fixed(Schedule((1,), tokens=(3,))).select(_Inputs([None, (0, 3)], [0, 3], hidden[:2])).keep == [None, None]

@@ -10,7 +10,7 @@ from tests.helpers import image, pixels, prompt_ids
 
 
 def test_sliced_and_full_proxy_agree(models):
-    tok, model, proc = models["v15"]
+    tok, model, proc = models["llava-v1.5"]
     model = model.to(torch.float64)
     try:
         img = image(400, 300, seed=7)
@@ -27,7 +27,7 @@ def test_sliced_and_full_proxy_agree(models):
 
 
 def test_forced_keep_all_runs_the_gather_on_the_identity(models):
-    tok, model, proc = models["v15"]
+    tok, model, proc = models["llava-v1.5"]
     img = image(320, 240, seed=1)
     x = pixels([img], proc, model)
     ids = prompt_ids(tok, "Describe the image.")[None]
@@ -42,7 +42,7 @@ def test_forced_keep_all_runs_the_gather_on_the_identity(models):
 
 
 def test_invalid_configs_raise(models):
-    _, model, _ = models["v15"]
+    _, model, _ = models["llava-v1.5"]
     L = model.config.num_hidden_layers
     with pytest.raises(ValueError, match=rf"allowed 1\.\.{L - 1}.*--pio-proxy current"):
         PIO(Schedule(layers=(1, L), tokens=(100, 50))).validate(L)
@@ -58,7 +58,7 @@ def test_invalid_configs_raise(models):
 
 def test_beam_search_with_pruning(models):
     """generate() expands the batch for beams; every beam row of a sample gets that sample's span."""
-    tok, model, proc = models["v16"]
+    tok, model, proc = models["llava-v1.6"]
     img = image(420, 300, seed=9)
     ids = prompt_ids(tok, "Where is the ball?")[None]
     x = pixels([img], proc, model)

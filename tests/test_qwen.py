@@ -10,6 +10,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from llava.eval import runner
+from llava.model.family_qwen2_5_vl import QWEN_CONV_MODE, QWEN_IMAGE
 from pio import PruneState, Schedule, make_method
 from pio.cli import method_from_args
 from tests.helpers import encode, image, load
@@ -24,9 +25,9 @@ def qwen(tiny_qwen):
 def test_unpruned_equals_transformers(tiny_qwen, attn):
     tok, ours, proc, _ = load(tiny_qwen, attn=attn)
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen, attn_implementation=attn).eval()
-    models = {"qwen": (tok, ours, proc)}
+    models = {"qwen2_5_vl": (tok, ours, proc)}
     for size in ((640, 427), (300, 500)):
-        ids, kw = encode(models, "qwen", "What is in the image?", [image(*size, seed=size[0])])
+        ids, kw = encode(models, "qwen2_5_vl", "What is in the image?", [image(*size, seed=size[0])])
         hf = {"pixel_values": kw["images"], "image_grid_thw": kw["image_sizes"]}
         with torch.no_grad():
             a = ref(input_ids=ids, **hf).logits
@@ -41,10 +42,10 @@ def test_prompt_equals_the_chat_template(qwen):
     tok, model, proc = qwen
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a dog?"}]}]
     template = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert runner.chat_prompt("<image>\nIs there a dog?", runner.QWEN_CONV_MODE).replace(
-        "<image>\n", runner.QWEN_IMAGE) == template
+    assert runner.chat_prompt("<image>\nIs there a dog?", QWEN_CONV_MODE).replace(
+        "<image>\n", QWEN_IMAGE) == template
     img = image(500, 400, seed=3)
-    ids, px, grid = runner.encode(runner.chat_prompt("<image>\nIs there a dog?", runner.QWEN_CONV_MODE), [img], tok,
+    ids, px, grid = runner.encode(runner.chat_prompt("<image>\nIs there a dog?", QWEN_CONV_MODE), [img], tok,
                                   proc, model.config)
     n_pad = int((ids == model.config.image_token_id).sum())
     assert n_pad == int(grid.prod()) // 4 and n_pad > 4
@@ -53,8 +54,8 @@ def test_prompt_equals_the_chat_template(qwen):
 
 def test_reduced_generation_keeps_qwen_positions(qwen):
     tok, model, proc = qwen
-    models = {"qwen": qwen}
-    ids, kw = encode(models, "qwen", "Describe the picture.", [image(640, 480, seed=4)])
+    models = {"qwen2_5_vl": qwen}
+    ids, kw = encode(models, "qwen2_5_vl", "Describe the picture.", [image(640, 480, seed=4)])
     st = PruneState()
     method = make_method("pio", budget=192, layers=(1, 2), family="qwen2_5_vl")
     assert method.proxy == "current" and method.positions == "original"
@@ -83,7 +84,7 @@ def test_each_family_refuses_the_other_ones_options(tiny_qwen, tiny_v15):
     args = _args(model_path=tiny_qwen, method="pio", budget=64)
     runner.resolve_family_args(args)
     method = method_from_args(args)  # the authors' Qwen defaults (the 4-layer tiny model cannot run them)
-    assert args.conv_mode == runner.QWEN_CONV_MODE
+    assert args.conv_mode == QWEN_CONV_MODE
     assert (method.layers, method.proxy, method.positions) == ((1, 8, 14), "current", "original")
     assert runner.check_args(_args(model_path=tiny_qwen, method="pdrop", tokens=30, layers=2)).positions == "original"
 
@@ -91,16 +92,17 @@ def test_each_family_refuses_the_other_ones_options(tiny_qwen, tiny_v15):
 def test_encoder_side_on_qwen(qwen):
     """DivPrune (projected features only) runs on Qwen's merged tokens, equals the naive reference, and the
     language model then sees the kept tokens with their own M-RoPE ids; a composition prunes further."""
-    from llava.model.encoder_stage import reduce_image_features
+    from llava.model.encoder_stage import reduce_crops
+    from llava.model.language_model.qwen2_5_vl import QwenImageTower
     from pio.encoder import Pipeline
     from tests.test_methods import naive_divprune
 
     tok, model, proc = qwen
-    ids, kw = encode({"qwen": qwen}, "qwen", "What is it?", [image(500, 400, seed=9)])
+    ids, kw = encode({"qwen2_5_vl": qwen}, "qwen2_5_vl", "What is it?", [image(500, 400, seed=9)])
     feats = model.model.get_image_features(kw["images"], kw["image_sizes"])[0]
     method = make_method("divprune", budget=64)
     target = method.target(feats.shape[0])
-    red = reduce_image_features(method, [feats], [(1, 1)])[0]
+    (red,) = reduce_crops(method, QwenImageTower(model.model.visual, (1, 1), 0, None), feats[None], [(0, 0)])
     keep, *_ = naive_divprune({"features": feats[None]}, 0, method, target)
     assert red.mask.nonzero().flatten().tolist() == keep
     mm = model.prepare_multimodal_inputs(ids, None, kw["images"], kw["image_sizes"], pre=method)
@@ -121,55 +123,12 @@ def test_encoder_side_on_qwen(qwen):
 
 
 def naive_qwen_scan(model, pixels, grid, method, target):
-    """The authors' Qwen scan the plain way: every vision block's input caught, full softmax attention matrices
-    per image with transformers' own vision rotary, Python loops for windows and merging."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    """The authors' Qwen scan the plain way (the encoder-side suite's reference for a tower without a CLS token:
+    every vision block's input caught, full softmax attention per image, Python loops for windows and merging)."""
+    from tests.test_methods import naive_received_scan, naive_received_views
 
-    visual = model.model.visual
-    caught = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a, kw, i=i: caught.__setitem__(i, (a[0], kw)), with_kwargs=True)
-             for i, b in enumerate(visual.blocks)]
-    try:
-        feats = model.model.get_image_features(pixels, grid)[0]
-    finally:
-        for h in hooks:
-            h.remove()
-    window_index, _ = visual.get_window_index(grid)
-
-    def received(layer):
-        h, kw = caught[layer % len(visual.blocks)]
-        block = visual.blocks[layer % len(visual.blocks)]
-        S = h.shape[0]
-        q, k, _ = block.attn.qkv(block.norm1(h)).reshape(S, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
-        p = torch.softmax(torch.einsum("shd,thd->hst", q.float(), k.float()) / q.shape[-1] ** 0.5, dim=-1)
-        per_patch = p.sum(0).mean(0)  # one image: one attention group
-        in_window_order = [float(per_patch[4 * i:4 * i + 4].mean()) for i in range(S // 4)]
-        raster = [0.0] * (S // 4)
-        for i, w in enumerate(window_index.tolist()):
-            raster[w] = in_window_order[i]
-        return raster
-
-    local_a = received(visual.fullatt_block_indexes[0])
-    global_a = received(-1)
-    rows, cols = int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
-    nh, nw = max(1, rows // 4), max(1, cols // 4)
-    window = [min(r // 4, nh - 1) * nw + min(c // 4, nw - 1) for r in range(rows) for c in range(cols)]
-    n_local = target // 2
-    cap = -(-n_local // (nh * nw))
-    local, count = [], {}
-    for t in sorted(range(rows * cols), key=lambda t: (-local_a[t], t)):
-        if len(local) < n_local and count.get(window[t], 0) < cap:
-            local.append(t)
-            count[window[t]] = count.get(window[t], 0) + 1
-    others = sorted((t for t in range(rows * cols) if t not in local), key=lambda t: (-global_a[t], t))
-    keep = sorted(local + others[: target - n_local])
-    fn = torch.nn.functional.normalize(feats.float(), dim=-1)
-    groups = {k: [k] for k in keep}
-    for t in range(rows * cols):
-        if t not in groups:
-            groups[max(keep, key=lambda k: (float(fn[t] @ fn[k]), -k))].append(t)
-    return keep, torch.stack([feats[groups[k]].float().mean(0) for k in keep])
+    keep, merged, _, _ = naive_received_scan(naive_received_views(model, pixels, grid), 0, method, target)
+    return keep, merged.float()
 
 
 @pytest.mark.parametrize("size", [(500, 400), (300, 640)])
@@ -177,7 +136,7 @@ def test_authors_qwen_scan_equals_naive_reference(qwen, size):
     from pio.methods.scan import Scan
 
     tok, model, proc = qwen
-    ids, kw = encode({"qwen": qwen}, "qwen", "What is it?", [image(*size, seed=size[1])])
+    ids, kw = encode({"qwen2_5_vl": qwen}, "qwen2_5_vl", "What is it?", [image(*size, seed=size[1])])
     method = Scan(tokens=96)
     n = int(kw["image_sizes"].prod()) // 4
     target = method.target(n)

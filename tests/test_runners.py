@@ -78,12 +78,12 @@ def test_chunks_cover_every_question_once(tiny_v15, questions):
     assert len(many) <= 1
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_run_llava_prints_answer(tiny_v15, tiny_qwen, tmp_path, capsys, caplog, family):
+@pytest.mark.parametrize("arch", ["llava-v1.5", "qwen2_5_vl"])
+def test_run_llava_prints_answer(tiny_checkpoints, tmp_path, capsys, caplog, arch):
     caplog.set_level("INFO")
     image(300, 200).save(tmp_path / "x.png")
-    extra = ["--min-pixels", "3136", "--max-pixels", "50176"] if family == "qwen" else []
-    run_llava.main(["--model-path", tiny_v15 if family == "llava" else tiny_qwen, "--image-file",
+    extra = {"qwen2_5_vl": ["--min-pixels", "3136", "--max-pixels", "50176"]}.get(arch, [])  # the family's options
+    run_llava.main(["--model-path", tiny_checkpoints[arch], "--image-file",
                     str(tmp_path / "x.png"), "--query", "What is this?", "--max_new_tokens", "5", "--temperature",
                     "0", "--pio-layers", "2", "--pio-tokens", "16", *extra])
     out = capsys.readouterr().out.strip().splitlines()

@@ -18,10 +18,19 @@ PIO = ["--pio-layers", "1,2", "--pio-tokens", "92,22"]
 SQA_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 
+class Loaded(tuple):
+    """A loaded ``(tokenizer, model, processor, name)`` that remembers its checkpoint folder (``path``): the runs'
+    --model-path, whose files the runners check and fingerprint."""
+
+    path: str
+
+
 @pytest.fixture(scope="module")
 def loaded(tiny_v15):
     tok, model, proc, _ = load(tiny_v15)
-    return tok, model, proc, get_model_name_from_path(tiny_v15)
+    out = Loaded((tok, model, proc, get_model_name_from_path(tiny_v15)))
+    out.path = tiny_v15
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +47,10 @@ def strip_ids(rows):
     return [{k: v for k, v in r.items() if k != "answer_id"} for r in rows]
 
 
-def run_sqa(loaded, data, answers, *extra, model="ckpt"):
+def run_sqa(loaded, data, answers, *extra, model=None):
     sqa = data / "scienceqa"
     args = model_vqa_science.build_parser().parse_args([
-        "--model-path", model, "--question-file", str(sqa / "llava_test_CQM-A.json"),
+        "--model-path", model or loaded.path, "--question-file", str(sqa / "llava_test_CQM-A.json"),
         "--image-folder", str(sqa / "images" / "test"), "--answers-file", str(answers), "--single-pred-prompt",
         "--temperature", "0", "--conv-mode", "vicuna_v1", "--max_new_tokens", "3", "--device", "cpu", *extra,
     ])
@@ -51,7 +60,7 @@ def run_sqa(loaded, data, answers, *extra, model="ckpt"):
 
 def run_mmb(loaded, tsv, answers, *extra, lang="en"):
     args = model_vqa_mmbench.build_parser().parse_args([
-        "--model-path", "ckpt", "--question-file", str(tsv), "--answers-file", str(answers),
+        "--model-path", loaded.path if loaded else "ckpt", "--question-file", str(tsv), "--answers-file", str(answers),
         "--single-pred-prompt", "--lang", lang, "--temperature", "0", "--conv-mode", "vicuna_v1",
         "--max_new_tokens", "3", "--device", "cpu", *extra,
     ])

@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 COMMON = SCRIPTS / "common.sh"
 BENCHES = ("gqa", "mme", "pope", "textvqa", "sqa", "mmbench", "mmbench_cn", "vqav2")
-FAMILIES = ("v1_5", "next", "qwen2_5_vl")
+FOLDERS = ("v1_5", "next", "qwen2_5_vl")  # scripts/<folder>/eval/*.sh, the user-facing names
+FOLDER_VARIANT = {"v1_5": "llava-v1.5", "next": "llava-v1.6", "qwen2_5_vl": "qwen2_5_vl"}  # the model family variant
 DEFAULT_MODELS = {"v1_5": "liuhaotian/llava-v1.5-7b", "next": "liuhaotian/llava-v1.6-vicuna-7b",
                   "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
 CONV_MODES = {"v1_5": "vicuna_v1", "next": "vicuna_v1", "qwen2_5_vl": "qwen2_5_vl"}
-ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FAMILIES for b in BENCHES]
+ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FOLDERS for b in BENCHES]
 CUSTOM = "--pio-layers 1,10,15 --pio-tokens 92,54,22"
 
 # bench -> (runner module, data dir under DATA_ROOT, result "benchmark" key, chunked)
@@ -82,8 +83,8 @@ def test_script_conventions(path):
 
 
 def test_every_family_has_every_benchmark():
-    for family in FAMILIES:
-        names = sorted(p.stem for p in (SCRIPTS / family / "eval").glob("*.sh"))
+    for folder in FOLDERS:
+        names = sorted(p.stem for p in (SCRIPTS / folder / "eval").glob("*.sh"))
         assert names == sorted(BENCHES)
 
 
@@ -214,15 +215,15 @@ def opt(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args else None
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("folder", FOLDERS)
 @pytest.mark.parametrize("bench", BENCHES)
-def test_script_calls(fake, family, bench):
+def test_script_calls(fake, folder, bench):
     """Each script runs its runner once per chunk with the shared flags, then the scorer on the merged files."""
     runner, data_dir, _, chunked = BENCH_INFO[bench]
-    done, calls = fake(SCRIPTS / family / "eval" / f"{bench}.sh", PIO="64", DEVICE="cpu", DTYPE="bfloat16",
+    done, calls = fake(SCRIPTS / folder / "eval" / f"{bench}.sh", PIO="64", DEVICE="cpu", DTYPE="bfloat16",
                        EXTRA_ARGS="--max_new_tokens 4", CUDA_VISIBLE_DEVICES="3,5")
     assert done.returncode == 0, done.stderr
-    model = DEFAULT_MODELS[family]
+    model = DEFAULT_MODELS[folder]
     ckpt = model.split("/")[1] + "-pio64"
     runs = [c for c in calls if c["module"] == runner]
     scores = [c for c in calls if c["module"] == f"llava.eval.{SCORERS[bench]}"]
@@ -230,7 +231,7 @@ def test_script_calls(fake, family, bench):
     bench_root = str(fake.data / data_dir)
     for r in runs:
         a = r["args"]
-        assert opt(a, "--model-path") == model and opt(a, "--conv-mode") == CONV_MODES[family]
+        assert opt(a, "--model-path") == model and opt(a, "--conv-mode") == CONV_MODES[folder]
         assert opt(a, "--temperature") == "0" and opt(a, "--method") == "pio" and opt(a, "--budget") == "64"
         assert opt(a, "--device") == "cpu" and opt(a, "--dtype") == "bfloat16"
         assert opt(a, "--max_new_tokens") == "4" and "--resume" in a
@@ -357,12 +358,11 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
         pytest.skip("no runner (llava.eval.model_vqa_*) is written yet")
     root = tmp_path_factory.mktemp("ckpt")
     out, procs = {}, []
-    writers = {"v1_5": ("llava.model.tiny", "--arch", "llava-v1.5"), "next": ("llava.model.tiny", "--arch", "llava-v1.6"),
-               "qwen2_5_vl": ("llava.model.tiny_qwen",)}
-    for family, (module, *arch) in writers.items():  # built side by side
-        out[family] = root / f"{(arch or ['qwen2.5-vl'])[-1]}-tiny"
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *arch, "--out", str(out[family])], cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for folder, variant in FOLDER_VARIANT.items():  # built side by side, by the one tiny-checkpoint CLI
+        out[folder] = root / f"{variant}-tiny"
+        procs.append(subprocess.Popen([sys.executable, "-m", "llava.model.tiny", "--arch", variant, "--out",
+                                       str(out[folder])], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -376,9 +376,13 @@ def mini_data(tmp_path_factory) -> Path:
     return write_fixtures(tmp_path_factory.mktemp("eval"), seed=0, n_per_bench=2)
 
 
+FOLDER_ENV = {"qwen2_5_vl": {"MIN_PIXELS": "250880", "MAX_PIXELS": "250880"}}
+"""The scripts' environment per folder: Qwen2.5-VL at about 320 visual tokens per image (above the tiny
+schedules), not 1296."""
+
+
 def run_e2e(script: Path, ckpt: Path, data: Path, **env: str) -> subprocess.CompletedProcess:
-    if "qwen2_5_vl" in script.parts:  # about 320 visual tokens per image (above the tiny schedules), not 1296
-        env = {"MIN_PIXELS": "250880", "MAX_PIXELS": "250880", **env}
+    env = {**FOLDER_ENV.get(script.parts[-3], {}), **env}
     full = clean_env(PYTHON=sys.executable, MODEL_PATH=str(ckpt), DATA_ROOT=str(data), DEVICE="cpu",
                      EXTRA_ARGS="--max_new_tokens 4", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                      TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **env)
@@ -405,15 +409,15 @@ def _skip_without_runners(bench: str) -> None:
         pytest.skip(f"waiting for {', '.join(missing)} (the end-to-end run turns on once they exist)")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("folder", FOLDERS)
 @pytest.mark.parametrize("bench", BENCHES)
-def test_end_to_end(bench, family, tiny_ckpts, mini_data):
+def test_end_to_end(bench, folder, tiny_ckpts, mini_data):
     _skip_without_runners(bench)
     _, data_dir, key, chunked = BENCH_INFO[bench]
-    ckpt = tiny_ckpts[family]
+    ckpt = tiny_ckpts[folder]
     # One chunked run uses two CPU chunks (parallel path and merge); the fake-interpreter tests cover the rest.
-    two = chunked and (bench, family) == ("gqa", "v1_5")
-    done = run_e2e(SCRIPTS / family / "eval" / f"{bench}.sh", ckpt, mini_data,
+    two = chunked and (bench, folder) == ("gqa", "v1_5")
+    done = run_e2e(SCRIPTS / folder / "eval" / f"{bench}.sh", ckpt, mini_data,
                    CUDA_VISIBLE_DEVICES="0,1" if two else "")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = check_result(mini_data / data_dir / "results" / f"{ckpt.name}.json", key, ckpt.name, "none")
@@ -461,32 +465,42 @@ def _tiny_run(name: str) -> tuple[str, str]:
     return "", tiny_method_args(name)
 
 
-def runs_on(method: str, family: str) -> bool:
-    """Qwen2.5-VL's vision transformer has no CLS token: encoder-side methods that read CLS attention do not run
-    there (they say so); DivPrune and the authors' scan do."""
+def family_of(folder: str):
+    from llava.model.families import variants
+
+    return variants()[FOLDER_VARIANT[folder]]
+
+
+def runs_on(method: str, folder: str) -> bool:
+    """Whether the folder's model family runs ``method``: an encoder-side method needs what it requires of the
+    vision tower (Qwen2.5-VL's has no CLS token: methods that read the CLS attention do not run there, they say
+    so; DivPrune and the authors' scan do)."""
     from pio import get_method
 
     pre = get_method(method.split("+")[0])
-    return family != "qwen2_5_vl" or pre.where != "pre_llm" or "merged" in pre.encoders
+    return pre.where != "pre_llm" or pre.runs_on(family_of(folder).tower)
 
 
 METHOD_NAMES = _method_names() + ["scan+pio"]
 TINY_METHODS = {name: _tiny_run(name) for name in METHOD_NAMES}
 TINY_METHODS["pio"] = ("192", "--layers 1,2")  # one in-LLM method through BUDGET as well
-# every script once with a method, the methods taken in turn (each on several scripts of every family)
-FAMILY_METHODS = {f: [m for m in METHOD_NAMES if runs_on(m, f)] for f in FAMILIES}
-ROTATION = [(f, b, FAMILY_METHODS[f][(k * len(BENCHES) + j) % len(FAMILY_METHODS[f])])
-            for k, f in enumerate(FAMILIES) for j, b in enumerate(BENCHES)]
-# Qwen2.5-VL runs more methods than it has scripts: the ones left go round once more (the LLaVA families share
-# their methods between them)
-ROTATION += [("qwen2_5_vl", b, m) for b, m in zip(BENCHES, [m for m in FAMILY_METHODS["qwen2_5_vl"] if m not in
-                                                            {x for f, _, x in ROTATION if f == "qwen2_5_vl"}])]
+# every script once with a method, the methods taken in turn (each on several scripts of every folder)
+FOLDER_METHODS = {f: [m for m in METHOD_NAMES if runs_on(m, f)] for f in FOLDERS}
+ROTATION = [(f, b, FOLDER_METHODS[f][(k * len(BENCHES) + j) % len(FOLDER_METHODS[f])])
+            for k, f in enumerate(FOLDERS) for j, b in enumerate(BENCHES)]
+# a family whose folders have fewer scripts than it runs methods (Qwen2.5-VL: one folder) takes the ones left round
+# once more on its first folder (LLaVA-1.5 and LLaVA-NeXT share their family's methods between them)
+for _first in FOLDERS:
+    _mine = [f for f in FOLDERS if family_of(f) is family_of(_first)]
+    if _first == _mine[0]:
+        _left = [m for m in FOLDER_METHODS[_first] if m not in {x for f, _, x in ROTATION if f in _mine}]
+        ROTATION += [(_first, b, m) for b, m in zip(BENCHES, _left)]
 
 
 def test_rotation_covers_every_method():
     assert {m for _, _, m in ROTATION} == set(METHOD_NAMES)
-    assert {m for f, _, m in ROTATION if f == "qwen2_5_vl"} == set(FAMILY_METHODS["qwen2_5_vl"])
-    assert {"divprune", "scan", "scan+pio"} <= set(FAMILY_METHODS["qwen2_5_vl"])
+    assert {m for f, _, m in ROTATION if f == "qwen2_5_vl"} == set(FOLDER_METHODS["qwen2_5_vl"])
+    assert {"divprune", "scan", "scan+pio"} <= set(FOLDER_METHODS["qwen2_5_vl"])
 
 
 def test_qwen_refuses_cls_attention_methods(tiny_ckpts, mini_data):
@@ -495,11 +509,11 @@ def test_qwen_refuses_cls_attention_methods(tiny_ckpts, mini_data):
     assert done.returncode == 2 and "visionzip needs the CLS attention" in done.stderr
 
 
-def run_method_e2e(family: str, bench: str, method: str, ckpt: Path, data: Path) -> dict:
+def run_method_e2e(folder: str, bench: str, method: str, ckpt: Path, data: Path) -> dict:
     _skip_without_runners(bench)
     _, data_dir, key, _ = BENCH_INFO[bench]
     budget, args = TINY_METHODS[method]
-    done = run_e2e(SCRIPTS / family / "eval" / f"{bench}.sh", ckpt, data, METHOD=method, BUDGET=budget,
+    done = run_e2e(SCRIPTS / folder / "eval" / f"{bench}.sh", ckpt, data, METHOD=method, BUDGET=budget,
                    METHOD_ARGS=args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     tag = "".join(w.strip("-").replace(",", "_") + "-" for w in args.split())[:-1]
@@ -517,37 +531,37 @@ def run_method_e2e(family: str, bench: str, method: str, ckpt: Path, data: Path)
     return res
 
 
-@pytest.mark.parametrize("family,bench,method", ROTATION)
-def test_end_to_end_with_method(family, bench, method, tiny_ckpts, mini_data):
-    run_method_e2e(family, bench, method, tiny_ckpts[family], mini_data)
+@pytest.mark.parametrize("folder,bench,method", ROTATION)
+def test_end_to_end_with_method(folder, bench, method, tiny_ckpts, mini_data):
+    run_method_e2e(folder, bench, method, tiny_ckpts[folder], mini_data)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHOD_NAMES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("folder", FOLDERS)
 @pytest.mark.parametrize("bench", BENCHES)
-def test_end_to_end_every_method(bench, family, method, tiny_ckpts, tmp_path_factory):
-    """The full matrix (every script x every method the family runs): ``make test-all``."""
+def test_end_to_end_every_method(bench, folder, method, tiny_ckpts, tmp_path_factory):
+    """The full matrix (every script x every method the folder runs): ``make test-all``."""
     from llava.eval.fixtures import write_fixtures
 
-    if not runs_on(method, family):
-        pytest.skip(f"{method} reads CLS attention, which {family} does not have")
+    if not runs_on(method, folder):
+        pytest.skip(f"{method} reads CLS attention, which {folder} does not have")
     data = write_fixtures(tmp_path_factory.mktemp("eval"), seed=0, n_per_bench=2)
-    run_method_e2e(family, bench, method, tiny_ckpts[family], data)
+    run_method_e2e(folder, bench, method, tiny_ckpts[folder], data)
 
 
-@pytest.mark.parametrize("family", ["v1_5", "qwen2_5_vl"])
-def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, capsys, family):
+@pytest.mark.parametrize("folder", ["v1_5", "qwen2_5_vl"])
+def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, capsys, folder):
     """The unpruned and method runs of the scripts above (run here when missing) in the paper's layout."""
     from llava.eval import summarize
 
-    ckpt = tiny_ckpts[family]
+    ckpt = tiny_ckpts[folder]
     for method in ("pio", "fastv"):
         if not list((mini_data / "pope" / "results").glob(f"{ckpt.name}-{method}*.json")):
-            run_method_e2e(family, "pope", method, ckpt, mini_data)
+            run_method_e2e(folder, "pope", method, ckpt, mini_data)
     if not (mini_data / "pope" / "results" / f"{ckpt.name}.json").is_file():
-        assert run_e2e(SCRIPTS / family / "eval" / "pope.sh", ckpt, mini_data).returncode == 0
-    plots = mini_data.parent / f"plots-{family}"
+        assert run_e2e(SCRIPTS / folder / "eval" / "pope.sh", ckpt, mini_data).returncode == 0
+    plots = mini_data.parent / f"plots-{folder}"
     rows = summarize.main(["--data-root", str(mini_data), "--runs", f"{ckpt.name}*", "--plot", str(plots)])
     out = capsys.readouterr().out
     for name in ("score_vs_budget.png", "retention_vs_speedup.png"):  # the scripts write profiles beside answers

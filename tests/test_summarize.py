@@ -179,8 +179,39 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, data
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(RuntimeError, match=r"pip install -e \"\.\[viz\]\""):
+    with pytest.raises(ImportError, match=r"pip install -e \"\.\[viz\]\""):
         summarize.main(["--data-root", data_root, "--baseline", "base", "--plot", str(tmp_path / "p")])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("score", r"gqa/results/broken-2025-01-01\.json: score is 'sixty', allowed: a number or null"),
+    ("plot_file", r"--plot .*table\.md is a file; give a folder for the pictures"),
+    ("no_matplotlib", r"--plot needs matplotlib, an optional extra: pip install -e \"\.\[viz\]\""),
+    ("profile_answers", r"--profile .*a\.jsonl: record 1 has no flops, kv_bytes, so it is not a profile line"),
+])
+def test_broken_inputs_exit_2_with_one_line(data_root, tmp_path, monkeypatch, capsys, case, message):
+    import re
+    import sys
+
+    from llava.utils import cli
+
+    argv = ["--data-root", data_root, "--baseline", "base"]
+    if case == "score":
+        put(data_root, "gqa", "broken", "sixty")  # a hand-edited result file
+    elif case == "plot_file":
+        (tmp_path / "table.md").write_text("a table\n")
+        argv += ["--plot", str(tmp_path / "table.md")]
+    elif case == "no_matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        argv += ["--plot", str(tmp_path / "plots")]
+    else:
+        (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "text": "yes", "metadata": {}}) + "\n")
+        argv = ["--profile", str(tmp_path / "a.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(summarize.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "plots").exists()
 
 
 def test_loyalty_columns(tmp_path, capsys):
@@ -220,3 +251,16 @@ def test_a_method_with_its_own_encoder_stage_is_a_w_ve_row(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].startswith("| 64 | visiondrop | m-visiondrop-llm |")
     assert lines[4].startswith("| 64 w/ VE | visiondrop | m-visiondrop64 |")
+
+
+def test_plots_do_not_import_summarize():
+    """summarize imports plots for --plot; plots draws the rows it is handed and imports nothing of summarize, so
+    the two modules do not import each other."""
+    import ast
+
+    from llava.eval import plots
+
+    tree = ast.parse(open(plots.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "llava.eval.summarize" not in imported and "llava.eval.results" in imported

@@ -121,6 +121,40 @@ def test_bad_requests_are_named(deep_v15, calib, tmp_path):
             method_from_args(ns)
 
 
+def test_a_broken_or_stale_state_is_refused(deep_v15, loaded, calib, tmp_path, capsys):
+    """A state file cut short is named before the model loads; a state saved for weights since overwritten in place
+    (same sizes) is a search of another model (the run identity's fingerprint, llava.eval.fingerprint)."""
+    import shutil
+
+    from llava.utils import cli
+
+    out = tmp_path / "s.json"
+    (tmp_path / "s.json.state").write_text('{"config": {"model": ')
+    argv = ["--model-path", deep_v15, "--question-file", str(calib[0]), "--image-folder", str(calib[1]), "--out",
+            str(out), "--device", "cpu", "--conv-mode", "vicuna_v1", "--method", "pio", "--budget", "64"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tune.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "--state " + str(tmp_path / "s.json.state") + ": not a search state of python -m llava.eval.tune" in err[0]
+    (tmp_path / "s.json.state").unlink()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(deep_v15, ckpt)
+    two = tmp_path / "two.jsonl"  # the smallest calibration: one question searched, one held out
+    two.write_text("".join(calib[0].read_text().splitlines(keepends=True)[:2]))
+    calib = (two, calib[1])
+    args = ("--method", "pio", "--budget", "64", "--trials", "1")
+    tune.run(_args(str(ckpt), calib, out, *args), loaded)
+    weights = ckpt / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.seek(size - 16)
+        f.write(bytes(16))
+    assert weights.stat().st_size == size
+    with pytest.raises(ValueError, match=r"holds a search with other settings \(model\.files\.model\.safetensors: "):
+        tune.run(_args(str(ckpt), calib, out, *args), loaded)
+
+
 def test_schedule_file_through_the_pope_script_with_loyalty(deep_v15, loaded, calib, tmp_path):
     """SCHEDULE=file runs pope.sh, the result JSON records the file and the tuned schedule, and summarize prints
     the run's loyalty to the unpruned run (EXTRA_ARGS --loyalty-to)."""

@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 
 from llava.eval import visualize
-from tests.helpers import QWEN_TEST_PIXELS, image
+from tests.helpers import family_flags, image
 
-SIZES = {"v15": (400, 300), "v16": (672, 252), "qwen": (224, 168)}
-METHODS = {"v15": "pio@1/2,fastv@1,dart@1,visionzip,visionzip+pio@1/2",
-           "v16": "pio@1/2,sparsevlm@1/2,dart@1,holov",
-           "qwen": "pio@1/2,fastv@1,dart@1,divprune"}
+SIZES = {"llava-v1.5": (400, 300), "llava-v1.6": (672, 252), "qwen2_5_vl": (224, 168)}
+METHODS = {"llava-v1.5": "pio@1/2,fastv@1,dart@1,visionzip,visionzip+pio@1/2",
+           "llava-v1.6": "pio@1/2,sparsevlm@1/2,dart@1,holov",
+           "qwen2_5_vl": "pio@1/2,fastv@1,dart@1,divprune"}
 
 
 def expected_tokens(arch: str) -> list[list[tuple[int, float, float]]]:
     """Per view: (position in the unreduced sequence, centre x, centre y) of every token, in canvas pixels."""
-    if arch == "v15":  # 400x300 centred on a 400x400 square, 24x24 patches over it
+    if arch == "llava-v1.5":  # 400x300 centred on a 400x400 square, 24x24 patches over it
         cell = 400 / 24
         return [[(r * 24 + c, (c + 0.5) * cell, (r + 0.5) * cell) for r in range(24) for c in range(24)]]
-    if arch == "v16":
+    if arch == "llava-v1.6":
         # base view: the image squashed onto 336x336; grid: 672x252 fits the 672x336 canvas at y = 42, a 24x48
         # map whose 3 padded rows at each end are removed (18 rows left), each row followed by a newline token
         base = [(r * 24 + c, (c + 0.5) * 672 / 24, (r + 0.5) * 252 / 24) for r in range(24) for c in range(24)]
@@ -37,15 +37,12 @@ def expected_tokens(arch: str) -> list[list[tuple[int, float, float]]]:
 
 
 def _args(path: str, arch: str, *extra: str):
-    pixels = ["--min-pixels", str(QWEN_TEST_PIXELS[0]), "--max-pixels", str(QWEN_TEST_PIXELS[1])] if arch == "qwen" \
-        else []
-    return visualize.build_parser().parse_args(["--model-path", path, "--device", "cpu", *pixels, *extra])
+    return visualize.build_parser().parse_args(["--model-path", path, "--device", "cpu", *family_flags(arch), *extra])
 
 
 @pytest.fixture(scope="module")
-def loaded(models, tiny_v15, tiny_v16, tiny_qwen):
-    paths = {"v15": tiny_v15, "v16": tiny_v16, "qwen": tiny_qwen}
-    return {arch: (paths[arch], (*models[arch], arch)) for arch in models}
+def loaded(models, tiny_checkpoints):
+    return {arch: (tiny_checkpoints[arch], (*models[arch], arch)) for arch in models}
 
 
 def _write_image(tmp_path: Path, arch: str) -> str:
@@ -87,19 +84,19 @@ def _views(fig: visualize.Figure) -> list:
     return list(seen.values())
 
 
-@pytest.mark.parametrize("arch", ["v15", "v16", "qwen"])
+@pytest.mark.parametrize("arch", ["llava-v1.5", "llava-v1.6", "qwen2_5_vl"])
 def test_panels_light_the_kept_patches(loaded, tmp_path, arch):
     path, model = loaded[arch]
     img_file = _write_image(tmp_path, arch)
     fig = visualize.make_figure(_args(path, arch, "--image-file", img_file, "--methods", METHODS[arch],
                                       "--budget", "192"), model)
-    n_views = 2 if arch == "v16" else 1
-    canvas = (400, 400) if arch == "v15" else SIZES[arch]
+    n_views = 2 if arch == "llava-v1.6" else 1
+    canvas = (400, 400) if arch == "llava-v1.5" else SIZES[arch]
     stages = {"pio": 2, "fastv": 1, "dart": 1, "sparsevlm": 2, "visionzip": 1, "holov": 1, "divprune": 1,
               "visionzip+pio": 3}
     expected = sum(stages[m.split("@")[0]] for m in METHODS[arch].split(",")) * n_views
     assert check_panels(fig, arch, canvas) == expected
-    assert [v.name for v in _views(fig)] == (["base view", "high-res grid"] if arch == "v16" else ["image"])
+    assert [v.name for v in _views(fig)] == (["base view", "high-res grid"] if arch == "llava-v1.6" else ["image"])
 
 
 def test_stages_compose_encoder_and_llm_positions():
@@ -110,9 +107,9 @@ def test_stages_compose_encoder_and_llm_positions():
     assert llm.label == "after layer 2" and llm.kept.tolist() == [3, 7] and llm.placeless == 2
 
 
-@pytest.mark.parametrize("arch,method,flags", [("v16", "pio", ["--layers", "1,2"]),
-                                               ("v15", "visionzip+pio", ["--layers", "1,2"]),
-                                               ("qwen", "divprune+fastv", ["--layers", "1"])])
+@pytest.mark.parametrize("arch,method,flags", [("llava-v1.6", "pio", ["--layers", "1,2"]),
+                                               ("llava-v1.5", "visionzip+pio", ["--layers", "1,2"]),
+                                               ("qwen2_5_vl", "divprune+fastv", ["--layers", "1"])])
 def test_drawing_from_a_log_equals_running_the_model(loaded, tmp_path, arch, method, flags):
     from llava.eval import model_vqa_loader
 
@@ -122,9 +119,7 @@ def test_drawing_from_a_log_equals_running_the_model(loaded, tmp_path, arch, met
     qfile = tmp_path / "q.jsonl"
     qfile.write_text(json.dumps({"question_id": 7, "image": Path(img_file).name, "text": query}) + "\n")
     log = tmp_path / "run.log.jsonl"
-    # the benchmark scripts' template for LLaVA, which visualize uses too
-    pixels = ["--min-pixels", str(QWEN_TEST_PIXELS[0]), "--max-pixels", str(QWEN_TEST_PIXELS[1])] if arch == "qwen" \
-        else ["--conv-mode", "vicuna_v1"]
+    pixels = family_flags(arch)  # the family's template (the benchmark scripts', which visualize uses too)
     p = model_vqa_loader.argparse.ArgumentParser()
     p.add_argument("--image-folder")
     p.add_argument("--question-file")
@@ -150,22 +145,22 @@ def test_drawing_from_a_log_equals_running_the_model(loaded, tmp_path, arch, met
 
 
 def test_a_log_of_another_image_is_refused(loaded, tmp_path):
-    path, model = loaded["v15"]
+    path, model = loaded["llava-v1.5"]
     log = tmp_path / "x.jsonl"
     log.write_text(json.dumps({"question_id": 1, "n_visual": 100, "stages": []}) + "\n")
-    img_file = _write_image(tmp_path, "v15")
+    img_file = _write_image(tmp_path, "llava-v1.5")
     with pytest.raises(ValueError, match="the log has 100 visual tokens for this image, but the model lays it out in 576"):
-        visualize.make_figure(_args(path, "v15", "--image-file", img_file, "--pio-log", str(log)))
+        visualize.make_figure(_args(path, "llava-v1.5", "--image-file", img_file, "--pio-log", str(log)))
     with pytest.raises(ValueError, match="no line for question id 3"):
-        visualize.make_figure(_args(path, "v15", "--image-file", img_file, "--pio-log", str(log), "--question-id", "3"))
+        visualize.make_figure(_args(path, "llava-v1.5", "--image-file", img_file, "--pio-log", str(log), "--question-id", "3"))
 
 
 def test_main_writes_the_png(loaded, tmp_path):
     from PIL import Image
 
-    path, _ = loaded["v15"]
+    path, _ = loaded["llava-v1.5"]
     out = tmp_path / "fig" / "kept.png"
-    visualize.main(["--model-path", path, "--device", "cpu", "--image-file", _write_image(tmp_path, "v15"),
+    visualize.main(["--model-path", path, "--device", "cpu", "--image-file", _write_image(tmp_path, "llava-v1.5"),
                     "--methods", "pio@1/2,fastv@1", "--budget", "192", "--out", str(out)])
     with Image.open(out) as im:
         assert im.size[0] > 3 * 336 and im.size[1] > 2 * 336

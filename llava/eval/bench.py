@@ -34,143 +34,50 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval import runner
 from llava.eval.profiling import profile_record
-from llava.mm_utils import process_images
 from llava.model.pruning import Segment, backend_mask
 from pio import ReductionMethod, get_method, method_names
-from pio.cli import add_method_args, method_from_args, parse_layers
-from pio.encoder import Pipeline
+from pio.build import build_reducer
+from pio.cli import add_method_args, flag_spelling, method_from_args
 
 logger = logging.getLogger(__name__)
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "llava-v1.5-7b": dict(arch="llava-v1.5", hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000,
-                          vision="vit-l", image=(336, 336)),
-    "llava-v1.6-7b": dict(arch="llava-v1.6", hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000,
-                          vision="vit-l", image=(640, 480)),
-    "tiny": dict(arch="llava-v1.5", hidden=64, intermediate=176, layers=4, heads=4, vocab=1000, vision="tiny",
-                 image=(336, 336)),
-    # Qwen2.5-VL-7B-Instruct at the PIO authors' resolution (min = max pixels = 1008^2: 1296 visual tokens)
-    "qwen2.5-vl-7b": dict(arch="qwen2.5-vl", hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4,
-                          vocab=152064, vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                                    fullatt_block_indexes=[7, 15, 23, 31], window_size=112),
-                          image=(1008, 1008), pixels=1008 * 1008),
-    "qwen-tiny": dict(arch="qwen2.5-vl", hidden=64, intermediate=176, layers=4, heads=4, kv_heads=2, vocab=1046,
-                      vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
-                                  fullatt_block_indexes=[1, 3], window_size=56),
-                      image=(336, 336), pixels=336 * 336),
-}
-QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                vision_end_token_id=151653)  # Qwen2.5-VL's, inside the 7B vocabulary
+
+def shapes() -> dict[str, tuple[Any, Any]]:
+    """Every family's named shapes: ``{name: (family, shape)}`` (:attr:`llava.model.families.Family.shapes`)."""
+    from llava.model.families import families
+
+    return {shape.name: (family, shape) for family in families() for shape in family.shapes}
+
+
+def shape_of(name: str) -> tuple[Any, Any]:
+    """``(family, shape)`` of a named shape; an unknown name raises listing the known ones."""
+    every = shapes()
+    if name not in every:
+        raise ValueError(f"unknown --shape {name!r}; allowed: {', '.join(every)}")
+    return every[name]
 
 
 def build_shape(name: str, device: torch.device, dtype: torch.dtype, workdir: Path):
-    """A random-weight LLaVA of a named shape (vision tower included) and its image processor.
-
-    Built on the meta device and filled from one random block (:func:`fill_random`), so a 7B shape takes
-    seconds, not the minutes of a per-tensor random initialisation; the values only need to be generic.
-    """
-    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-    from llava.model.tiny import tiny_config, vision_config, write_vision_configs
-
-    if name not in SHAPES:
-        raise ValueError(f"unknown --shape {name!r}; allowed: {', '.join(SHAPES)}")
-    s = SHAPES[name]
-    if s["arch"] == "qwen2.5-vl":
-        return build_qwen_shape(s, device, dtype)
-    vcfg = vision_config(s["vision"])
-    write_vision_configs(workdir / "vision_tower", vcfg)
-    cfg = LlavaConfig(**tiny_config(
-        s["arch"], s["vocab"], layers=s["layers"], hidden=s["hidden"], intermediate_size=s["intermediate"],
-        num_attention_heads=s["heads"], num_key_value_heads=s["heads"], mm_hidden_size=vcfg.hidden_size,
-        initializer_range=0.02, unfreeze_mm_vision_tower=True,  # build the tower inside the model, randomly
-    ))
-    cfg.mm_vision_tower = str(workdir / "vision_tower")
-    with torch.device("meta"):
-        model = LlavaLlamaForCausalLM._from_config(cfg, dtype=dtype)
-    model.to_empty(device=device)
-    fill_random(model, std=cfg.initializer_range, seed=0)
-    model.requires_grad_(False).eval()
-    return model, model.get_vision_tower().image_processor
-
-
-def build_qwen_shape(s: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """A random-weight Qwen2.5-VL of shape ``s`` and its image processor at ``s["pixels"]``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessor
-
-    from llava.model.language_model.qwen2_5_vl import Qwen2_5_VLForReduction
-    from llava.model.tiny import CLIP_MEAN, CLIP_STD
-    from llava.model.tiny_qwen import mrope_section
-
-    head_dim = s["hidden"] // s["heads"]
-    ids = {k: min(v, s["vocab"] - 4 + i) for i, (k, v) in enumerate(QWEN_IDS.items())}
-    rope = {"type": "mrope", "mrope_section": mrope_section(head_dim)}
-    text = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                rope_scaling=rope, rope_theta=1e6, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                tie_word_embeddings=False, use_sliding_window=False)
-    vision = dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_chans=3,
-                  out_hidden_size=s["hidden"], **s["vision"])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **text, **ids)
-    with torch.device("meta"):
-        model = Qwen2_5_VLForReduction._from_config(cfg, dtype=dtype)
-    model.to_empty(device=device)
-    fill_random(model, std=0.02, seed=0)
-    model.requires_grad_(False).eval()
-    proc = Qwen2VLImageProcessor(min_pixels=s["pixels"], max_pixels=s["pixels"], patch_size=14, temporal_patch_size=2,
-                                 merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    return model, proc
-
-
-BLOCK = 1_000_003  # a prime: rows of any power-of-two width start at different offsets of the block
-
-
-def fill_random(model: torch.nn.Module, std: float, seed: int) -> None:
-    """Fill a model materialised with ``to_empty``: weights tile one N(0, std) block (each at its own offset),
-    norm weights are 1, biases 0; the two non-persistent buffers (rotary frequencies, CLIP position ids) are
-    recomputed."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            if name.endswith("bias"):
-                p.zero_()
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                block = (torch.randn(BLOCK, generator=gen) * std).to(p.device, p.dtype)
-                flat, n = p.view(-1), p.numel()
-                reps = -(-n // BLOCK)
-                flat.copy_(block.roll(i * 7919).repeat(reps)[:n])
-        for module in model.modules():
-            if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
-                inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
-                module.inv_freq.copy_(inv_freq)
-                module.original_inv_freq = module.inv_freq.clone()
-            if hasattr(module, "position_ids") and hasattr(module, "num_positions"):
-                module.position_ids.copy_(torch.arange(module.num_positions, device=module.position_ids.device)[None])
+    """A random-weight model of a named shape (vision tower included) and its image processor, built by its
+    family on the meta device and filled from one random block (:func:`llava.model.tiny.fill_random`), so a 7B
+    shape takes seconds, not the minutes of a per-tensor random initialisation."""
+    family, shape = shape_of(name)
+    return family.build_shape(shape, device, dtype, workdir)
 
 
 def synthetic_input(model, proc, size: tuple[int, int], n_text: int = 60, seed: int = 0):
-    """``(ids, pixels, sizes)``: random text ids with one image after a system-prompt-long prefix (LLaVA's
-    placeholder; Qwen2.5-VL's vision tokens, one per merged patch) and a structured image."""
+    """``(ids, pixels, sizes)``: a structured image and random text ids with the image after a system-prompt-long
+    prefix, as the model's family encodes them (LLaVA's placeholder; Qwen2.5-VL's vision tokens, one per merged
+    patch)."""
+    from llava.model.families import family_of
+
     rng = np.random.default_rng(seed)
-    cfg = model.config
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
     img = Image.fromarray(np.stack([xx % 256, yy % 256, rng.integers(0, 256, size=(h, w))], -1).astype(np.uint8))
-    if runner.is_qwen(cfg):
-        out = proc(images=[img], return_tensors="pt")
-        n = int(out["image_grid_thw"].prod()) // proc.merge_size**2
-        special = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id)
-        text = rng.integers(3, special, size=n_text - 1).tolist()
-        image = [cfg.vision_start_token_id, *[cfg.image_token_id] * n, cfg.vision_end_token_id]
-        ids = [*text[:34], *image, *text[34:]]
-        return torch.tensor([ids]), out["pixel_values"], out["image_grid_thw"]
-    text = rng.integers(3, cfg.vocab_size, size=n_text - 1).tolist()
-    ids = [1, *text[:34], IMAGE_TOKEN_INDEX, *text[34:]]
-    return torch.tensor([ids]), process_images([img], proc, cfg), [img.size]
+    return family_of(model.config).synthetic_input(model, proc, img, n_text, rng)
 
 
 def machine() -> dict[str, Any]:
@@ -188,7 +95,7 @@ def machine() -> dict[str, Any]:
 def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
     """``--methods a,b --budget B`` (each method at the paper budget B, with its defaults for the model family),
     or one method from the method flags."""
-    family = args.family = "qwen2_5_vl" if _is_qwen_run(args) else None
+    family = args.family = run_family(args)
     single = method_from_args(args) if not args.methods else None
     if args.methods:
         if args.budget is None:
@@ -196,16 +103,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         names = [m.strip() for m in args.methods.split(",") if m.strip()]
         if names == ["all"]:
             names = method_names()
-        layers = parse_layers(args.layers) if args.layers is not None else None
         out = []
-        for n in names:
-            if "+" in n:  # the paper's w/ VE row of a composition
-                pre, llm = (get_method(x) for x in n.split("+", 1))
-                out.append(Pipeline.from_budget(pre, llm, float(args.budget), layers, family))
-            elif get_method(n).where == "pre_llm":
-                out.append(get_method(n).from_budget(float(args.budget)))
-            else:
-                out.append(get_method(n).from_budget(float(args.budget), layers, family))
+        for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
+            in_llm = "+" in n or get_method(n).where == "llm"
+            options = {"budget": args.budget, "layers": args.layers if in_llm else None}
+            out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
         return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
@@ -213,13 +115,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
     return [single]
 
 
-def _is_qwen_run(args: argparse.Namespace) -> bool:
-    if args.shape:
-        return SHAPES.get(args.shape, {}).get("arch") == "qwen2.5-vl"
-    from llava.model.builder import checkpoint_family
+def run_family(args: argparse.Namespace):
+    """The model family of the run: the shape's, or the checkpoint's (a hub id by its name)."""
+    from llava.model.families import guess_family
 
-    path = os.path.expanduser(args.model_path)
-    return checkpoint_family(path) == "qwen2_5_vl" if os.path.isdir(path) else "qwen2.5-vl" in path.lower()
+    return shape_of(args.shape)[0] if args.shape else guess_family(args.model_path)
 
 
 def time_layer(model, n: int, repeats: int) -> float:
@@ -250,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
 
     methods = methods_from_args(args)  # fail on bad flags before building the model
+    family = run_family(args)
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -257,16 +158,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model_path:
             _, model, proc, _ = load_pretrained_model(args.model_path, args.model_base, device=device,
                                                       torch_dtype=dtype, attn_implementation=args.attn_implementation)
-            anyres = getattr(model.config, "image_aspect_ratio", "pad") == "anyres" or runner.is_qwen(model.config)
-            size = (640, 480) if anyres else (336, 336)
+            size = family.bench_image_size(model.config)
         else:
             model, proc = build_shape(args.shape, device, dtype, Path(tmp))
             model.config._attn_implementation = args.attn_implementation
-            size = SHAPES[args.shape]["image"]
+            size = shape_of(args.shape)[1].image
     build_s = time.perf_counter() - t0
     logger.info("model ready in %.1f s", build_s)
     for m in methods:
-        m.validate(runner.decoder_depth(model.config))
+        family.check_method(m)
+        m.validate(family.decoder_depth(model.config))
     ids, pixels, sizes = synthetic_input(model, proc, size)
     pixels = pixels.to(device, dtype)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
@@ -380,7 +281,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random weights of this shape")
+    p.add_argument("--shape", default=None, choices=sorted(shapes()), help="random weights of this shape")
     p.add_argument("--model-path", default=None)
     p.add_argument("--model-base", default=None)
     p.add_argument("--device", default=None)

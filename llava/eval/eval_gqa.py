@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_questions=scores["num_balanced"],
         extra={k: scores[k] for k in ("num_correct", "num_missing", "num_not_in_questions")}
         | {"annotation_file": args.annotation_file},
+        expected=scores["num_balanced"], missing=scores["num_missing"],
     )
     return scores
 

@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_questions=res["num_questions"],
         extra={k: res[k] for k in ("categories", "num_rows", "num_missing", "num_no_letter",
                                    "num_answers_not_in_tsv")} | {"annotation_file": args.annotation_file},
+        expected=res["num_rows"], missing=res["num_missing"],
     )
     return res
 

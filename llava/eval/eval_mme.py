@@ -210,7 +210,11 @@ def score_mme(gt: dict[str, SubtaskGT], records: list[dict]) -> dict[str, Any]:
         logger.warning("%d answers belong to no scorable subtask (first: %r)", len(ignored), ignored[0])
     perception = sum(tasks[t]["score"] for t in PERCEPTION if t in tasks)
     cognition = sum(tasks[t]["score"] for t in COGNITION if t in tasks)
+    gt_questions = sum(len(qs) for sub in gt.values() for qs in sub.images.values())
     return {
+        "gt_questions": gt_questions,
+        "unanswered": gt_questions - sum(v["questions"] - v["missing_answers"] for v in tasks.values()),
+        "incomplete": incomplete_ground_truth(gt),
         "tasks": tasks,
         "perception": perception,
         "cognition": cognition,
@@ -220,6 +224,24 @@ def score_mme(gt: dict[str, SubtaskGT], records: list[dict]) -> dict[str, Any]:
         "num_unmatched_answers": len(unmatched) + len(ignored),
         "answers": answers,
     }
+
+
+def incomplete_ground_truth(gt: dict[str, SubtaskGT]) -> list[str]:
+    """What makes the ground truth found less than the MME release: subtasks without it, and images without
+    exactly the release's two questions (one answered yes, one no) -- acc+ would be computed over other pairs."""
+    out = []
+    absent = [t for t in SUBTASKS if t not in gt]
+    if absent:
+        out.append(f"no ground truth for {len(absent)} of the {len(SUBTASKS)} subtasks ({', '.join(absent)}): the "
+                   "totals are over the others")
+    for task, sub in gt.items():
+        odd = sorted(stem for stem, qs in sub.images.items() if len(qs) != 2)
+        if odd:
+            out.append(f"{task}: {len(odd)} image(s) with other than 2 ground-truth questions ({', '.join(odd[:3])}"
+                       f"{' ...' if len(odd) > 3 else ''}): a ground-truth file with a line missing or added")
+    for reason in out:
+        logger.warning("MME ground truth: %s", reason)
+    return out
 
 
 def write_mme_txt(out_dir: str, gt: dict[str, SubtaskGT], answers: dict[tuple[str, str, str], dict],
@@ -291,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_questions=res["num_questions"],
         extra={"tasks": res["tasks"], "missing_subtasks": res["missing_subtasks"],
                "num_unmatched_answers": res["num_unmatched_answers"], "gt_dir": args.gt_dir},
+        expected=res["gt_questions"], missing=res["unanswered"], reasons=res["incomplete"],
     )
     return res
 

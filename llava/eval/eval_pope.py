@@ -181,6 +181,7 @@ def score_pope(labels: dict[str, dict[str, str]], answers: dict[str, dict]) -> d
         "mean_accuracy": 100.0 * sum(splits[s].accuracy for s in ordered) / n if n else None,
         "missing_splits": missing_splits,
         "num_scored": sum(splits[s].n for s in ordered),
+        "num_labelled": sum(len(v) for v in labels.values()),
         "num_unlabelled_answers": sum(1 for qid in answers if qid not in used),
     }
 
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "missing_splits": res["missing_splits"],
                "num_unlabelled_answers": res["num_unlabelled_answers"],
                "annotation_dir": args.annotation_dir},
+        expected=res["num_labelled"], missing=res["num_labelled"] - res["num_scored"],
     )
     return res
 

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_questions=res["num_img"],
         extra={k: res[k] for k in ("num_total", "num_correct", "num_img", "num_img_correct", "num_failed",
                                    "num_missing")} | {"split": args.split, "base_dir": args.base_dir},
+        expected=res["num_total"], missing=res["num_missing"],
     )
     return res
 

@@ -98,6 +98,7 @@ def score_textvqa(annotations: dict[tuple[str, str], list[str]], records: list[d
         "num_scored": len(scores),
         "num_unmatched_answers": len(unmatched),
         "num_unanswered": unanswered,
+        "num_annotated": len(annotations),
     }
 
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_questions=res["num_scored"],
         extra={k: res[k] for k in ("num_unmatched_answers", "num_unanswered")}
         | {"annotation_file": args.annotation_file},
+        expected=res["num_annotated"], missing=res["num_unanswered"],
     )
     return res
 

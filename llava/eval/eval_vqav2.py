@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n = out.get("num_submission", len(answers))
         print(f"EvalAI accuracy (as given): {args.evalai_score:.2f}")
     maybe_write_result(args, benchmark="vqav2", score=score, metric=metric, sub_scores=sub_scores,
-                       num_questions=n, extra=out)
+                       num_questions=n, extra=out, expected=out.get("num_submission"),
+                       missing=out.get("num_unanswered", 0))
     return out
 
 

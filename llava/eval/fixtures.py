@@ -4,6 +4,8 @@
 GQA, MME, POPE, TextVQA, VQAv2, ScienceQA, MMBench and MMBench-CN, in exactly the file names and formats
 that the real data uses (see ``playground/data/eval/README.md``), so that the runners
 (``llava.eval.model_vqa_*``) and the scorers (``llava.eval.eval_*``) can be exercised end to end on CPU.
+``--benchmarks videomme`` writes Video-MME's: three short mpeg4 clips (8 and 16 frames, 64x48 and 96x64) of moving
+shapes, one per duration category, with multiple-choice questions about them (needs PyAV, the video extra).
 
 Everything is synthetic: images are coloured shapes (and, for the text-reading benchmarks, words drawn with
 Pillow's default font) on plain backgrounds; questions and answers describe those drawings. Output is a pure
@@ -33,6 +35,7 @@ MME_SUFFIX = "Please answer yes or no."
 OCR_PREFIX = "Reference OCR token: "
 
 BENCHMARKS = ("gqa", "mme", "pope", "textvqa", "vqav2", "scienceqa", "mmbench", "mmbench_cn")
+VIDEO_BENCHMARKS = ("videomme",)  # written only when asked for: they need the video extra (PyAV)
 
 # (width, height); cycled through so every benchmark with >= 3 images gets the wide one.
 SIZES = ((320, 240), (900, 300), (256, 256), (240, 360))
@@ -592,6 +595,84 @@ def write_mmbench_cn(root: Path, rng: random.Random, n: int) -> None:
     _write_tsv(root / "mmbench_cn" / "mmbench_dev_cn_20231003.tsv", _mmbench_rows(rng, n, "cn"))
 
 
+# Video-MME: one clip per duration category, video ids in that category's range of the real numbering (short
+# 001-300, medium 301-600, long 601-900); (frames, fps, (width, height)) per clip.
+VMME_CLIPS = (("short", 8, 4, (64, 48)), ("medium", 16, 8, (96, 64)), ("long", 16, 4, (64, 48)))
+VMME_ID_RANGES = {"short": (1, 300), "medium": (301, 600), "long": (601, 900)}
+VMME_DOMAINS = (("Knowledge", "Astronomy"), ("Film & Television", "Animation"), ("Life Record", "Pet & Animal"))
+DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
+YOUTUBE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def draw_clip(rng: random.Random, size: tuple[int, int], n_frames: int, colour: str, count: int,
+              direction: str):
+    """``n_frames`` RGB frames (uint8, (T, H, W, 3)) of ``count`` shapes of one colour moving in ``direction``."""
+    import numpy as np
+
+    w, h = size
+    background = rng.choice(BACKGROUNDS)
+    shapes = [rng.choice(("circle", "square")) for _ in range(count)]
+    r = max(3, min(w, h) // 8)
+    frames = []
+    for t in range(n_frames):
+        img = Image.new("RGB", size, background)
+        draw = ImageDraw.Draw(img)
+        progress = t / max(1, n_frames - 1)
+        for i, shape in enumerate(shapes):
+            lane = (i + 1) / (count + 1)
+            if direction in ("left to right", "right to left"):
+                along = progress if direction == "left to right" else 1 - progress
+                cx, cy = r + along * (w - 2 * r), lane * h
+            else:
+                along = progress if direction == "top to bottom" else 1 - progress
+                cx, cy = lane * w, r + along * (h - 2 * r)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+        frames.append(np.asarray(img))
+    return np.stack(frames)
+
+
+def _vmme_options(rng: random.Random, right: str, pool: list[str]) -> tuple[list[str], str]:
+    """Four "X. text." options with ``right`` at a random letter, and that letter."""
+    texts = [right] + rng.sample([p for p in pool if p != right], 3)
+    rng.shuffle(texts)
+    return [f"{'ABCD'[k]}. {t}." for k, t in enumerate(texts)], "ABCD"[texts.index(right)]
+
+
+def write_videomme(root: Path, rng: random.Random, n: int) -> None:
+    """videomme/videomme.json (the official annotation layout), videomme/data/<youtube id>.mp4 (lmms-eval's
+    layout) and videomme/llava_videomme.jsonl (the runner's question file): three clips, one per duration, with
+    ceil(n / 3) questions each (at most 3: colour, direction of motion, count)."""
+    from llava.eval.eval_videomme import question_rows, read_annotation
+    from llava.video import encode_video
+
+    per_video = min(3, max(1, math.ceil(n / 3)))
+    videos = []
+    for k, (duration, n_frames, fps, size) in enumerate(VMME_CLIPS):
+        video_id = f"{rng.randint(*VMME_ID_RANGES[duration]):03d}"
+        youtube_id = "".join(rng.choice(YOUTUBE_ALPHABET) for _ in range(11))
+        colour, count, direction = rng.choice(sorted(COLOURS)), rng.randint(1, 3), rng.choice(DIRECTIONS)
+        encode_video(root / "videomme" / "data" / f"{youtube_id}.mp4",
+                     draw_clip(rng, size, n_frames, colour, count, direction), fps=fps)
+        asked = [
+            ("Attribute Perception", "What color are the moving shapes in the video?", colour, sorted(COLOURS)),
+            ("Temporal Perception", "In which direction do the shapes move?", direction, list(DIRECTIONS)),
+            ("Counting Problem", "How many shapes are in the video?", str(count), ["1", "2", "3", "4"]),
+        ][:per_video]
+        questions = []
+        for j, (task, question, right, pool) in enumerate(asked, start=1):
+            options, answer = _vmme_options(rng, right, pool)
+            questions.append({"question_id": f"{video_id}-{j}", "task_type": task, "question": question,
+                              "choices": options, "answer": answer})
+        domain, sub = VMME_DOMAINS[k]
+        videos.append({"video_id": video_id, "duration_category": duration, "video_category": domain,
+                       "video_sub_category": sub, "url": f"https://www.youtube.com/watch?v={youtube_id}",
+                       "questions": questions})
+    _write_json(root / "videomme" / "videomme.json", videos)
+    _write_jsonl(root / "videomme" / "llava_videomme.jsonl",
+                 question_rows(read_annotation(str(root / "videomme" / "videomme.json"))))
+
+
 WRITERS: dict[str, Callable[[Path, random.Random, int], None]] = {
     "gqa": write_gqa,
     "mme": write_mme,
@@ -601,6 +682,7 @@ WRITERS: dict[str, Callable[[Path, random.Random, int], None]] = {
     "scienceqa": write_scienceqa,
     "mmbench": write_mmbench,
     "mmbench_cn": write_mmbench_cn,
+    "videomme": write_videomme,
 }
 
 # The files each benchmark's question step reads; used to refuse overwriting real data.
@@ -613,6 +695,7 @@ QUESTION_FILES = {
     "scienceqa": "scienceqa/llava_test_CQM-A.json",
     "mmbench": "mmbench/mmbench_dev_20230712.tsv",
     "mmbench_cn": "mmbench_cn/mmbench_dev_cn_20231003.tsv",
+    "videomme": "videomme/llava_videomme.jsonl",
 }
 
 
@@ -621,13 +704,14 @@ def write_fixtures(out: str | Path, seed: int = 0, n_per_bench: int = 4,
     """Write the miniature benchmarks under ``out`` (the equivalent of ``playground/data/eval``).
 
     Each benchmark draws from its own RNG derived from ``seed`` and its name, so selecting a subset does not
-    change the files of the others. Returns ``out`` as a Path.
+    change the files of the others. ``benchmarks=None`` writes the image ones (``BENCHMARKS``). Returns ``out`` as
+    a Path.
     """
     root = Path(out)
     names = BENCHMARKS if benchmarks is None else tuple(benchmarks)
     unknown = [b for b in names if b not in WRITERS]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS + VIDEO_BENCHMARKS)}")
     if n_per_bench < 1:
         raise ValueError(f"n_per_bench must be >= 1, got {n_per_bench}")
     for name in names:
@@ -642,15 +726,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-per-bench", type=int, default=4,
                    help="questions per benchmark (per split for POPE; MME gets ceil(K/4) images per subtask, "
-                        "2 questions each; MMBench gets K questions plus their circular variants)")
+                        "2 questions each; MMBench gets K questions plus their circular variants; Video-MME gets 3 clips "
+                        "with ceil(K/3) questions each, at most 3)")
     p.add_argument("--benchmarks", default=",".join(BENCHMARKS),
-                   help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+                   help=f"comma-separated subset of: {', '.join(BENCHMARKS + VIDEO_BENCHMARKS)} (default: the "
+                        "image ones; the video ones need the video extra)")
     p.add_argument("--force", action="store_true", help="overwrite question files that already exist")
     args = p.parse_args(argv)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     bad = [b for b in names if b not in WRITERS]
     if bad:
-        p.error(f"unknown benchmark(s) {', '.join(bad)}; choose from {', '.join(BENCHMARKS)}")
+        p.error(f"unknown benchmark(s) {', '.join(bad)}; choose from {', '.join(BENCHMARKS + VIDEO_BENCHMARKS)}")
     existing = [QUESTION_FILES[b] for b in names if (Path(args.out) / QUESTION_FILES[b]).exists()]
     if existing and not args.force:
         p.error(f"{args.out} already has {', '.join(existing)}; refusing to overwrite (pass --force, "

@@ -22,6 +22,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from llava.eval.results import column_label, read_jsonl
+
 logger = logging.getLogger(__name__)
 
 SCORE_PLOT = "score_vs_budget.png"
@@ -33,8 +35,8 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plots need matplotlib, an optional extra: pip install -e \".[viz]\" (make test and make "
-                           "demo install it)") from None
+        raise ImportError("--plot needs matplotlib, an optional extra: pip install -e \".[viz]\" (make test and make "
+                          "demo install it)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -55,8 +57,6 @@ def _profile_of(result: dict[str, Any]) -> str | None:
 
 def _prefill_times(path: str) -> dict[str, float]:
     """Per question (id and round), the prefill time with vision encoding of a profile file."""
-    from llava.eval.results import read_jsonl
-
     out = {}
     for rec in read_jsonl(path, strict=False):
         if "prefill_s" in rec:
@@ -94,16 +94,14 @@ def prefill_speedups(latest: dict[str, dict[str, dict[str, Any]]], baseline: str
 
 def _styles(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """One colour and marker per method label, the same in every panel; w/ VE methods dashed."""
-    from llava.eval.summarize import method_label
-
     pruned = [r for r in rows if r.budget is not None and not r.is_baseline]
-    labels = sorted({method_label(r) for r in pruned})
+    labels = sorted({r.method_label() for r in pruned})
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                "#7f7f7f"]
     markers = "osD^vP*Xph"
     out = {}
     for i, label in enumerate(labels):
-        ve = any(r.encoder for r in pruned if method_label(r) == label)
+        ve = any(r.encoder for r in pruned if r.method_label() == label)
         out[label] = {"color": colours[i % len(colours)], "marker": markers[i % len(markers)],
                       "linestyle": "--" if ve else "-", "label": label + (" (w/ VE)" if ve else "")}
     return out
@@ -111,21 +109,17 @@ def _styles(rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 def _series(rows: Sequence[Any], value) -> dict[str, list[tuple[float, float]]]:
     """``{method label: [(budget, value)]}`` over the pruned rows with a budget and a value."""
-    from llava.eval.summarize import method_label
-
     out: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         v = value(r)
         if r.is_baseline or r.budget is None or v is None:
             continue
-        out.setdefault(method_label(r), []).append((r.budget, v))
+        out.setdefault(r.method_label(), []).append((r.budget, v))
     return {k: sorted(v) for k, v in out.items()}
 
 
 def plot_score_vs_budget(rows: Sequence[Any], columns: Sequence[str], path: str) -> str | None:
     """``score_vs_budget.png`` (module docstring); None when no row has a budget."""
-    from llava.eval.summarize import column_label
-
     plt = require_matplotlib()
     styles = _styles(rows)
     if not styles:
@@ -172,15 +166,13 @@ def plot_score_vs_budget(rows: Sequence[Any], columns: Sequence[str], path: str)
 
 def plot_retention_vs_speedup(rows: Sequence[Any], speedups: dict[str, float], path: str) -> str | None:
     """``retention_vs_speedup.png`` (module docstring); None when no pruned run has both a ratio and profiles."""
-    from llava.eval.summarize import budget_label, method_label
-
     plt = require_matplotlib()
     styles = _styles(rows)
     by_method: dict[str, list[tuple[float, float, str]]] = {}
     for r in rows:
         if r.is_baseline or r.ratio is None or r.model not in speedups or r.budget is None:
             continue
-        by_method.setdefault(method_label(r), []).append((speedups[r.model], r.ratio, budget_label(r)))
+        by_method.setdefault(r.method_label(), []).append((speedups[r.model], r.ratio, r.budget_label()))
     if not by_method:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -201,11 +193,11 @@ def plot_retention_vs_speedup(rows: Sequence[Any], speedups: dict[str, float], p
     return path
 
 
-def write_plots(results: Sequence[dict[str, Any]], rows: Sequence[Any], columns: Sequence[str], out_dir: str
-                ) -> tuple[list[str], list[str]]:
-    """Write the plots into ``out_dir``; ``(paths written, messages about what could not be drawn)``."""
-    from llava.eval.summarize import _latest_per_run
-
+def write_plots(latest: dict[str, dict[str, dict[str, Any]]], rows: Sequence[Any], columns: Sequence[str],
+                out_dir: str) -> tuple[list[str], list[str]]:
+    """Write the plots of the table ``rows`` (:class:`llava.eval.summarize.AccuracyRow`) into ``out_dir``, reading
+    the profiles beside ``latest``'s results (run -> benchmark -> its newest result); ``(paths written, messages
+    about what could not be drawn)``."""
     require_matplotlib()
     os.makedirs(out_dir, exist_ok=True)
     written, messages = [], []
@@ -218,7 +210,7 @@ def write_plots(results: Sequence[dict[str, Any]], rows: Sequence[Any], columns:
     else:
         messages.append("plots: no run with a paper budget; nothing to draw against the budget")
     base = next((r for r in rows if r.is_baseline), None)
-    speedups = prefill_speedups(_latest_per_run(results, warn=False), base.model) if base is not None else {}
+    speedups = prefill_speedups(latest, base.model) if base is not None else {}
     path = plot_retention_vs_speedup(rows, speedups, os.path.join(out_dir, SPEED_PLOT)) if speedups else None
     if path:
         written.append(path)

@@ -8,38 +8,15 @@ from typing import Any
 import torch
 
 from pio import PruneState
-from pio.flops import (
-    LMDims,
-    clip_vision_flops,
-    encoder_selection_flops,
-    exact_prefill_flops,
-    fastv_prefill_flops,
-    kv_cache_bytes,
-    projector_flops,
-    qwen_vision_flops,
-    selection_flops,
-)
+from pio.flops import LMDims, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, selection_flops
 
 
 def vision_flops(model: Any, state: PruneState) -> dict[str, int]:
-    """``vision``: the tower on every crop plus the projector on every patch (what an encoder-side method does not
-    save: it reduces after them); ``encoder_selection``: what such a method computed on top."""
-    if getattr(state, "vision_grids", None) and hasattr(model.config, "vision_config"):  # Qwen2.5-VL
-        v = model.config.vision_config
-        total = qwen_vision_flops(state.vision_grids, v.hidden_size, v.intermediate_size, v.depth, v.out_hidden_size,
-                                  v.fullatt_block_indexes, v.patch_size, v.temporal_patch_size, v.spatial_merge_size,
-                                  v.window_size, v.in_chans)["total"]
-        return {"vision": total, "encoder_selection": encoder_selection_flops(state.events, v.hidden_size)}
-    tower = model.get_vision_tower() if hasattr(model, "get_vision_tower") else None
-    if tower is None or not state.vision_crops:
-        return {"vision": 0, "encoder_selection": 0}
-    c = tower.config
-    crops = state.vision_crops
-    total = clip_vision_flops(c.image_size, c.patch_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
-                              crops)["total"]
-    kind = "linear" if getattr(model.config, "mm_projector_type", "linear") == "linear" else "mlp2x_gelu"
-    total += projector_flops(crops * tower.num_patches, c.hidden_size, model.config.hidden_size, kind)
-    return {"vision": total, "encoder_selection": encoder_selection_flops(state.events, c.hidden_size)}
+    """``vision``: the vision tower on everything the call encoded (what an encoder-side method does not save: it
+    reduces after it); ``encoder_selection``: what such a method computed on top (the model's family counts)."""
+    from llava.model.families import family_of
+
+    return family_of(model.config).vision_flops(model, state)
 
 
 def profile_record(model: Any, state: PruneState, timing: dict | None) -> dict:

@@ -9,7 +9,8 @@ answers (model, method and its configuration) comes from the runner's run descri
 
 Result JSON schema (one object per file)::
 
-    benchmark          str    one of BENCHMARK_COLUMNS' keys (gqa, mmbench, mmbench_cn, mme, pope, sqa, vqav2, textvqa)
+    benchmark          str    one of BENCHMARK_COLUMNS' keys (gqa, mmbench, mmbench_cn, mme, pope, sqa, vqav2, textvqa,
+                              videomme)
     model              str    checkpoint / experiment name (CKPT)
     schedule           str | null   free text, e.g. "none" or "pio budget=64"
     method             str | null   the reduction method ("none" unpruned), from the runner's run description
@@ -20,14 +21,19 @@ Result JSON schema (one object per file)::
                               questions answered as the unpruned run did), first_token_same (% whose first answer
                               token is the unpruned model's), first_token_kl (mean KL(unpruned || pruned) in nats
                               at that token), n (questions); null when the log has none
-    coverage           dict   answered (answer lines), expected (questions the run was asked, from its run
-                              description; null without one), logged (reduction log lines; null without a log),
-                              partial (answered < expected, or logged < answered)
+    coverage           dict   answered (questions answered: answer lines, each question key counted once),
+                              expected (questions the run was asked, from its run description; without one, the
+                              questions of the benchmark's own files), logged (reduction log lines; null without a
+                              log), reasons (what the scorer found incomplete: answers missing for questions of the
+                              benchmark's files, a subtask without ground truth, ...), repeated (answer lines of a
+                              question already counted), partial (answered < expected, logged < answered, or any
+                              reason)
     score              float | null the paper's number on the paper's scale (null: not scorable locally)
     metric             str    what `score` is
     sub_scores         dict[str, float | null]  flat; percentages on a 0-100 scale unless the name says otherwise
     num_questions      int    questions (rows) behind `score`
-    wall_time_s        float | null
+    wall_time_s        float | null seconds of every invocation of the run (its run file's total, resumed and
+                              failed invocations included); else --wall-time
     date               str    ISO 8601, UTC
     extra              dict   scorer-specific details (counts, missing items, input paths, pio_log_samples)
 """
@@ -46,7 +52,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Benchmark keys in the paper's column order, with their table labels.
+# Benchmark keys in the paper's column order (then the video benchmarks), with their table labels.
 BENCHMARK_COLUMNS: dict[str, str] = {
     "gqa": "GQA",
     "mmbench": "MMB",
@@ -56,7 +62,13 @@ BENCHMARK_COLUMNS: dict[str, str] = {
     "sqa": "SQA",
     "vqav2": "VQAv2",
     "textvqa": "TextVQA",
+    "videomme": "Video-MME",
 }
+
+
+def column_label(benchmark: str) -> str:
+    """A benchmark's column header in the paper's tables (``mmbench_cn`` -> ``MMB-CN``; unknown ones as they are)."""
+    return BENCHMARK_COLUMNS.get(benchmark, benchmark)
 
 RESULT_FIELDS: tuple[str, ...] = (
     "benchmark",
@@ -133,8 +145,39 @@ def read_jsonl(path: str, *, strict: bool = True, bad_lines: list[int] | None = 
     return [obj for _, obj in iter_jsonl(path, strict=strict, bad_lines=bad_lines)]
 
 
+class MixedRunsError(ValueError):
+    """A file holds lines of two runs (different run hashes), or a run file describes another run."""
+
+
+def line_run(rec: dict) -> str | None:
+    """The run hash a runner wrote into a line: in an answer's ``metadata``, at the top of a log or profile line."""
+    meta = rec.get("metadata")
+    value = meta.get("run") if isinstance(meta, dict) and "run" in meta else rec.get("run")
+    return None if value is None else str(value)
+
+
+class _OneRun:
+    """Checks, line by line, that a file's lines come from one run (runs are named by the hash in each line)."""
+
+    def __init__(self, path: str):
+        self.path, self.run, self.first = path, None, 0
+
+    def check(self, lineno: int, rec: dict) -> None:
+        run = line_run(rec)
+        if run is None:
+            return
+        if self.run is None:
+            self.run, self.first = run, lineno
+        elif run != self.run:
+            raise MixedRunsError(f"{self.path} mixes lines of two runs (run {self.run} at line {self.first}, run {run} "
+                                 f"at line {lineno}); score one run's file (the runners refuse to mix them: was it "
+                                 "concatenated or copied by hand?)")
+
+
 def _checked_answers(path: str, strict: bool, bad_lines: list[int] | None) -> Iterator[tuple[int, dict]]:
+    one_run = _OneRun(path)
     for lineno, rec in iter_jsonl(path, strict=strict, bad_lines=bad_lines):
+        one_run.check(lineno, rec)
         missing = [k for k in ("question_id", "text") if k not in rec]
         if missing:
             problem = f"{path}:{lineno}: answer record lacks {', '.join(missing)} (needs question_id and text)"
@@ -277,7 +320,9 @@ def _pio_log_values(path: str | None) -> tuple[list[float], int | None]:
         return [], None
     values: list[float] = []
     lines = 0
+    one_run = _OneRun(path)
     for lineno, rec in iter_jsonl(path):
+        one_run.check(lineno, rec)
         lines += 1
         value = rec.get("avg_visual_tokens")
         if value is None or rec.get("n_visual") == 0:  # text-only samples have no visual tokens to average
@@ -332,13 +377,28 @@ def build_result(
     num_questions: int,
     args: argparse.Namespace | None = None,
     extra: dict[str, Any] | None = None,
+    expected: int | None = None,
+    missing: int = 0,
+    reasons: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The result dict (see the module docstring), with the run context taken from ``args``."""
+    """The result dict (see the module docstring), with the run context taken from ``args``.
+
+    ``expected`` (questions the benchmark's own files hold), ``missing`` (those of them the answers do not cover)
+    and ``reasons`` (what else the scorer found incomplete: a subtask without ground truth, ...) come from the
+    scorer; a result with any of them short is recorded as partial (``coverage``)."""
     model = getattr(args, "model", None) or default_model_name(getattr(args, "result_file", None))
     values, log_lines = _pio_log_values(getattr(args, "pio_log", None))
     avg_tokens, n_logged = (sum(values) / len(values), len(values)) if values else (None, 0)
     run = read_run_info(args)
-    coverage = _coverage(getattr(args, "result_file", None), run.get("expected"), log_lines)
+    coverage = _coverage(getattr(args, "result_file", None), run.get("expected"), log_lines, expected, missing,
+                         reasons or [])
+    _check_same_run(run, getattr(args, "result_file", None), getattr(args, "pio_log", None))
+    wall_time = getattr(args, "wall_time", None)
+    if isinstance(run.get("wall_time_s"), (int, float)) and (run.get("identity") or {}).get("shard", {}).get(
+            "count", 1) == 1:  # every invocation of the run, resumed ones included (a shard's file: --wall-time)
+        if wall_time is not None:
+            extra = {**(extra or {}), "wall_time_last_invocation_s": wall_time}
+        wall_time = float(run["wall_time_s"])
     extra = dict(extra or {})
     if run:
         extra.setdefault("run_info", run["_path"])
@@ -363,24 +423,60 @@ def build_result(
         "metric": metric,
         "sub_scores": dict(sub_scores),
         "num_questions": int(num_questions),
-        "wall_time_s": getattr(args, "wall_time", None),
+        "wall_time_s": wall_time,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra,
     }
     return _finite(result)
 
 
-def _coverage(result_file: str | None, expected: int | None, logged: int | None) -> dict[str, Any]:
-    """How much of the run the result rests on (module docstring): a result over part of the questions, or with
-    a log that misses answered ones, is ``partial``."""
-    answered = None
+def _coverage(result_file: str | None, expected: int | None, logged: int | None, bench_expected: int | None = None,
+              missing: int = 0, reasons: list[str] | None = None) -> dict[str, Any]:
+    """How much of the run the result rests on (module docstring): a result over part of the questions (of the
+    run's question file, or, without a run file, of the benchmark's own files), with a log that misses answered
+    ones, or that the scorer found incomplete, is ``partial``. Answers are counted once per question (key)."""
+    answered = repeated = None
+    reasons = list(reasons or [])
     if result_file and os.path.isfile(result_file):
-        answered = sum(1 for _ in iter_jsonl(result_file, strict=False))
+        keys, lines = set(), 0
+        for _, rec in iter_jsonl(result_file, strict=False):
+            lines += 1
+            meta = rec.get("metadata")
+            key = meta.get("q") if isinstance(meta, dict) else None
+            keys.add(("q", str(key)) if key is not None else ("line", lines))
+        answered, repeated = len(keys), lines - len(keys)
+        if repeated:
+            logger.warning("%s: %d repeated answer line(s) of a question; each question is counted once", result_file,
+                           repeated)
+    if expected is None:
+        expected = bench_expected
+    if missing:
+        reasons.insert(0, f"{missing} of {bench_expected if bench_expected is not None else '?'} questions of the "
+                          "benchmark's files without an answer")
     partial = bool((answered is not None and expected is not None and answered < expected)
-                   or (answered is not None and logged is not None and logged < answered))
+                   or (answered is not None and logged is not None and logged < answered) or reasons)
     if partial:
-        logger.warning("partial result: %s of %s questions answered, %s logged", answered, expected, logged)
-    return {"answered": answered, "expected": expected, "logged": logged, "partial": partial}
+        logger.warning("partial result: %s of %s questions answered, %s logged%s", answered, expected, logged,
+                       "; " + "; ".join(reasons) if reasons else "")
+    return {"answered": answered, "expected": expected, "logged": logged, "partial": partial, "reasons": reasons,
+            "repeated": repeated}
+
+
+def _check_same_run(run: dict[str, Any], result_file: str | None, pio_log: str | None) -> None:
+    """The answers, the log and the run file of a result describe one run (their run hashes agree)."""
+    runs = {}
+    for what, path in (("answers", result_file), ("log", pio_log)):
+        if path and os.path.isfile(path):
+            first = next((line_run(rec) for _, rec in iter_jsonl(path, strict=False) if line_run(rec)), None)
+            if first is not None:
+                runs[what] = (path, first)
+    if run.get("run") is not None:
+        runs["run file"] = (run.get("_path"), str(run["run"]))
+    seen = list(runs.items())
+    for (what_a, (path_a, a)), (what_b, (path_b, b)) in zip(seen, seen[1:]):
+        if a != b:
+            raise MixedRunsError(f"{path_b} ({what_b}) is of run {b} but {path_a} ({what_a}) of run {a}: they come "
+                                 "from different runs; score the answers with their own log and run file")
 
 
 def write_result(path: str, **fields: Any) -> dict[str, Any]:
@@ -429,9 +525,37 @@ def read_results(data_root: str) -> list[dict[str, Any]]:
         if not isinstance(obj, dict) or not obj.get("benchmark") or not obj.get("model"):
             logger.warning("skipping %s: not a result file (needs benchmark and model)", path)
             continue
+        check_result(obj, path)
         obj["_path"] = path
         results.append(obj)
     return results
+
+
+_NUMBER_FIELDS = ("score", "budget", "avg_visual_tokens", "wall_time_s")
+_OBJECT_FIELDS = ("method_config", "loyalty", "coverage", "sub_scores", "extra")
+_TEXT_FIELDS = ("benchmark", "model", "schedule", "method", "metric", "date")
+
+
+def check_result(obj: dict[str, Any], path: str) -> None:
+    """A result JSON's fields have the schema's types (module docstring); raises naming the file and the field."""
+    def wrong(name: str, allowed: str) -> ValueError:
+        return ValueError(f"{path}: {name} is {obj[name]!r}, allowed: {allowed}; a result file as the scorers write "
+                          "it (--result-json): fix the field or score the run again")
+
+    for name in _NUMBER_FIELDS:
+        value = obj.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise wrong(name, "a number or null")
+    for name in _OBJECT_FIELDS:
+        if obj.get(name) is not None and not isinstance(obj[name], dict):
+            raise wrong(name, "a JSON object or null")
+    for name in _TEXT_FIELDS:
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise wrong(name, "a string or null")
+    for key, value in (obj.get("sub_scores") or {}).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{path}: sub_scores.{key} is {value!r}, allowed: a number or null; fix the field or "
+                             "score the run again")
 
 
 def pct(numerator: float, denominator: float) -> float:

@@ -41,10 +41,19 @@ def load_images(spec: str, sep: str):
             import io
             import urllib.request
 
-            from PIL import Image
+            from PIL import Image, UnidentifiedImageError
 
-            with urllib.request.urlopen(path, timeout=30) as r:  # noqa: S310 (user-given URL)
-                images.append(Image.open(io.BytesIO(r.read())).convert("RGB"))
+            try:
+                with urllib.request.urlopen(path, timeout=30) as r:  # noqa: S310 (user-given URL)
+                    data = r.read()
+            except (OSError, ValueError) as err:  # no network, a bad address, an HTTP error
+                reason = getattr(err, "reason", None) or err
+                raise FileNotFoundError(f"--image-file {path}: cannot download it ({reason}); download it where there "
+                                        "is network and pass the file's path") from None
+            try:
+                images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"--image-file {path}: what it returned is not an image ({err})") from None
         else:
             images.append(runner.load_image(path))
     return images

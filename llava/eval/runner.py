@@ -40,8 +40,8 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--model-base", type=str, default=None)
     p.add_argument("--answers-file", type=str, default="answer.jsonl")
     p.add_argument("--conv-mode", type=str, default=None,
-                   help=f"conversation template (default: {conv_mode or 'from the model name'} for LLaVA, "
-                        f"{QWEN_CONV_MODE} for Qwen2.5-VL)")
+                   help=f"conversation template (default: {conv_mode or 'vicuna_v1'} for LLaVA, the model family's "
+                        "own chat template for the others)")
     p.set_defaults(llava_conv_mode=conv_mode)
     p.add_argument("--num-chunks", type=int, default=1)
     p.add_argument("--chunk-idx", type=int, default=0)
@@ -56,7 +56,8 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
                    help="continue --answers-file (only a file written by the same run: model, method, decoding, "
                         "question file)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --answers-file (the old files stay until the new run finishes)")
+                   help="replace a non-empty --answers-file (the old files stay until the new run finishes); with "
+                        "--resume (the scripts' EXTRA_ARGS=--overwrite): continue the same run, replace a different one")
     p.add_argument("--keep-first-duplicate", action="store_true",
                    help="answer a question id that appears twice once, the first time (default: an error)")
     p.add_argument("--profile", type=str, default=None, help="write one JSON line of timings/FLOPs/KV per sample")
@@ -76,71 +77,49 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
 
 
 def check_args(args: argparse.Namespace) -> ReductionMethod | None:
-    """Validate the flags that need no model (conversation template, decoding, reduction method) and return
-    the method they describe; raises ValueError naming what is wrong."""
+    """Validate the flags that need no model (model family, conversation template, decoding, reduction method)
+    and return the method they describe; raises ValueError naming what is wrong. A checkpoint's broken or missing
+    files (and a hub id that cannot be fetched) are named here too, before any file is opened and the model
+    loaded."""
+    from llava.model.checkpoint_checks import check_checkpoint
+
+    check_checkpoint(args.model_path)
     resolve_family_args(args)
     check_conv_mode(args.conv_mode)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     method = method_from_args(args)
-    depth = _checkpoint_depth(args.model_path)
+    if method is not None:
+        args.family.check_method(method)  # an encoder-side method the family's vision tower cannot serve
+    depth = _checkpoint_depth(args.model_path, args.family)
     if method is not None and depth is not None:
         method.validate(depth)  # layers and budgets against the checkpoint before the slow load
     return method
 
 
 def decoder_depth(config: Any) -> int:
-    """The language model's number of layers (Qwen2.5-VL keeps it in its text config)."""
-    text = getattr(config, "text_config", None)
-    return int(text.num_hidden_layers if text is not None else config.num_hidden_layers)
+    """The language model's number of layers (from the config's family)."""
+    from llava.model.families import family_of
+
+    return family_of(config).decoder_depth(config)
 
 
 def resolve_family_args(args: argparse.Namespace) -> None:
-    """The model family's defaults, and its options refused for the other family: Qwen2.5-VL builds prompts with
-    its chat template (``--conv-mode qwen2_5_vl``, the default) and takes ``--min-pixels``/``--max-pixels``;
-    LLaVA takes its conversation templates and ``--model-base``."""
-    from llava.model.builder import checkpoint_family
+    """The checkpoint's model family (:mod:`llava.model.families`; a hub id by its name, before any network) sets
+    ``args.family``, the default ``--conv-mode``, and refuses another family's template or options in one line."""
+    from llava.model.families import guess_family
 
-    path = os.path.expanduser(args.model_path)
-    if os.path.isdir(path):
-        family = checkpoint_family(path)
-    else:  # a hub id: by its name (no network before loading; load_model checks the loaded config again)
-        family = "qwen2_5_vl" if "qwen2.5-vl" in path.lower() else "llava_onevision" if "onevision" in path.lower() \
-            else "llava"
-    if family == "llava_onevision":  # loads (llava.model.onevision); its prompts and runners come later
-        raise ValueError(f"{args.model_path} is a LLaVA-OneVision checkpoint; the runners do not support it yet")
-    if family == "qwen2_5_vl":
-        if args.conv_mode not in (None, QWEN_CONV_MODE):
-            raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint: it builds prompts with its own chat "
-                             f"template; drop --conv-mode {args.conv_mode} (allowed: {QWEN_CONV_MODE})")
-        if getattr(args, "model_base", None):
-            raise ValueError(f"{args.model_path} is a Qwen2.5-VL checkpoint; --model-base applies to LLaVA "
-                             "projector-only checkpoints")
-        args.conv_mode = QWEN_CONV_MODE
-        args.family = family
-        return
-    if args.conv_mode == QWEN_CONV_MODE:
-        raise ValueError(f"--conv-mode {QWEN_CONV_MODE} is Qwen2.5-VL's chat template; {args.model_path} is a LLaVA "
-                         "checkpoint (e.g. vicuna_v1)")
-    given = [f for f in ("min_pixels", "max_pixels") if getattr(args, f, None) is not None]
-    if given:
-        raise ValueError(f"--{given[0].replace('_', '-')} applies to Qwen2.5-VL; {args.model_path} is a LLaVA "
-                         "checkpoint, whose resolution is its vision tower's")
-    if args.conv_mode is None:
-        args.conv_mode = getattr(args, "llava_conv_mode", None) or "vicuna_v1"
-    args.family = None
+    guess_family(args.model_path).resolve_args(args)
 
 
-def _checkpoint_depth(model_path: str) -> int | None:
-    """``num_hidden_layers`` of a local checkpoint's config.json (None when it cannot be read cheaply)."""
+def _checkpoint_depth(model_path: str, family: Any) -> int | None:
+    """The decoder depth of a local checkpoint's config.json (None when it cannot be read cheaply)."""
     cfg = os.path.join(os.path.expanduser(model_path), "config.json")
     try:
         with open(cfg, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+            return family.decoder_depth(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    value = data.get("num_hidden_layers", (data.get("text_config") or {}).get("num_hidden_layers"))
-    return int(value) if isinstance(value, int) else None
 
 
 def image_token(im_start_end: bool) -> str:
@@ -160,42 +139,17 @@ def check_conv_mode(name: str) -> None:
     get_conv_template(name)  # raises with the allowed modes
 
 
-QWEN_CONV_MODE = "qwen2_5_vl"
-QWEN_IMAGE_PAD = "<|image_pad|>"
-QWEN_IMAGE = "<|vision_start|>" + QWEN_IMAGE_PAD + "<|vision_end|>"
-
-
-def is_qwen(config: Any) -> bool:
-    return getattr(config, "model_type", None) == "qwen2_5_vl"
-
-
 def encode(prompt: str, images: Sequence[Any], tokenizer, processor, config) -> Prepared:
     """Token ids (1, T), pixels and image sizes of a templated ``prompt`` whose ``<image>`` marks stand for
-    ``images`` (PIL, in order; empty for a text-only prompt), for the model family of ``config``.
-
-    LLaVA: upstream's ``tokenizer_image_token`` and ``process_images``. Qwen2.5-VL: each ``<image>`` (with the
-    newline LLaVA puts after it) becomes Qwen's vision tokens and its processor expands them to the image's
-    grid; "sizes" are then its ``image_grid_thw``.
-    """
-    from llava.mm_utils import process_images, tokenizer_image_token
+    ``images`` (PIL, in order; empty for a text-only prompt), as the model family of ``config`` encodes them
+    (:meth:`llava.model.families.Family.encode`: LLaVA's placeholder ids and crops, Qwen2.5-VL's expanded
+    vision tokens and its ``image_grid_thw`` as the sizes)."""
+    from llava.model.families import family_of
 
     n_marks = prompt.count(DEFAULT_IMAGE_TOKEN)
     if n_marks != len(images):
         raise ValueError(f"the prompt has {n_marks} {DEFAULT_IMAGE_TOKEN} mark(s) for {len(images)} image(s)")
-    if is_qwen(config):
-        text = prompt.replace(DEFAULT_IMAGE_TOKEN + "\n", QWEN_IMAGE).replace(DEFAULT_IMAGE_TOKEN, QWEN_IMAGE)
-        if not images:
-            return tokenizer(text, return_tensors="pt")["input_ids"], None, None
-        out = processor(images=list(images), return_tensors="pt")
-        merge = int(getattr(processor, "merge_size", 2))
-        counts = (out["image_grid_thw"].prod(-1) // merge**2).tolist()
-        parts = text.split(QWEN_IMAGE_PAD)  # one image token per merged patch, as Qwen's processor expands them
-        text = parts[0] + "".join(QWEN_IMAGE_PAD * int(n) + rest for n, rest in zip(counts, parts[1:], strict=True))
-        return tokenizer(text, return_tensors="pt")["input_ids"], out["pixel_values"], out["image_grid_thw"]
-    ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
-    if not images:
-        return ids, None, None
-    return ids, process_images(list(images), processor, config), [im.size for im in images]
+    return family_of(config).encode(prompt, images, tokenizer, processor, config)
 
 
 # --------------------------------------------------------------------------- loading
@@ -215,11 +169,15 @@ def load_model(args: argparse.Namespace, method: ReductionMethod | None = None, 
             attn_implementation=args.attn_implementation, min_pixels=getattr(args, "min_pixels", None),
             max_pixels=getattr(args, "max_pixels", None),
         )
-    if is_qwen(model.config) != (args.conv_mode == QWEN_CONV_MODE):
-        raise ValueError(f"{args.model_path} loaded as {model.config.model_type}, but the prompts were set up for the "
-                         f"other family (--conv-mode {args.conv_mode})")
+    from llava.model.families import family_of
+
+    family = family_of(model.config)
+    if getattr(args, "family", None) is not None and family is not args.family:
+        raise ValueError(f"{args.model_path} loaded as a {family.title} model, but the prompts were set up for "
+                         f"{args.family.title} (--conv-mode {args.conv_mode})")
     if method is not None:
-        method.validate(decoder_depth(model.config))
+        family.check_method(method)
+        method.validate(family.decoder_depth(model.config))
         logger.info("reduction on: %s", method.describe())
     return tok, model, proc, name
 
@@ -291,7 +249,7 @@ def question_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
-def _budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> float | None:
+def budget_label(args: argparse.Namespace, method: ReductionMethod | None) -> float | None:
     """The paper budget the run was asked for (``--budget`` / ``--pio-preset``), else None."""
     if method is None:
         return None
@@ -339,8 +297,9 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
         out = model.generate(input_ids.to(model.device), images=images, image_sizes=image_sizes, reducer=method,
                              prune_state=state, **kw)
     t_end = time.perf_counter()
-    if not isinstance(out, torch.Tensor):  # return_dict_in_generate: keep the first token's logits
+    if not isinstance(out, torch.Tensor):  # return_dict_in_generate: keep the logits of every generated token
         state.first_logits = out.logits[0] if out.logits else None
+        state.step_logits = tuple(out.logits or ())
         out = out.sequences
     timing = None
     if clock is not None and clock.times:
@@ -352,10 +311,11 @@ def timed_generate(model, input_ids: torch.Tensor, images: Any, image_sizes: Any
 
 
 def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes: Any, args: argparse.Namespace,
-             method: ReductionMethod | None = None, profile: bool = False, first_logits: bool = False
-             ) -> tuple[str, PruneState, dict | None]:
+             method: ReductionMethod | None = None, profile: bool = False, first_logits: bool = False,
+             stop: Sequence[str] = ()) -> tuple[str, PruneState, dict | None]:
     """Answer one prompt with the runner flags. Returns ``(text, prune_state, timing)``; with ``first_logits``,
-    ``prune_state.first_logits`` holds the first answer token's logits (B, V)."""
+    ``prune_state.first_logits`` holds the first answer token's logits (B, V). ``stop``: strings that end the
+    answer (generation stops once one appears; the text is cut before the first of them)."""
     kw: dict[str, Any] = dict(
         do_sample=args.temperature > 0, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         use_cache=True, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -364,8 +324,17 @@ def generate(model, tokenizer, input_ids: torch.Tensor, images: Any, image_sizes
         kw.update(output_logits=True, return_dict_in_generate=True)
     if args.temperature > 0:
         kw.update(temperature=args.temperature, top_p=args.top_p)
+    if stop:
+        kw.update(stop_strings=list(stop), tokenizer=tokenizer)
     out, state, timing = timed_generate(model, input_ids, images, image_sizes, kw, method, profile)
-    return tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip(), state, timing
+    text = tokenizer.batch_decode(out, skip_special_tokens=True)[0]
+    return cut_at_stop(text, stop).strip(), state, timing
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any of the ``stop`` strings (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(ends)] if ends else text
 
 
 def to_model(pixels: Any, model) -> Any:
@@ -393,9 +362,12 @@ def log_record(question_id: Any, state: PruneState, **extra: Any) -> dict:
 
 
 # --------------------------------------------------------------------------- loyalty
-def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any]) -> dict[str, str]:
+def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any],
+                           expected: dict[str, dict] | None = None) -> dict[str, str]:
     """``{question key: answer text}`` of an unpruned run's answers file (``--loyalty-to``); a file of a pruned
-    run, of other questions or without question keys is refused, naming what differs."""
+    run, of other questions or without question keys is refused, naming what differs. ``expected`` (``{key:
+    {"question_id": ..., "prompt": ...}}`` of this run's questions) is what the file's lines must say of the keys
+    they share with it, with or without a run file beside them (and they must share some)."""
     from llava.eval.results import iter_jsonl
 
     if not os.path.isfile(path):
@@ -418,6 +390,16 @@ def read_reference_answers(path: str, run_identity_of_mine: dict[str, Any]) -> d
             raise ValueError(f"--loyalty-to {path}:{lineno}: an answer line without its question key (metadata.q); "
                              "answers written by this codebase's runners have it")
         out[str(key)] = str(rec.get("text", ""))
+        mine = (expected or {}).get(str(key))
+        if mine is not None:
+            for what in ("question_id", "prompt"):
+                if what in rec and str(rec[what]) != str(mine[what]):
+                    raise ValueError(f"--loyalty-to {path}:{lineno}: question {key} is {rec[what]!r} there but "
+                                     f"{mine[what]!r} in this run's question file ({what} differs): the answers of "
+                                     "another question file; give the unpruned run of the same questions")
+    if expected is not None and not set(out) & set(expected):
+        raise ValueError(f"--loyalty-to {path}: none of its {len(out)} answers is to a question of this run (keys "
+                         f"{', '.join(sorted(out)[:3])}...); give the unpruned run of the same question file")
     return out
 
 
@@ -516,8 +498,11 @@ def run_questions(
         expected: how many questions the whole question file asks (every chunk), for the scorers' coverage.
     """
     method = check_args(args)  # before any file is opened and the model loaded
+    if expected == 0 or (expected is None and not items and args.num_chunks == 1):
+        raise ValueError(f"--question-file {getattr(args, 'question_file', None)}: it holds no questions (an empty "
+                         "file?); give the benchmark's question file")
     identity = run_identity(args, method, runner_options or {})
-    summary = {"method": method.name if method is not None else "none", "budget": _budget_label(args, method),
+    summary = {"method": method.name if method is not None else "none", "budget": budget_label(args, method),
                "method_config": method.config() if method is not None else None, "expected": expected}
     if getattr(args, "schedule_file", None):
         summary["schedule_file"] = os.path.abspath(args.schedule_file)
@@ -526,7 +511,8 @@ def run_questions(
         if method is None or not args.pio_log:
             raise ValueError("--loyalty-to compares a pruned run with the unpruned one: it needs --method and "
                              "--pio-log (where the per-question loyalty is written)")
-        reference = read_reference_answers(args.loyalty_to, identity)
+        reference = read_reference_answers(args.loyalty_to, identity,
+                                           {q.key: record(q, "", "") for q in items})
     files = RunFiles(args, identity, summary)
     finished = False
     try:
@@ -555,8 +541,11 @@ def run_questions(
                                                 reference.get(q.key)))
                 log = log_record(q.question_id, state, **extra) if files.logging else None
                 files.write(q.key, record(q, text, name), log, profile)
-        else:
+        elif items:
             logger.info("nothing to do: every question of this chunk is answered")
+        else:
+            logger.info("nothing to do: chunk %d of %d has no questions (the file has %s)", args.chunk_idx,
+                        args.num_chunks, expected)
         finished = True
     finally:
         files.close(finished)

@@ -2,10 +2,13 @@
 
 Usage::
 
-    python -m llava.eval.summarize --data-root playground/data/eval [--baseline CKPT] [--runs 'llava-v1.5-7b*'] \
-        [--out-md table.md] [--out-csv table.csv] [--plot DIR]
+    python -m llava.eval.summarize --data-root playground/data/eval [--lmms-output OUT] [--baseline CKPT] \
+        [--runs 'llava-v1.5-7b*'] [--out-md table.md] [--out-csv table.csv] [--plot DIR]
 
-Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``). Rows are runs (the
+Reads ``DATA_ROOT/*/results/*.json`` (written by the scorers' ``--result-json``) and, with ``--lmms-output OUT``,
+the lmms-eval runs of the ``pio_fvlm`` model under lmms-eval's ``--output_path OUT`` (their scores and the
+model's records, :mod:`llava.eval.lmms_results`): each lmms-eval task is a column ``lmms:<task>`` holding
+lmms-eval's number, and a run joins the row of the same name (by default the scripts' CKPT naming). Rows are runs (the
 result's ``model``, i.e. CKPT), laid out as in the paper: the unpruned baseline first, then grouped by the
 paper budget the run was asked for (192, 128, 64; runs with other schedules last), each budget's in-LLM methods
 ("w/o VE") before those that reduce at the vision encoder ("w/ VE": VisionZip, HoloV, SCOPE, DivPrune, the
@@ -30,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava.eval.results import BENCHMARK_COLUMNS, configure_logging, read_results
+from llava.eval.plots import write_plots
+from llava.eval.results import BENCHMARK_COLUMNS, column_label, configure_logging, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +58,24 @@ class AccuracyRow:
     partial: set[str] = field(default_factory=set)  # benchmarks whose result rests on part of the run
     notes: list[str] = field(default_factory=list)
 
+    def budget_label(self) -> str:
+        """The Budget cell: "all" for the unpruned model, the paper budget (with " w/ VE"), or "-"."""
+        if self.method == "none" or (self.is_baseline and self.method is None):
+            return "all"
+        return ("-" if self.budget is None else f"{self.budget:g}") + (" w/ VE" if self.encoder else "")
+
+    def method_label(self) -> str:
+        """The Method cell: "vanilla" for the unpruned model, else the method's name."""
+        if self.method == "none":
+            return "vanilla"
+        return self.method or "?"
+
 
 def benchmark_columns(results: Sequence[dict[str, Any]]) -> list[str]:
     """Benchmark keys present in ``results``: known ones in paper order, unknown ones after, sorted."""
     present = {str(r["benchmark"]) for r in results}
     known = [b for b in BENCHMARK_COLUMNS if b in present]
     return known + sorted(present - set(BENCHMARK_COLUMNS))
-
-
-def column_label(benchmark: str) -> str:
-    return BENCHMARK_COLUMNS.get(benchmark, benchmark)
 
 
 def _latest_per_run(results: Sequence[dict[str, Any]], warn: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
@@ -99,8 +111,10 @@ def build_accuracy_table(results: Sequence[dict[str, Any]], baseline: str | None
             cov = r.get("coverage") or {}
             if cov.get("partial"):
                 row.partial.add(bench)
+                reasons = "; ".join(str(x) for x in cov.get("reasons") or [])
                 row.notes.append(f"{column_label(bench)} is partial ({cov.get('answered')} of {cov.get('expected')} "
-                                 f"questions answered, {cov.get('logged')} logged): marked *, left out of the Avg")
+                                 f"questions answered, {cov.get('logged')} logged{'; ' + reasons if reasons else ''}): "
+                                 "marked *, left out of the Avg")
             score = r.get("score")
             row.scores[bench] = None if score is None else float(score)
             row.metrics[bench] = str(r.get("metric") or "")
@@ -169,20 +183,10 @@ def _paper_order(row: AccuracyRow) -> tuple:
             row.method or "", row.model)
 
 
-def budget_label(row: AccuracyRow) -> str:
-    if row.method == "none" or (row.is_baseline and row.method is None):
-        return "all"
-    return ("-" if row.budget is None else f"{row.budget:g}") + (" w/ VE" if row.encoder else "")
-
-
-def method_label(row: AccuracyRow) -> str:
-    if row.method == "none":
-        return "vanilla"
-    return row.method or "?"
-
-
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if 0 < abs(value) < 1 else f"{value:.1f}"  # lmms-eval reports many metrics as fractions
 
 
 def table_header(columns: Sequence[str], with_ratio: bool, with_loyalty: bool = False) -> list[str]:
@@ -203,7 +207,7 @@ def format_markdown(rows: Sequence[AccuracyRow], columns: Sequence[str], with_ra
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for row in rows:
         name = f"{row.model} (baseline)" if row.is_baseline else row.model
-        cells = [budget_label(row), method_label(row), name,
+        cells = [row.budget_label(), row.method_label(), name,
                  *(_fmt(row.scores.get(c)) + ("*" if c in row.partial else "") for c in columns), _fmt(row.avg_tokens)]
         if with_ratio:
             cells.append(_fmt(row.ratio))
@@ -233,7 +237,7 @@ def write_csv(path: str, rows: Sequence[AccuracyRow], columns: Sequence[str], wi
         writer.writerow(["budget", "method", "run", *(column_label(c) for c in columns), "avg_tokens"]
                         + (["avg_pct"] if with_ratio else []) + (["loyal_pct", "kl_first_token"] if loyalty else []))
         for row in rows:
-            values = [budget_label(row), method_label(row), row.model, *(cell(row.scores.get(c)) for c in columns),
+            values = [row.budget_label(), row.method_label(), row.model, *(cell(row.scores.get(c)) for c in columns),
                       cell(row.avg_tokens)]
             if with_ratio:
                 values.append(cell(row.ratio))
@@ -292,14 +296,25 @@ def _read_profiles(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
             name, path = os.path.splitext(os.path.basename(spec))[0], spec
         recs = read_jsonl(path)
         if not recs:
-            raise ValueError(f"profile {path} has no records")
+            raise ValueError(f"--profile {path} has no records")
+        for i, rec in enumerate(recs, 1):
+            lacking = [k for k in PROFILE_FIELDS if k not in rec]
+            if lacking:
+                raise ValueError(f"--profile {path}: record {i} has no {', '.join(lacking)}, so it is not a profile "
+                                 "line: give the runner's --profile file (X.profile.jsonl beside the answers X.jsonl)")
         out[name] = recs
     return out
+
+
+PROFILE_FIELDS = ("flops", "kv_bytes")
+"""What every line of a runner's ``--profile`` file has (:mod:`llava.eval.profiling`)."""
 
 
 def main(argv: list[str] | None = None) -> list[AccuracyRow]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=None, help="folder whose */results/*.json are collected")
+    parser.add_argument("--lmms-output", action="append", default=[], metavar="OUT",
+                        help="an lmms-eval --output_path whose pio_fvlm runs join the table (repeat for several)")
     parser.add_argument("--profile", action="append", default=[], metavar="[NAME=]FILE",
                         help="--profile jsonl of a run (repeat); prints the efficiency table, the first "
                              "(or --baseline) being the unpruned reference")
@@ -317,6 +332,14 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
                              "\".[viz]\"); the table links them")
     args = parser.parse_args(argv)
     configure_logging()
+    if args.plot:  # before any work: the package, and a folder for the pictures
+        from llava.eval.plots import require_matplotlib
+        from llava.utils import ensure_writable
+
+        if os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            raise NotADirectoryError(f"--plot {args.plot} is a file; give a folder for the pictures (it is created)")
+        require_matplotlib()
+        ensure_writable(args.plot, f"--plot {args.plot}")
     if args.profile:
         profiles = _read_profiles(args.profile)
         base = args.baseline if args.baseline in profiles else next(iter(profiles))
@@ -325,14 +348,22 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
         if args.out_md and not args.data_root:
             with open(args.out_md, "w", encoding="utf-8") as handle:
                 handle.write(text)
-    if not args.data_root:
+    if not args.data_root and not args.lmms_output:
         if not args.profile:
-            parser.error("give --data-root (accuracy table) and/or --profile files (efficiency table)")
+            parser.error("give --data-root and/or --lmms-output (accuracy table) and/or --profile files (efficiency "
+                         "table)")
         return []
 
-    results = [r for r in read_results(args.data_root) if fnmatch.fnmatchcase(str(r["model"]), args.runs)]
+    results = read_results(args.data_root) if args.data_root else []
+    for out in args.lmms_output:
+        from llava.eval.lmms_results import read_lmms_results
+
+        results += read_lmms_results(out)
+    results = [r for r in results if fnmatch.fnmatchcase(str(r["model"]), args.runs)]
     if not results:
-        print(f"No result files under {os.path.join(args.data_root, '*', 'results', '*.json')} for runs {args.runs!r}")
+        where = [os.path.join(args.data_root, "*", "results", "*.json")] if args.data_root else []
+        where += [f"{out} (lmms-eval)" for out in args.lmms_output]
+        print(f"No result files under {', '.join(where)} for runs {args.runs!r}")
         return []
     baseline = args.baseline
     if baseline is None:
@@ -356,9 +387,7 @@ def main(argv: list[str] | None = None) -> list[AccuracyRow]:
         messages.append("MME column: " + " / ".join(sorted(mme_metrics)))
     plots: list[str] = []
     if args.plot:
-        from llava.eval.plots import write_plots
-
-        plots, plot_messages = write_plots(results, rows, columns, args.plot)
+        plots, plot_messages = write_plots(_latest_per_run(results, warn=False), rows, columns, args.plot)
         messages += plot_messages
     text = format_markdown(rows, columns, with_ratio, messages)
     if plots:

@@ -31,8 +31,11 @@ the chosen schedule's held-out figure is optimistic by at most that choice.
 Resumable: every evaluated candidate is written at once to the state file (``--state``, default ``OUT.state``);
 a rerun with the same settings replays the search from it and continues, so a killed search resumed with the
 same ``--trials`` and ``--seed`` ends with the same schedule as an uninterrupted one (``--time-limit`` stops on
-the clock, which no replay can reproduce). The schedule file (``--out``) is what runners take as
-``--schedule-file`` and the scripts as ``SCHEDULE=``.
+the clock, which no replay can reproduce). The state records the checkpoint's content fingerprint
+(:mod:`llava.eval.fingerprint`, as a run's identity does): a state saved for other weights, or one that is not a
+state, is refused before the model loads. One search at a time writes a schedule file and its state (their locks,
+:mod:`llava.eval.outputlock`). The schedule file (``--out``) is what runners take as ``--schedule-file`` and the
+scripts as ``SCHEDULE=``.
 """
 
 from __future__ import annotations
@@ -203,8 +206,15 @@ class SearchState:
         self.path, self.config = path, config
         self.evaluated: dict[str, list[float]] = {}
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"--state {path}: not a search state of python -m llava.eval.tune (not JSON: {e}); "
+                                 "delete it to start the search again, or give --state another file") from None
+            if not isinstance(data, dict) or not isinstance(data.get("evaluated", {}), dict):
+                raise ValueError(f"--state {path}: not a search state of python -m llava.eval.tune (a JSON object "
+                                 "with config and evaluated); delete it or give --state another file")
             diff = identity_differences(data.get("config", {}), config)
             if diff:
                 raise ValueError(f"{path} holds a search with other settings ({'; '.join(diff[:6])}); delete it or "
@@ -396,9 +406,11 @@ def _answers_agreement(model, tok, prepared, which, args, method, reference: dic
 def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]:
     """The search the flags describe; writes and returns the schedule file's content."""
     from llava.eval import model_vqa_loader, runner
-    from llava.eval.runfiles import file_sha256, weights_fingerprint
+    from llava.eval.outputlock import OutputLock
+    from llava.eval.runfiles import check_distinct_outputs
+    from llava.utils import ensure_writable
+    from pio import ReductionMethod, get_method, method_names
     from pio.encoder import EncoderMethod, Pipeline
-    from pio.schedule import average_visual_tokens
 
     if args.budget is None:
         raise ValueError("--budget B is the average the schedule must meet (the paper's 64, 128, 192)")
@@ -411,21 +423,42 @@ def run(args: argparse.Namespace, loaded: tuple | None = None) -> dict[str, Any]
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     method = runner.check_args(args)
     if method is None or isinstance(method, (EncoderMethod, Pipeline)) or method.encoder_stage() is not None:
-        raise ValueError("--method must name an in-LLM method without an encoder stage (pio, fastv, pdrop, sparsevlm, "
-                         "dart, random; visiondrop with explicit --tokens): the optimiser searches its stage layers "
-                         "and counts for a budget of the language model's visual tokens")
+        in_llm = [get_method(n) for n in method_names() if get_method(n).where == "llm"]
+        staged = [c.name for c in in_llm if c.encoder_stage is not ReductionMethod.encoder_stage]
+        plain = ", ".join(c.name for c in in_llm if c.name not in staged)
+        raise ValueError(f"--method must name an in-LLM method without an encoder stage ({plain}"
+                         + (f"; {', '.join(staged)} with explicit --tokens" if staged else "")
+                         + "): the optimiser searches its stage layers and counts for a budget of the language "
+                         "model's visual tokens")
     items, _ = model_vqa_loader.read_questions(args)
-    tok, model, proc, name = runner.load_model(args, method, loaded)
-    depth = runner.decoder_depth(model.config)
-    default_counts = method.schedule.counts(N0, depth)
-    default = solve(method.schedule.layers, default_counts, budget, depth) or Candidate(
-        tuple(method.schedule.layers), tuple(default_counts))
+    state_path = args.state or args.out + ".state"
+    check_distinct_outputs({"--out": args.out, "--state": state_path}, {"--question-file": args.question_file})
+    for flag, path in (("--out", args.out), ("--state", state_path)):  # before the slow load and search
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+        ensure_writable(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
+    with OutputLock({"--out": args.out, "--state": state_path}):  # one search per schedule file and state
+        return _search_and_write(args, loaded, method, items, budget, state_path)
+
+
+def _search_and_write(args: argparse.Namespace, loaded: tuple | None, method: Any, items: list, budget: float,
+                      state_path: str) -> dict[str, Any]:
+    """:func:`run` once its flags are checked and its files locked."""
+    from llava.eval import model_vqa_loader, runner
+    from llava.eval.runfiles import file_sha256, weights_fingerprint
+    from pio.schedule import average_visual_tokens
+
     search_ids, held_ids = _split(len(items), args.holdout, args.seed)
     config = {"model": weights_fingerprint(args.model_path), "method": method.config(), "budget": budget,
               "questions": file_sha256(args.question_file)[:16], "holdout": args.holdout, "seed": args.seed,
               "strategy": args.strategy, "objective": args.objective, "dtype": args.dtype,
               "conv_mode": args.conv_mode}
-    state = SearchState(args.state or args.out + ".state", config)
+    state = SearchState(state_path, config)  # a state of other settings (or a broken one) refused before loading
+    tok, model, proc, name = runner.load_model(args, method, loaded)
+    depth = runner.decoder_depth(model.config)
+    default_counts = method.schedule.counts(N0, depth)
+    default = solve(method.schedule.layers, default_counts, budget, depth) or Candidate(
+        tuple(method.schedule.layers), tuple(default_counts))
     prepared = [model_vqa_loader.prepare(args, q, tok, proc, model.config) for q in items]
     prepared = [(ids, runner.to_model(px, model) if px is not None else None, sizes) for ids, px, sizes in prepared]
     evaluator = Evaluator(model, prepared)

@@ -72,114 +72,25 @@ def _pixel_centres(size: tuple[int, int], display: tuple[int, int]) -> tuple[np.
     return ((np.arange(dw) + 0.5) * w / dw)[None, :], ((np.arange(dh) + 0.5) * h / dh)[:, None]
 
 
-def _grid_positions(u: np.ndarray, v: np.ndarray, cols: int, rows: int, cell: float) -> np.ndarray:
-    """Row-major position on a ``rows x cols`` grid of ``cell``-sized cells of the points (u, v); -1 outside."""
-    c = np.floor(u / cell).astype(np.int64)
-    r = np.floor(v / cell).astype(np.int64)
-    c, r = np.broadcast_arrays(c, r)
-    inside = (c >= 0) & (c < cols) & (r >= 0) & (r < rows)
-    return np.where(inside, r * cols + c, -1)
-
-
 def _view(name: str, positions: np.ndarray, tokens: np.ndarray) -> View:
     return View(name, positions, np.sort(tokens))
 
 
-def llava_layout(config: Any, processor: Any, side: int, size: tuple[int, int], display: tuple[int, int]) -> Layout:
-    """The layout of an image of ``size`` (width, height) for a LLaVA checkpoint (``side`` patches per crop
-    side), on a ``display`` (width, height) panel."""
-    from llava.mm_utils import (
-        _fit_size,
-        _processor_sizes,
-        parse_grid_pinpoints,
-        select_best_resolution,
-        unpad_image_shape,
-    )
-
-    w, h = size
-    x, y = _pixel_centres(size, display)
-    base_side, crop = _processor_sizes(processor)
-    cell = crop / side
-    P = side * side
-    aspect = getattr(config, "image_aspect_ratio", None)
-    merge = getattr(config, "mm_patch_merge_type", "flat")
-    if aspect == "pad":  # centred on a square of side max(w, h), resized to the crop
-        s = max(w, h)
-        scale = crop / s
-        pos = _grid_positions((x + (s - w) // 2) * scale, (y + (s - h) // 2) * scale, side, side, cell)
-        return Layout([_view("image", pos, np.arange(P))], P)
-    if aspect != "anyres":  # the processor's resize of the shortest edge, then its centre crop
-        scale = base_side / min(w, h)
-        rw, rh = int(round(w * scale)), int(round(h * scale))
-        left, top = (rw - crop) // 2, (rh - crop) // 2
-        pos = _grid_positions(x * rw / w - left, y * rh / h - top, side, side, cell)
-        return Layout([_view("image", pos, np.arange(P))], P)
-    # anyres: the base view is the whole image squashed onto the crop; the grid is the image fitted onto the best
-    # canvas of the pinpoints, centred, cut into crops
-    base = _grid_positions(x * crop / w, y * crop / h, side, side, cell)
-    bw, bh = select_best_resolution(size, parse_grid_pinpoints(config.image_grid_pinpoints))
-    nw, nh = _fit_size(size, (bw, bh))
-    cx, cy = x * nw / w + (bw - nw) // 2, y * nh / h + (bh - nh) // 2
-    cols, rows = bw // crop * side, bh // crop * side  # the whole feature map of the crops
-    c, r = np.broadcast_arrays(np.floor(cx / cell).astype(np.int64), np.floor(cy / cell).astype(np.int64))
-    if merge == "flat":  # the crops one after another
-        crop_index = (r // side) * (bw // crop) + c // side
-        grid = P * (1 + crop_index) + (r % side) * side + c % side
-        tokens = np.arange(P, P * (1 + (bw // crop) * (bh // crop)))
-        n = P + tokens.size
-    elif "unpad" in merge:  # rows/columns of canvas padding removed, one newline token after every row
-        uh, uw = unpad_image_shape(rows, cols, size)
-        top, left = (rows - uh) // 2, (cols - uw) // 2
-        r, c = r - top, c - left
-        grid = np.where((r >= 0) & (r < uh) & (c >= 0) & (c < uw), P + r * (uw + 1) + c, -1)
-        tokens = P + (np.arange(uh)[:, None] * (uw + 1) + np.arange(uw)[None, :]).ravel()
-        n = P + uh * (uw + 1)
-    else:  # "spatial": the tiled map, row-major
-        grid = P + r * cols + c
-        tokens = np.arange(P, P + rows * cols)
-        n = P + tokens.size
-    return Layout([_view("base view", base, np.arange(P)), _view("high-res grid", grid, tokens)], n)
-
-
-def qwen_layout(grid_thw: Sequence[int], merge: int, size: tuple[int, int], display: tuple[int, int]) -> Layout:
-    """The layout of an image Qwen2.5-VL's processor resized to a ``grid_thw`` grid of patches (one view: its
-    merged ``merge x merge`` patches, row-major)."""
-    _, gh, gw = (int(v) for v in grid_thw)
-    rows, cols = gh // merge, gw // merge
-    x, y = _pixel_centres(size, display)
-    pos = _grid_positions(x * cols / size[0], y * rows / size[1], cols, rows, 1.0)
-    return Layout([_view("image", pos, np.arange(rows * cols))], rows * cols)
-
-
 def image_layout(config: Any, processor: Any, image: Any, longest: int = DISPLAY) -> Layout:
     """The layout of ``image`` (PIL) for a model of ``config`` and its image ``processor``, on panels whose
-    longest side is ``longest`` pixels. LLaVA's ``pad`` layout is drawn on the padded square the model encodes,
-    so that tokens of the padding show too."""
-    from llava.mm_utils import expand2square
+    longest side is ``longest`` pixels, from the model's family: the picture it encodes (LLaVA's ``pad`` layout
+    on the padded square, so that tokens of the padding show too), its views, and the positions of their tokens
+    in the image's unreduced sequence as the model lays it out (:meth:`llava.model.families.Family.image_layout`)."""
+    from llava.model.families import family_of
 
     image = image.convert("RGB")
-    if getattr(config, "model_type", None) == "qwen2_5_vl":
-        out = processor(images=[image], return_tensors="pt")
-        layout = qwen_layout(out["image_grid_thw"][0].tolist(), int(getattr(processor, "merge_size", 2)), image.size,
-                             _display_size(image.size, longest))
-        layout.canvas = image
-    else:
-        canvas, note = image, ""
-        if getattr(config, "image_aspect_ratio", None) == "pad" and image.size[0] != image.size[1]:
-            canvas = expand2square(image, tuple(int(v * 255) for v in processor.image_mean))
-            note = "padded to a square"
-        layout = llava_layout(config, processor, llava_patches_per_side(config), canvas.size,
-                              _display_size(canvas.size, longest))
-        layout.canvas, layout.note = canvas, note
-    return layout
-
-
-def llava_patches_per_side(config: Any) -> int:
-    """Patches per crop side of a LLaVA checkpoint's CLIP tower (its config only; no weights are read)."""
-    from transformers import CLIPVisionConfig
-
-    tower = CLIPVisionConfig.from_pretrained(config.mm_vision_tower)
-    return tower.image_size // tower.patch_size
+    family = family_of(config)
+    views = family.image_views(config, processor, image)
+    tokens = family.image_layout(config, processor, image.size)
+    display = _display_size(views.canvas.size, longest)
+    x, y = _pixel_centres(views.canvas.size, display)
+    out = [_view(v.name, tokens.positions(v.patch_at(x, y)), tokens.tokens_of(v.crops)) for v in views.views]
+    return Layout(out, tokens.n, views.canvas, views.note)
 
 
 # --------------------------------------------------------------------------- stages
@@ -315,21 +226,16 @@ def read_log_record(path: str, question_id: str | None) -> dict[str, Any]:
     return found[0]
 
 
-def load_geometry(model_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """``(config, image processor)`` of a checkpoint, without its weights."""
-    from llava.model.builder import QWEN_PIXELS, checkpoint_family, load_llava_config
+def load_geometry(model_path: str, **options: Any):
+    """``(config, image processor)`` of a checkpoint, without its weights (its family's loader ``options``, e.g.
+    Qwen2.5-VL's ``min_pixels``; None values are not given)."""
+    from llava.model.families import family_for_path
 
     path = os.path.expanduser(model_path)
-    if checkpoint_family(path) == "qwen2_5_vl":
-        from transformers import AutoConfig, AutoImageProcessor
-
-        lo = QWEN_PIXELS if min_pixels is None else min_pixels
-        hi = QWEN_PIXELS if max_pixels is None else max_pixels
-        return AutoConfig.from_pretrained(path), AutoImageProcessor.from_pretrained(path, min_pixels=lo, max_pixels=hi)
-    from transformers import CLIPImageProcessor
-
-    cfg = load_llava_config(path)
-    return cfg, CLIPImageProcessor.from_pretrained(cfg.mm_vision_tower)
+    family = family_for_path(path)
+    given = {k: v for k, v in options.items() if v is not None}
+    family.check_options(model_path, given)
+    return family.load_geometry(path, **given)
 
 
 def run_methods(args: argparse.Namespace, names: Sequence[str], image: Any, loaded: tuple | None = None
@@ -359,6 +265,7 @@ def run_methods(args: argparse.Namespace, names: Sequence[str], image: Any, load
     depth = runner.decoder_depth(model.config)
     for m in methods:
         if m is not None:
+            args.family.check_method(m)
             m.validate(depth)
     token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
     ids, pixels, sizes = runner.encode(runner.chat_prompt(f"{token}\n{args.query}", args.conv_mode), [image], tok,
@@ -412,7 +319,7 @@ def make_figure(args: argparse.Namespace, loaded: tuple | None = None) -> Figure
             raise ValueError(f"--methods names {len(names)} labels for {len(logs)} --pio-log files; give one each")
         labels = names if args.methods is not None else [os.path.basename(f).split(".")[0] for f in logs]
         records = [(lab, read_log_record(f, args.question_id)) for lab, f in zip(labels, logs)]
-        config, processor = load_geometry(args.model_path, args.min_pixels, args.max_pixels)
+        config, processor = load_geometry(args.model_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         source = "from the run's log"
     else:
         if args.budget is None and not any(getattr(args, k, None) for k in ("tokens", "ratios", "budget_ratio",
@@ -436,6 +343,9 @@ def main(argv: list[str] | None = None) -> str:
 
     args = build_parser().parse_args(argv)
     runner.setup_logging()
+    from llava.utils import ensure_writable
+
+    ensure_writable(os.path.dirname(os.path.abspath(args.out)), f"--out {args.out}")  # before the model loads
     fig = make_figure(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.image.save(args.out)

@@ -1,23 +1,22 @@
-"""``load_pretrained_model``: official LLaVA checkpoints (local directory or hub id) -> tokenizer, model."""
+"""``load_pretrained_model``: an official checkpoint (local directory or hub id) -> tokenizer, model, processor.
+
+The checkpoint's family (:mod:`llava.model.families`) is resolved once from its config and does the loading.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-
-from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from .checkpoint_checks import check_checkpoint
+from .families import family_for_path
 
 logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-REQUIRED_KEYS = ("mm_vision_tower", "mm_hidden_size", "hidden_size", "num_hidden_layers", "vocab_size")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -59,96 +58,6 @@ def check_checkpoint_dir(model_path: str, tokenizer: bool = True, weights: bool 
         raise FileNotFoundError(f"checkpoint {model_path} has no {'; no '.join(missing)}")
 
 
-def load_llava_config(model_path: str) -> LlavaConfig:
-    """Read and check a LLaVA checkpoint's config; a relative vision tower path is resolved locally."""
-    check_checkpoint_dir(model_path, tokenizer=False, weights=False)
-    cfg = LlavaConfig.from_pretrained(model_path)
-    where = os.path.join(model_path, "config.json") if os.path.isdir(model_path) else f"{model_path} (config.json)"
-    missing = [k for k in REQUIRED_KEYS if getattr(cfg, k, None) in (None, "")]
-    if missing:
-        raise ValueError(
-            f"{where} lacks required key(s) {', '.join(missing)}: not a LLaVA checkpoint "
-            "(expected a config with model_type 'llava_llama' and the mm_* keys)"
-        )
-    aspect = getattr(cfg, "image_aspect_ratio", "square")
-    if aspect == "anyres" and not getattr(cfg, "image_grid_pinpoints", None):
-        raise ValueError(f"{where}: image_aspect_ratio 'anyres' needs image_grid_pinpoints")
-    if aspect not in ("pad", "anyres", "square", None):
-        raise ValueError(f"{where}: image_aspect_ratio {aspect!r} is not supported; allowed: pad, anyres, square")
-    tower = str(cfg.mm_vision_tower)
-    if os.path.isdir(model_path) and not os.path.isabs(tower):
-        local = os.path.join(model_path, tower)
-        if os.path.isdir(local):
-            cfg.mm_vision_tower = os.path.abspath(local)
-        elif tower.count("/") != 1 or tower.startswith("."):  # not a hub id either
-            raise FileNotFoundError(f"{where}: the vision tower {tower!r} (mm_vision_tower) is not a folder of "
-                                    f"{model_path} ({local} is missing) nor a hub id such as "
-                                    "openai/clip-vit-large-patch14-336")
-    elif os.path.isabs(tower) and not os.path.isdir(tower):
-        raise FileNotFoundError(f"{where}: the vision tower folder {tower} (mm_vision_tower) does not exist")
-    return cfg
-
-
-QWEN_PIXELS = 1008 * 1008  # the PIO authors' Qwen2.5-VL evaluation: min_pixels = max_pixels = 1008^2
-FAMILIES = {"llava_llama": "llava", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "llava_onevision": "llava_onevision"}
-# decided before model_type: the original LLaVA-OneVision checkpoints say model_type "llava", as LLaVA-1.5 may
-ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava", "LlavaQwenForCausalLM": "llava_onevision",
-                 "LlavaOnevisionForConditionalGeneration": "llava_onevision",
-                 "LlavaOnevisionForReduction": "llava_onevision", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-                 "Qwen2_5_VLForReduction": "qwen2_5_vl"}
-
-
-def checkpoint_family(model_path: str) -> str:
-    """``"llava"``, ``"qwen2_5_vl"`` or ``"llava_onevision"`` from the checkpoint's ``architectures`` (then its
-    ``model_type`` when it names none); another architecture or model type is an error."""
-    cfg_file = os.path.join(model_path, "config.json")
-    if os.path.isdir(model_path):
-        check_checkpoint_dir(model_path, tokenizer=False, weights=False)
-        with open(cfg_file, encoding="utf-8") as f:
-            raw = json.load(f)
-    else:
-        from transformers import PretrainedConfig
-
-        raw = PretrainedConfig.get_config_dict(model_path)[0]
-    model_type, archs = raw.get("model_type"), raw.get("architectures") or []
-    if archs:
-        if archs[0] not in ARCHITECTURES:
-            raise ValueError(f"{model_path}: architecture {archs[0]!r} is not supported; allowed: "
-                             f"{', '.join(ARCHITECTURES)}")
-        return ARCHITECTURES[archs[0]]
-    if model_type not in FAMILIES:
-        raise ValueError(f"{model_path}: model_type {model_type!r} is not supported; allowed: llava_llama (LLaVA-1.5, "
-                         "LLaVA-NeXT Vicuna), qwen2_5_vl (Qwen2.5-VL), llava_onevision (LLaVA-OneVision)")
-    return FAMILIES[model_type]
-
-
-def _load_qwen(model_path: str, dev: torch.device, device_map: Any, load_kwargs: dict[str, Any],
-               min_pixels: int | None, max_pixels: int | None) -> tuple[Any, Any, Any, int]:
-    # the tokenizer and the image processor, not AutoProcessor: transformers 4.57 builds Qwen's video processor
-    # with it, which needs torchvision; prompts are templated and their image tokens expanded by the runners
-    from transformers import AutoImageProcessor
-
-    from .language_model.qwen2_5_vl import Qwen2_5_VLForReduction
-
-    check_checkpoint_dir(model_path)
-    lo = QWEN_PIXELS if min_pixels is None else int(min_pixels)
-    hi = QWEN_PIXELS if max_pixels is None else int(max_pixels)
-    if not 0 < lo <= hi:
-        raise ValueError(f"--min-pixels {lo} and --max-pixels {hi}: need 0 < min-pixels <= max-pixels")
-    image_processor = AutoImageProcessor.from_pretrained(model_path, min_pixels=lo, max_pixels=hi)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
-    model, info = Qwen2_5_VLForReduction.from_pretrained(model_path, low_cpu_mem_usage=True, output_loading_info=True,
-                                                         **load_kwargs)
-    check_loading_info(model_path, info, vision_optional=False)
-    if device_map is None:
-        model.to(dev)
-    model.requires_grad_(False)
-    model.eval()
-    context_len = getattr(model.config.text_config, "max_position_embeddings", None) or 32768
-    return tokenizer, model, image_processor, context_len
-
-
 def check_loading_info(model_path: str, info: dict, vision_optional: bool = True) -> None:
     """Strict loading: a tensor the model has but the checkpoint lacks (it would stay random), or one the model
     does not know, is an error listing them. The vision tower's own weights may be absent or present: the tower
@@ -157,14 +66,14 @@ def check_loading_info(model_path: str, info: dict, vision_optional: bool = True
         return sorted(k for k in keys if not vision_optional or ".vision_tower." not in f".{k}")
 
     missing, unexpected = relevant(info.get("missing_keys", [])), relevant(info.get("unexpected_keys", []))
-    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    mismatched = sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", []))
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
         if keys:
             problems.append(f"{len(keys)} {what} ({', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''})")
     if problems:
         raise ValueError(f"checkpoint {model_path} does not match the model: tensors {'; '.join(problems)}; a "
-                         "missing tensor would run with random weights")
+                         "missing tensor or one of the wrong shape would run with random weights")
 
 
 def load_pretrained_model(
@@ -182,13 +91,13 @@ def load_pretrained_model(
     max_pixels: int | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any, Any, int]:
-    """Load an official LLaVA-1.5 / LLaVA-NeXT (Vicuna), Qwen2.5-VL or LLaVA-OneVision checkpoint (by its
-    ``architectures``, then ``model_type``; OneVision in its original or converted layout).
+    """Load an official checkpoint of any registered model family (LLaVA-1.5 / LLaVA-NeXT (Vicuna), Qwen2.5-VL),
+    resolved from its config's ``architectures``, then ``model_type`` (:mod:`llava.model.families`).
 
     Args:
         model_path: directory or hub id, e.g. ``liuhaotian/llava-v1.5-7b``, ``liuhaotian/llava-v1.6-vicuna-7b``,
             ``Qwen/Qwen2.5-VL-7B-Instruct``.
-        model_base: base LLM for projector-only checkpoints (``mm_projector.bin`` in ``model_path``).
+        model_base: LLaVA: base LLM for projector-only checkpoints (``mm_projector.bin`` in ``model_path``).
         model_name: kept for upstream compatibility (LoRA checkpoints are recognised by "lora" in it).
         device: default CUDA if available, else CPU. ``device_map`` (e.g. "auto") spreads layers instead.
         torch_dtype: default fp16 on CUDA, fp32 on CPU.
@@ -219,7 +128,10 @@ def load_pretrained_model(
             f"{model_path} is a LoRA checkpoint; merge it into its base first (upstream merge_lora_weights) "
             "and load the merged directory"
         )
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    check_checkpoint(model_path)  # broken or incomplete files named before the slow load
+    # a tensor of the wrong shape is reported by check_loading_info, naming it, instead of raised mid-load
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
+                                   "ignore_mismatched_sizes": True}
     if load_8bit or load_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -231,55 +143,9 @@ def load_pretrained_model(
         load_kwargs["device_map"] = device_map
     load_kwargs.update(kwargs)
 
-    family = checkpoint_family(model_path)
-    if family == "qwen2_5_vl":
-        if model_base is not None:
-            raise ValueError(f"{model_path} is a Qwen2.5-VL checkpoint; --model-base applies to LLaVA projector-only "
-                             "checkpoints")
-        return _load_qwen(model_path, dev, device_map, load_kwargs, min_pixels, max_pixels)
-    if family == "llava_onevision":
-        if model_base is not None or min_pixels is not None or max_pixels is not None:
-            raise ValueError(f"{model_path} is a LLaVA-OneVision checkpoint; --model-base and --min/max-pixels do not "
-                             "apply to it")
-        from .onevision import load_onevision
-
-        return load_onevision(model_path, dev, device_map, load_kwargs)
-    if min_pixels is not None or max_pixels is not None:
-        raise ValueError(f"{model_path} is a LLaVA checkpoint; --min-pixels/--max-pixels apply to Qwen2.5-VL (LLaVA's "
-                         "resolution is its vision tower's)")
-    if model_base is None:
-        check_checkpoint_dir(model_path)
-        cfg = load_llava_config(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
-        model, info = LlavaLlamaForCausalLM.from_pretrained(model_path, config=cfg, low_cpu_mem_usage=True,
-                                                            output_loading_info=True, **load_kwargs)
-        check_loading_info(model_path, info)
-    else:  # projector-only checkpoint on top of a base LLM
-        cfg = load_llava_config(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_base, use_fast=False)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=cfg, low_cpu_mem_usage=True, **load_kwargs)
-        proj_file = os.path.join(model_path, "mm_projector.bin")
-        if not os.path.isfile(proj_file):
-            raise FileNotFoundError(f"{proj_file} not found: a checkpoint with model_base needs its projector weights")
-        weights = torch.load(proj_file, map_location="cpu", weights_only=True)
-        weights = {k.split("mm_projector.", 1)[1]: v.to(dtype) for k, v in weights.items() if "mm_projector." in k}
-        model.get_model().mm_projector.load_state_dict(weights)
-
-    added = []
-    if getattr(cfg, "mm_use_im_patch_token", False):
-        added += [DEFAULT_IMAGE_PATCH_TOKEN]
-    if getattr(cfg, "mm_use_im_start_end", False):
-        added += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
-    if added:
-        tokenizer.add_tokens(added, special_tokens=True)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-
-    if device_map is None:
-        model.to(dev)
-    vision_tower = model.get_vision_tower()
-    vision_tower.load_model(device=model.device, dtype=dtype)
-    model.requires_grad_(False)
-    model.eval()
-    context_len = getattr(cfg, "max_sequence_length", None) or 2048
-    return tokenizer, model, vision_tower.image_processor, context_len
+    family = family_for_path(model_path)
+    options = {"model_base": model_base, "min_pixels": min_pixels, "max_pixels": max_pixels}
+    family.check_options(model_path, options)
+    own = {o.name for o in family.options}
+    return family.load(model_path, device=dev, device_map=device_map, load_kwargs=load_kwargs,
+                       **{k: v for k, v in options.items() if k in own})

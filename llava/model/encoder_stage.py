@@ -1,9 +1,17 @@
-"""The encoder-side reduction step: hands an encoder-side method what it asks for, applies its selection per crop.
+"""The encoder-side reduction step, the same for every family: it hands an encoder-side method what it asks for,
+runs its selection per crop, and applies the kept tokens to each image's token sequence.
 
-:func:`reduce_crops` runs on every crop of a batch's images after the projector and before LLaVA-NeXT tiles
-the crops; the result is, per crop, a keep mask over its patches, the features to place (merged ones included)
-and extra tokens after them. The tiling (:mod:`llava.model.llava_arch`) then keeps exactly the masked tokens,
-newline tokens always, so the spans the language model sees have the reduced counts.
+A family describes its vision tower to the step through an :class:`EncoderTower` (its capability flags, its
+patch grid, and the needs it serves: CLIP's CLS attention and hidden states, Qwen2.5-VL's received attention, ...)
+built for one call's encoded crops. Then, for every family::
+
+    check_tower(method, tower.traits)                       # refused by name where the tower lacks a requirement
+    reduced = reduce_crops(method, tower, features, crops, state)   # one ReducedCrop per crop
+    tokens, record = apply_kept(layout, reduced, fill)      # per image, through its ImageLayout
+
+:func:`apply_kept` is the one place kept encoder tokens are applied: it keeps exactly the kept patches (tokens of
+no crop, LLaVA-NeXT's newlines, always), places merged features and a method's added tokens, and records where
+each kept token sits in the unreduced sequence (:class:`pio.state.EncoderRecord`).
 """
 
 from __future__ import annotations
@@ -11,11 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from pio.encoder import EncoderMethod, EncoderSelection
-from pio.state import SelectionEvent
+from pio.encoder import TOWER_REQUIREMENTS, EncoderMethod, EncoderSelection, TowerTraits
+from pio.state import EncoderRecord, SelectionEvent
+
+from .layout import ImageLayout
+
+__all__ = ["EncoderStage", "EncoderTower", "ReducedCrop", "apply_kept", "check_tower", "reduce_crops"]
 
 
 @dataclass
@@ -29,77 +42,121 @@ class ReducedCrop:
     lead: torch.Tensor | None = None
 
 
-class _EncoderStage:
-    """:class:`pio.encoder.EncoderInputs` over one batch of crops: supplies only what the method declared."""
+class EncoderTower(Protocol):
+    """A family's vision tower over one call's crops (N crops of one ``grid``), as the step reads it.
 
-    def __init__(self, method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
-                 crops: Sequence[tuple[int, int]], state=None, pixels: torch.Tensor | None = None):
-        self._method, self._tower, self._projector = method, tower, projector
-        self._hidden, self._state, self._pixels = hidden_states, state, pixels
-        self.features = features
-        side = tower.num_patches_per_side
-        self.grid = (side, side)
-        self.encoder = "clip"
-        self.full_attention_layers = tuple(range(len(hidden_states) - 1))
+    Attributes:
+        traits: its capability flags.
+        grid: (rows, cols) of a crop's token grid.
+        full_attention_layers: the encoder layers that attend over the whole crop.
+        provides: the needs (:data:`pio.encoder.ENCODER_NEEDS`) it can serve, ``"features"`` always.
+        sequence_length: the tokens one crop's encoder attention spans (CLS included), for the FLOPs accounting.
+
+    The methods are :class:`pio.encoder.EncoderInputs`' own, over these N crops.
+    """
+
+    traits: TowerTraits
+    grid: tuple[int, int]
+    full_attention_layers: Sequence[int]
+    provides: frozenset[str]
+    sequence_length: int
+
+    def cls_attention(self, layer: int) -> torch.Tensor: ...
+
+    def hidden(self, index: int) -> torch.Tensor: ...
+
+    def project(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def keys(self, layer: int) -> torch.Tensor: ...
+
+    def attention(self, layer: int) -> torch.Tensor: ...
+
+    def received_attention(self, layer: int) -> torch.Tensor: ...
+
+    def pixels(self) -> torch.Tensor: ...
+
+
+_WHAT = {"cls_attention": "the CLS attention", "hidden": "the encoder's hidden states", "keys": "the encoder's keys",
+         "attention": "the encoder's full attention", "received_attention": "the attention its tokens receive",
+         "pixels": "the crops' pixels"}
+_EVENTS = {"cls_attention": "encoder_attention", "keys": "encoder_keys", "attention": "encoder_received",
+           "received_attention": "encoder_received"}  # what pio.flops counts for each
+
+
+class EncoderStage:
+    """:class:`pio.encoder.EncoderInputs` over N crops of one grid: supplies only what the method declared and
+    what the tower provides (anything else is refused naming both), and records what it computed."""
+
+    def __init__(self, method: EncoderMethod, tower: EncoderTower, features: torch.Tensor,
+                 crops: Sequence[tuple[int, int]], state=None):
+        self._method, self._tower, self._state = method, tower, state
+        self.features = features  # (N, P, D)
+        self.grid = tuple(tower.grid)
+        self.tower = tower.traits
+        self.full_attention_layers = tuple(tower.full_attention_layers)
         self.crops = list(crops)
         self.targets = [method.target(features.shape[1])] * features.shape[0]
 
-    def _need(self, what: str) -> None:
-        if what not in self._method.needs:
-            raise RuntimeError(f"method {self._method.name} asked for {what!r} without declaring it in its needs "
-                               f"({', '.join(sorted(self._method.needs))})")
-
-    def _event(self, kind: str) -> None:
-        if self._state is not None:  # rows = crops: the FLOPs accounting sums over them
-            self._state.events.append(SelectionEvent(kind, 0, self._hidden[0].shape[1], self.features.shape[0]))
+    def _ask(self, what: str, layer: int | None = None):
+        method = self._method
+        if what not in method.needs:
+            raise RuntimeError(f"method {method.name} asked for {what!r} without declaring it in its needs "
+                               f"({', '.join(sorted(method.needs))})")
+        if what not in self._tower.provides:
+            raise ValueError(f"{method.name} needs {_WHAT[what]}, which this model's vision tower does not provide "
+                             f"({'a CLS token' if self.tower.cls_token else 'no CLS token'}; it provides "
+                             f"{', '.join(sorted(self._tower.provides))})")
+        if what in _EVENTS and self._state is not None:  # rows = crops: the FLOPs accounting sums over them
+            self._state.events.append(SelectionEvent(_EVENTS[what], layer or 0, self._tower.sequence_length,
+                                                     self.features.shape[0]))
+        return getattr(self._tower, what)
 
     def cls_attention(self, layer: int) -> torch.Tensor:
-        self._need("cls_attention")
-        self._event("encoder_attention")
-        return self._tower.cls_attention(self._hidden, layer)
+        return self._ask("cls_attention", layer)(layer)
 
     def hidden(self, index: int) -> torch.Tensor:
-        self._need("hidden")
-        return self._hidden[index]
+        return self._ask("hidden")(index)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        self._need("hidden")
-        dtype = next(self._projector.parameters(), x).dtype
-        return self._projector(x.to(dtype))
+        self._ask("hidden")
+        return self._tower.project(x)
 
     def keys(self, layer: int) -> torch.Tensor:
-        self._need("keys")
-        self._event("encoder_keys")
-        return self._tower.layer_keys(self._hidden, layer)
+        return self._ask("keys", layer)(layer)
 
     def attention(self, layer: int) -> torch.Tensor:
-        self._need("attention")
-        self._event("encoder_received")  # every query row of the layer: counted as pio.flops counts those
-        return self._tower.full_attention(self._hidden, layer)
+        return self._ask("attention", layer)(layer)
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        return self._ask("received_attention", layer)(layer)
 
     def pixels(self) -> torch.Tensor:
-        self._need("pixels")
-        if self._pixels is None:
-            raise RuntimeError(f"method {self._method.name} needs the crops' pixels, which the caller did not pass")
-        proc = getattr(self._tower, "image_processor", None)
-        mean = getattr(proc, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as LLaVA's
-        std = getattr(proc, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
-        x = self._pixels.to(torch.float64)
-        mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.float32)
+        return self._ask("pixels")()
 
     def timed(self, name: str) -> AbstractContextManager:
         return nullcontext()  # the whole selection is timed once, as "encoder_selection" (no nested phases)
 
 
-def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, features: torch.Tensor,
-                 crops: Sequence[tuple[int, int]], state=None, pixels: torch.Tensor | None = None) -> list[ReducedCrop]:
-    """Run ``method`` on the crops' projected ``features`` (N, P, D); one :class:`ReducedCrop` per crop. ``pixels``:
-    the crops' normalised pixel values (N, 3, H, W) as the tower got them (for methods that need ``"pixels"``)."""
-    check_encoder(method, "clip")
-    stage = _EncoderStage(method, tower, projector, hidden_states, features, crops, state, pixels)
-    if stage.targets[0] >= features.shape[1]:  # a target of every patch leaves the crops as they are
+def check_tower(method: EncoderMethod, tower: TowerTraits) -> None:
+    """``method`` runs on a tower of ``tower``'s flags, or a ValueError naming what it needs and the encoder-side
+    methods that run there."""
+    missing = [r for r in sorted(method.requires) if not getattr(tower, r)]
+    if missing:
+        from pio.registry import get_method, method_names
+
+        able = [n for n in method_names() if issubclass(get_method(n), EncoderMethod) and get_method(n).runs_on(tower)]
+        raise ValueError(f"{method.name} needs {' and '.join(TOWER_REQUIREMENTS[r] for r in missing)}, which this "
+                         f"model's vision tower does not have; encoder-side methods that run here: "
+                         f"{', '.join(able) or 'none'}")
+
+
+def reduce_crops(method: EncoderMethod, tower: EncoderTower, features: torch.Tensor,
+                 crops: Sequence[tuple[int, int]], state=None) -> list[ReducedCrop]:
+    """Run ``method`` on N crops' projected ``features`` (N, P, D) of one grid; one :class:`ReducedCrop` per
+    crop. A target of every patch leaves the crops as they are."""
+    check_tower(method, tower.traits)
+    stage = EncoderStage(method, tower, features, crops, state)
+    if stage.targets[0] >= features.shape[1]:
         return [ReducedCrop(torch.ones(features.shape[1], dtype=torch.bool, device=features.device), f)
                 for f in features]
     with state.timed("encoder_selection", features.device) if state is not None else nullcontext():
@@ -121,91 +178,49 @@ def reduce_crops(method: EncoderMethod, tower, projector, hidden_states, feature
     return out
 
 
-class _MergedStage:
-    """:class:`pio.encoder.EncoderInputs` over one image of a vision transformer that merges patches into the
-    language model's tokens and has no CLS token (Qwen2.5-VL): the projected features (1, P, D) of its merged
-    grid and, on request, the attention its tokens receive (``attention(layer)`` -> (P,), from the model)."""
-
-    encoder = "merged"
-
-    def __init__(self, method: EncoderMethod, features: torch.Tensor, grid: tuple[int, int],
-                 full_attention_layers: Sequence[int], attention=None, state=None, patches_per_token: int = 4):
-        self._method, self._attention, self._state = method, attention, state
-        self._patches = features.shape[0] * patches_per_token
-        self.features, self.grid = features[None], grid
-        self.full_attention_layers = tuple(full_attention_layers)
-        self.crops = [(0, 0)]
-        self.targets = [method.target(features.shape[0])]
-
-    def received_attention(self, layer: int) -> torch.Tensor:
-        if "received_attention" not in self._method.needs or self._attention is None:
-            raise RuntimeError(f"method {self._method.name} asked for 'received_attention' without declaring it")
-        if self._state is not None:
-            self._state.events.append(SelectionEvent("encoder_received", layer, self._patches, 1))
-        return self._attention(layer)[None]
-
-    def _missing(self, what: str):
-        raise ValueError(f"{self._method.name} needs {what}, which this vision encoder does not provide (no CLS token)")
-
-    def cls_attention(self, layer: int) -> torch.Tensor:
-        self._missing("the CLS attention")
-
-    def hidden(self, index: int) -> torch.Tensor:
-        self._missing("the encoder's hidden states")
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        self._missing("the projector")
-
-    def keys(self, layer: int) -> torch.Tensor:
-        self._missing("the encoder's keys")
-
-    def attention(self, layer: int) -> torch.Tensor:
-        self._missing("the encoder's full attention")
-
-    def pixels(self) -> torch.Tensor:
-        self._missing("the crops' pixels")
-
-    def timed(self, name: str) -> AbstractContextManager:
-        return nullcontext()
+def whole(features: torch.Tensor) -> list[ReducedCrop]:
+    """Crops (N, P, D) as they are, every patch kept (no encoder-side method)."""
+    everything = torch.ones(features.shape[1], dtype=torch.bool, device=features.device)
+    return [ReducedCrop(everything, f) for f in features]
 
 
-def check_encoder(method: EncoderMethod, encoder: str) -> None:
-    """``method`` can read ``encoder`` (``"clip"`` or ``"merged"``), or a ValueError naming the ones that can."""
-    if encoder not in method.encoders:
-        from pio.encoder import EncoderMethod as Base
-        from pio.registry import get_method, method_names
+def apply_kept(layout: ImageLayout, crops: Sequence[ReducedCrop], fill: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, EncoderRecord]:
+    """One image's token sequence after the encoder-side step: the tokens of ``layout`` whose crop patch was kept
+    (with its possibly merged feature), every token of no crop (``fill``: their features, (k, D), in order), and
+    each run's lead and extra tokens (:class:`~llava.model.layout.Run`). Returns the sequence (m, D) and the
+    record of where each of its tokens sits in the unreduced sequence (-1: added by the method)."""
+    first = crops[0].features
+    src = layout.source.to(first.device)
+    shown = src >= 0
+    if layout.crops > len(crops):
+        raise ValueError(f"the image's layout shows {layout.crops} crops but {len(crops)} were encoded")
+    keep = torch.ones(src.shape[0], dtype=torch.bool, device=first.device)
+    keep[shown] = torch.cat([c.mask for c in crops])[src[shown]]
+    seq = first.new_empty(src.shape[0], first.shape[-1])
+    seq[shown] = torch.cat([c.features for c in crops])[src[shown]]
+    if not bool(shown.all()):
+        if fill is None or fill.shape[0] != int((~shown).sum()):
+            raise ValueError(f"the layout has {int((~shown).sum())} tokens of no crop; give their features")
+        seq[~shown] = fill.to(seq)
+    pieces: list[torch.Tensor] = []
+    origin: list[int] = []
 
-        able = [n for n in method_names() if issubclass(get_method(n), Base) and encoder in get_method(n).encoders]
-        what = "the CLS attention of a CLIP tower" if encoder == "merged" else "a patch-merging vision transformer"
-        raise ValueError(f"{method.name} needs {what}, which this model's vision encoder does not have; encoder-side "
-                         f"methods that run here: {', '.join(able)}")
+    def added(ts: list[torch.Tensor | None]) -> None:
+        for t in ts:
+            if t is not None:
+                pieces.append(t)
+                origin.extend([-1] * t.shape[0])
 
-
-def reduce_image_features(method: EncoderMethod, features: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]],
-                          full_attention_layers: Sequence[int] = (), attention=None, state=None,
-                          patches_per_token: int = 4) -> list[ReducedCrop]:
-    """Run ``method`` on each image's projected ``features`` (P_i, D) (grids of merged tokens ``grids``, e.g.
-    Qwen2.5-VL's, one crop per image); one :class:`ReducedCrop` per image. ``attention(image, layer)`` gives the
-    attention an image's tokens receive at an encoder layer (for methods that need it). Tokens merged into kept
-    ones replace their features; extra tokens are not supported (they would need positions of their own)."""
-    check_encoder(method, "merged")
-    out = []
-    with state.timed("encoder_selection", features[0].device) if state is not None and features else nullcontext():
-        for i, (f, grid) in enumerate(zip(features, grids, strict=True)):
-            per_image = (lambda layer, i=i: attention(i, layer)) if attention is not None else None
-            stage = _MergedStage(method, f, grid, full_attention_layers, per_image, state, patches_per_token)
-            if stage.targets[0] >= f.shape[0]:  # a target of every token leaves the image as it is
-                out.append(ReducedCrop(torch.ones(f.shape[0], dtype=torch.bool, device=f.device), f))
-                continue
-            sel: EncoderSelection = method.select(stage)
-            if (sel.extra is not None and sel.extra[0] is not None) or (sel.lead is not None and sel.lead[0] is not None):
-                raise ValueError(f"{method.name} adds tokens of its own, which this model family cannot place")
-            keep = sel.keep[0].to(f.device)
-            mask = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
-            mask[keep] = True
-            feats = f
-            if sel.features is not None and sel.features[0] is not None:
-                feats = f.clone()
-                feats[keep] = sel.features[0].to(f.dtype)
-            out.append(ReducedCrop(mask, feats))
-    return out
+    for run in layout.runs:
+        index = torch.arange(run.start, run.end, device=first.device)[keep[run.start:run.end]]
+        leads = [crops[c].lead for c in run.crops]
+        extras = [crops[c].extra for c in run.crops]
+        if not run.tiled:
+            added(leads)
+        pieces.append(seq[index])
+        origin.extend(index.tolist())
+        if run.tiled:
+            added(leads)
+        added(extras)
+    return torch.cat(pieces), EncoderRecord(layout.n, origin)

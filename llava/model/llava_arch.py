@@ -1,9 +1,13 @@
-"""Vision tower + projector + multimodal input preparation (LLaVA-1.5 ``pad`` and LLaVA-NeXT ``anyres``)."""
+"""Vision tower + projector + multimodal input preparation (LLaVA-1.5 ``pad`` and LLaVA-NeXT ``anyres``).
+
+:func:`llava_image_layout` is where an image's crops become its tokens (the flat concatenation, or the anyres
+tiling, unpadding and newlines): the model builds every image's embeddings through it, and the kept-token pictures
+read their geometry from it.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,52 +19,51 @@ from pio.encoder import EncoderMethod
 from pio.gather import Span, contiguous_positions
 from pio.state import EncoderRecord
 
-from .encoder_stage import ReducedCrop, reduce_crops
-from .multimodal_encoder.clip_encoder import CLIPVisionTower, build_vision_tower
+from .encoder_stage import ReducedCrop, apply_kept, reduce_crops, whole
+from .layout import ImageLayout, Run
+from .multimodal_encoder.clip_encoder import ClipCrops, CLIPVisionTower, build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
+from .reducible import MultimodalInputs, head_rows  # noqa: F401  (head_rows: re-exported for earlier imports)
 
 logger = logging.getLogger(__name__)
 
 
+def llava_image_layout(config: Any, crops: int, image_size: tuple[int, int] | None, side: int,
+                       crop_size: int) -> ImageLayout:
+    """The token sequence of one image of ``crops`` crops (``side`` x ``side`` patches of a ``crop_size``-pixel
+    crop each) following the checkpoint's ``mm_patch_merge_type``.
 
-@dataclass
-class MultimodalInputs:
-    """A padded batch with images spliced in.
-
-    Attributes:
-        inputs_embeds: (B, S, D).
-        attention_mask: (B, S) long, 1 for real tokens.
-        position_ids: (B, S) long, 0.. over the real tokens (padding gets 1); Qwen2.5-VL: its M-RoPE ids (3, B, S).
-        labels: (B, S) or None; image and padding positions are IGNORE_INDEX.
-        spans: per sample, the (start, length) of each image's features in the padded sequence.
-        padding_side: side the batch was padded on.
-        encoder: per sample, what an encoder-side reduction did to each image (None: none ran).
-        rope_deltas: Qwen2.5-VL: (B, 1) the position where decoding continues minus the sequence length.
+    ``flat``: the crops one after another. ``spatial`` / ``spatial_unpad`` (LLaVA-NeXT): the base view, then the
+    anyres crops tiled into one feature map (the ``image_size`` (width, height) picks the grid from
+    ``image_grid_pinpoints``), with ``unpad`` the rows and columns of the canvas padding removed and one newline
+    token after every row (a single view gets one newline after it).
     """
+    P = side * side
+    merge = getattr(config, "mm_patch_merge_type", "flat")
+    if merge == "flat":
+        return ImageLayout(torch.arange(P * crops), P, tuple(Run(j * P, (j + 1) * P, (j,)) for j in range(crops)))
+    if not merge.startswith("spatial"):
+        raise ValueError(f"unknown mm_patch_merge_type {merge!r}; allowed: flat, spatial, spatial_unpad")
+    newline = "unpad" in merge
+    if crops == 1:  # a single view: nothing to tile
+        if not newline:
+            return ImageLayout(torch.arange(P), P, (Run(0, P, (0,)),))
+        return ImageLayout(torch.cat([torch.arange(P), torch.tensor([-1])]), P, (Run(0, P, (0,)), Run(P, P + 1)))
+    if image_size is None:
+        raise ValueError("LLaVA-NeXT (anyres) images need image_sizes=[(width, height), ...] per image")
+    w, h = image_size
+    gw, gh = get_anyres_image_grid_shape((w, h), config.image_grid_pinpoints, crop_size)
+    if gw * gh != crops - 1:
+        raise ValueError(f"an anyres image of {w}x{h} has a {gw}x{gh} grid of crops, but {crops - 1} grid crops were "
+                         "given: preprocess it with the same image_grid_pinpoints")
+    grid = (P + torch.arange((crops - 1) * P)).view(gh, gw, side, side).permute(0, 2, 1, 3)  # (gh, side, gw, side)
+    grid = grid.reshape(gh * side, gw * side)  # the tiled feature map, row-major
+    if newline:
+        grid = unpad_image(grid, (w, h))  # the rows/columns of the aspect-preserving padding removed
+        grid = torch.cat([grid, grid.new_full((grid.shape[0], 1), -1)], dim=1)  # a newline after every row
+    src = torch.cat([torch.arange(P), grid.flatten()])
+    return ImageLayout(src, P, (Run(0, P, (0,)), Run(P, src.numel(), tuple(range(1, crops)), tiled=True)))
 
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor | None
-    spans: list[list[Span]]
-    padding_side: str
-    encoder: list[list[EncoderRecord]] | None = None
-    rope_deltas: torch.Tensor | None = None
-
-
-def head_rows(h: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    """The rows of ``h`` (B, S, D) the LM head reads: the last ``logits_to_keep`` (0: all) or the given indices.
-
-    A slice of a few rows is copied into a compact tensor: bf16 matrix products on CPU take a slow path, 75x
-    slower for LLaVA's head and 100x for Qwen2.5-VL's, on a row whose batch stride is the whole sequence's.
-    """
-    if isinstance(logits_to_keep, int):
-        if logits_to_keep == 0 or logits_to_keep >= h.shape[1]:
-            return h
-        rows = h[:, -logits_to_keep:, :]
-    else:
-        rows = h[:, logits_to_keep, :]
-    return rows.clone(memory_format=torch.contiguous_format) if rows.shape[1] < h.shape[1] else rows
 
 
 class LlavaMetaModel:
@@ -102,6 +105,10 @@ class LlavaMetaForCausalLM:
     def get_vision_tower(self) -> CLIPVisionTower | None:
         return self.get_model().get_vision_tower()
 
+    def vision_traits(self):
+        """The vision tower's capability flags (:class:`pio.encoder.TowerTraits`): CLIP's."""
+        return ClipCrops.traits
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> projected features (N, P, D)."""
         return self._encode(images)[0]
@@ -115,20 +122,20 @@ class LlavaMetaForCausalLM:
 
     def image_features(self, images: Any, image_sizes: Any | None, pre: EncoderMethod | None = None,
                        state: Any | None = None) -> list[torch.Tensor]:
-        """One (n_i, D) feature sequence per image, following ``mm_patch_merge_type``; ``pre`` (an encoder-side
-        method) reduces every crop first (:mod:`llava.model.encoder_stage`). With ``state``, each image's token
-        count without the reduction and the positions it kept are recorded (``state.encoder_images``)."""
+        """One (n_i, D) feature sequence per image, laid out by :func:`llava_image_layout`; ``pre`` (an
+        encoder-side method) reduces every crop first (:mod:`llava.model.encoder_stage`). With ``state``, each
+        image's token count without the reduction and the positions it kept are recorded
+        (``state.encoder_images``)."""
         crops = _as_crops(images)
         counts = [c.shape[0] for c in crops]
         pixels = torch.cat(crops, dim=0)
         feats, hidden = self._encode(pixels)  # (N, P, D)
         if pre is not None:
             ids = [(i, j) for i, n in enumerate(counts) for j in range(n)]
-            reduced = reduce_crops(pre, self.get_vision_tower(), self.get_model().mm_projector, hidden, feats, ids,
-                                   state, pixels=pixels)
+            tower = ClipCrops(self.get_vision_tower(), self.get_model().mm_projector, hidden, pixels)
+            reduced = reduce_crops(pre, tower, feats, ids, state)
         else:
-            everything = torch.ones(feats.shape[1], dtype=torch.bool, device=feats.device)
-            reduced = [ReducedCrop(everything, f) for f in feats]
+            reduced = whole(feats)
         out, records = [], []
         offset = 0
         for i, n in enumerate(counts):
@@ -141,56 +148,22 @@ class LlavaMetaForCausalLM:
             state.vision_crops = feats.shape[0]
         return out
 
+    def image_layout(self, crops: int, image_size: tuple[int, int] | None) -> ImageLayout:
+        """The token sequence of an image of ``crops`` crops and ``image_size`` (:func:`llava_image_layout`)."""
+        tower = self.get_vision_tower()
+        return llava_image_layout(self.config, crops, image_size, tower.num_patches_per_side, tower.config.image_size)
+
     def _merge_image(self, crops: list[ReducedCrop], i: int, image_sizes: Any | None
                      ) -> tuple[torch.Tensor, EncoderRecord]:
-        """One image's token sequence from its reduced crops, its length without the reduction and where each
+        """Image ``i``'s token sequence from its reduced crops, its length without the reduction and where each
         of its tokens sits in the sequence without the reduction (-1: added by the method)."""
-
-        def kept(c: ReducedCrop) -> list[torch.Tensor]:
-            return [t for t in (c.lead, c.features[c.mask], c.extra) if t is not None]
-
-        def origin(c: ReducedCrop, offset: int) -> list[int]:
-            added = [-1] * (len(c.lead) if c.lead is not None else 0)
-            return added + (c.mask.nonzero().flatten() + offset).tolist() + [-1] * (
-                len(c.extra) if c.extra is not None else 0)
-
-        cfg = self.config
-        merge = getattr(cfg, "mm_patch_merge_type", "flat")
-        P = crops[0].mask.numel()
-        if merge == "flat":
-            return (torch.cat([t for c in crops for t in kept(c)]),
-                    EncoderRecord(P * len(crops), [k for j, c in enumerate(crops) for k in origin(c, j * P)]))
-        if not merge.startswith("spatial"):
-            raise ValueError(f"unknown mm_patch_merge_type {merge!r}; allowed: flat, spatial, spatial_unpad")
-        newline = self.get_model().image_newline if "unpad" in merge else None
-        base, base_origin = kept(crops[0]), origin(crops[0], 0)
-        if len(crops) == 1:  # a single view: nothing to tile
-            if newline is not None:
-                base.append(newline[None].to(base[0]))
-                base_origin.append(P)
-            return torch.cat(base), EncoderRecord(P + (newline is not None), base_origin)
-        if image_sizes is None or i >= len(image_sizes):
-            raise ValueError("LLaVA-NeXT (anyres) images need image_sizes=[(width, height), ...] per image")
-        tower = self.get_vision_tower()
-        side = tower.num_patches_per_side
-        w, h = image_sizes[i]
-        gw, gh = get_anyres_image_grid_shape((w, h), cfg.image_grid_pinpoints, tower.config.image_size)
-        grid = torch.stack([c.features for c in crops[1:]]).view(gh, gw, side, side, -1)  # (gh, gw, side, side, D)
-        mask = torch.stack([c.mask for c in crops[1:]]).view(gh, gw, side, side, 1)
-        if newline is not None:
-            # (C, gh*side, gw*side), then the rows/columns of the aspect-preserving padding removed
-            grid = unpad_image(grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3), (w, h))
-            mask = unpad_image(mask.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3), (w, h))
-            nl = newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid)
-            grid = torch.cat([grid, nl], dim=2).flatten(1, 2).transpose(0, 1)  # (rows*(cols+1), D)
-            mask = torch.cat([mask, mask.new_ones(1, mask.shape[1], 1)], dim=2).flatten()  # newlines always kept
-        else:
-            grid = grid.permute(0, 2, 1, 3, 4).flatten(0, 3)
-            mask = mask.permute(0, 2, 1, 3, 4).flatten()
-        # the grid crops' own tokens after the tiled grid: their lead tokens, then their extra ones
-        extras = [c.lead for c in crops[1:] if c.lead is not None] + [c.extra for c in crops[1:] if c.extra is not None]
-        where = base_origin + (mask.nonzero().flatten() + P).tolist() + [-1] * sum(len(e) for e in extras)
-        return torch.cat([*base, grid[mask], *extras]), EncoderRecord(P + mask.numel(), where)
+        size = None
+        if len(crops) > 1 and image_sizes is not None and i < len(image_sizes):
+            size = image_sizes[i]
+        layout = self.image_layout(len(crops), size)
+        n_fill = int((layout.source < 0).sum())
+        fill = self.get_model().image_newline[None].expand(n_fill, -1) if n_fill else None
+        return apply_kept(layout, crops, fill)
 
     def prepare_multimodal_inputs(
         self,

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from pio.base import LAYER_CHOICES, ReductionMethod
 from pio.gather import Span, build_keep_index, contiguous_positions, gather_rows
@@ -79,6 +80,24 @@ class DecoderAdapter(ABC):
     @abstractmethod
     def positions(self, key_mask: torch.Tensor, q: int) -> torch.Tensor:
         """Position ids of the last ``q`` columns of ``key_mask`` (B, K), renumbered over its valid tokens."""
+
+    def expand_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, q) positions in the form the family's rotary embedding takes (LLaMA: as they are)."""
+        return positions
+
+    def call_positions(self, position_ids: torch.Tensor | None, key_mask: torch.Tensor, q: int,
+                       rope_deltas: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The positions of a call's ``q`` tokens at the end of ``key_mask`` (B, K): as given (2-D ones in the
+        family's form), else, where the prefill recorded ``rope_deltas`` (B, 1), column index plus delta
+        (decoding after an M-RoPE image continues after its largest id), else None: renumbered over the valid
+        tokens by the prune step (:meth:`positions`)."""
+        if position_ids is not None:
+            return self.expand_positions(position_ids) if position_ids.dim() == 2 else position_ids
+        if rope_deltas is None:
+            return None
+        K = key_mask.shape[1]
+        pos = torch.arange(K - q, K, device=key_mask.device)[None] + rope_deltas.to(key_mask.device)
+        return self.expand_positions(pos)
 
     def gather_positions(self, position_ids: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
         """The prefill's ``position_ids`` of the tokens ``origin`` (B, S') points at (kept tokens keep their
@@ -288,6 +307,32 @@ def run_decoder(adapter: DecoderAdapter, h: torch.Tensor, key_mask: torch.Tensor
         if hidden is not None:
             hidden.append(h)
     return h, hidden
+
+
+def run_language_model(adapter: DecoderAdapter, h: torch.Tensor, *, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor | None, past_key_values: Any, use_cache: bool, cache_config: Any,
+                       reducer: ReductionMethod | None, state: PruneState, rope_deltas: torch.Tensor | None = None,
+                       output_hidden_states: bool = False, **kwargs: Any
+                       ) -> tuple[torch.Tensor, Any, tuple[torch.Tensor, ...] | None]:
+    """A family's language model on ``h`` (B, q, D): the cache (a new ``DynamicCache`` of ``cache_config`` when
+    ``use_cache`` and none is given), the valid-key mask from the 2-D ``attention_mask``, the first positions
+    (:meth:`DecoderAdapter.call_positions`), :func:`run_decoder` and the final norm. Returns the normed output,
+    the cache (None without ``use_cache``) and, with ``output_hidden_states``, the decoder's input and every
+    layer's output, the last one normed (transformers' convention)."""
+    B, q = h.shape[:2]
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache(config=cache_config)
+    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("the language model takes a 2D attention_mask (batch, keys); it builds the 4D one itself")
+    key_mask = (attention_mask.bool() if attention_mask is not None
+                else torch.ones(B, past + q, dtype=torch.bool, device=h.device))
+    positions = adapter.call_positions(position_ids, key_mask, q, rope_deltas)
+    h, hidden = run_decoder(adapter, h, key_mask, reducer=reducer, state=state, attention_mask=attention_mask,
+                            position_ids=positions, cache=past_key_values if use_cache else None, use_cache=use_cache,
+                            output_hidden_states=output_hidden_states, **kwargs)
+    h = adapter.norm(h)
+    return h, past_key_values if use_cache else None, tuple(hidden[:-1] + [h]) if hidden is not None else None
 
 
 def _stack(rows: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:

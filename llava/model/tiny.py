@@ -1,6 +1,8 @@
-"""Write a tiny, deterministic, random-weight LLaVA checkpoint in the official layout.
+"""Write a tiny, deterministic, random-weight checkpoint in the official layout; random weights for shapes.
 
-``python -m llava.model.tiny --arch llava-v1.5|llava-v1.6 --out DIR [--seed N] [--layers N]``
+``python -m llava.model.tiny --arch llava-v1.5|llava-v1.6|qwen2_5_vl --out DIR [--seed N] [--layers N]``
+(any registered family's variant: :func:`llava.model.families.variants`; ``qwen2_5_vl`` is written by
+:mod:`llava.model.tiny_qwen`).
 
 The directory holds ``config.json`` (model_type ``llava_llama`` and the mm_* keys), ``model.safetensors``
 (``model.mm_projector.*``, ``model.image_newline`` for NeXT, ``lm_head``), a sentencepiece
@@ -120,16 +122,47 @@ def write_tiny_checkpoint(
     return out
 
 
+BLOCK = 1_000_003  # a prime: rows of any power-of-two width start at different offsets of the block
+
+
+def fill_random(model: torch.nn.Module, std: float, seed: int) -> None:
+    """Fill a model materialised with ``to_empty`` (a benchmark shape built on the meta device): weights tile one
+    N(0, std) block (each at its own offset), norm weights are 1, biases 0; the two non-persistent buffers (rotary
+    frequencies, CLIP position ids) are recomputed. Seconds for a 7B shape, where a per-tensor random
+    initialisation takes minutes; the values only need to be generic."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                block = (torch.randn(BLOCK, generator=gen) * std).to(p.device, p.dtype)
+                flat, n = p.view(-1), p.numel()
+                reps = -(-n // BLOCK)
+                flat.copy_(block.roll(i * 7919).repeat(reps)[:n])
+        for module in model.modules():
+            if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
+                inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq = module.inv_freq.clone()
+            if hasattr(module, "position_ids") and hasattr(module, "num_positions"):
+                module.position_ids.copy_(torch.arange(module.num_positions, device=module.position_ids.device)[None])
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .families import variants
+
+    every = variants()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=ARCHES, default="llava-v1.5")
+    p.add_argument("--arch", choices=sorted(every), default="llava-v1.5", help="the family variant to write")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--hidden", type=int, default=64, help="hidden size of the language model")
     args = p.parse_args(argv)
-    path = write_tiny_checkpoint(args.out, args.arch, seed=args.seed, layers=args.layers, hidden_size=args.hidden,
-                                 intermediate_size=args.hidden * 11 // 4)
+    path = every[args.arch].write_tiny(args.out, args.arch, seed=args.seed, layers=args.layers, hidden=args.hidden)
     print(f"tiny {args.arch} checkpoint written to {path}")
 
 

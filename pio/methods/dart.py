@@ -22,12 +22,13 @@ that is not ``4 + 8k`` gives the first ``(target - 4) mod 8`` pivots one token m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..base import Flag, SampleScores, ScorerMethod, StageInputs
 from ..budget import Anchors
 from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
@@ -41,8 +42,8 @@ ANCHORS = Anchors(
 
 
 @dataclass(frozen=True)
-class DART(ReductionMethod):
-    """DART: pivots by key norm; the visual tokens least similar to each pivot are kept."""
+class DART(ScorerMethod):
+    """DART: pivots by key norm (the score); the visual tokens least similar to each pivot are kept."""
 
     name = "dart"
     needs = frozenset({"hidden", "keys", "norm"})
@@ -67,29 +68,31 @@ class DART(ReductionMethod):
             raise ValueError(f"dart needs at least one visual pivot and no negative text pivots, got "
                              f"{self.pivot_image} and {self.pivot_text}")
 
-    def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S) the L1 norm of every position's keys in the layer that just ran (heads concatenated); per
+        sample, as a sample alone computes it."""
         keys = inputs.keys(which="current")  # (B, S, Hkv * hd)
-        feats = inputs.final_norm(inputs.hidden)
-        mask = inputs.mask.bool()
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        keep: list[torch.Tensor | None] = []
+        work = work_dtype(inputs.hidden)
+        norm1 = torch.zeros(keys.shape[:2], dtype=work, device=keys.device)
         with inputs.timed("score"):
-            for b, (span, target) in enumerate(zip(inputs.spans, inputs.targets)):
-                if not active[b]:
-                    keep.append(None)
-                    continue
-                start, length = span
-                work = work_dtype(feats)
-                norm1 = keys[b].to(work).abs().sum(dim=-1)  # (S,) L1 norm of each position's keys
-                text = positions[start + length:][mask[b, start + length:]]
-                img_piv = topk_indices(norm1[start : start + length], min(self.pivot_image, target))
-                txt_piv = text[stable_rank(norm1[text])[0][: self.pivot_text]]
-                keep.append(self._least_duplicated(F.normalize(feats[b].to(work), dim=-1), span, img_piv,
-                                                   txt_piv, target))
-        return Selection(keep)
+            for b in (b for b, a in enumerate(active) if a):
+                norm1[b] = keys[b].to(work).abs().sum(dim=-1)
+        return norm1
+
+    def prepare(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S, D) the similarity features: the model's final norm of the hidden states."""
+        return inputs.final_norm(inputs.hidden)
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, feats: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The ``pivot_image`` best visual tokens by key norm and the ``pivot_text`` best text tokens after the
+        image are the pivots; each pivot then takes its share of the least similar remaining visual tokens."""
+        mask = inputs.mask[sample.index].bool()
+        after = sample.start + sample.length
+        text = torch.arange(after, mask.shape[0], device=mask.device)[mask[after:]]
+        img_piv = topk_indices(sample.scores, min(self.pivot_image, sample.target))
+        txt_piv = text[stable_rank(sample.row[text])[0][: self.pivot_text]]
+        f = F.normalize(feats[sample.index].to(work_dtype(feats)), dim=-1)
+        return self._least_duplicated(f, (sample.start, sample.length), img_piv, txt_piv, sample.target), None
 
     @staticmethod
     def _least_duplicated(f: torch.Tensor, span: tuple[int, int], img_piv: torch.Tensor, txt_piv: torch.Tensor,

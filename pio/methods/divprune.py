@@ -28,7 +28,7 @@ from ..nms import work_dtype
 class DivPrune(EncoderMethod):
     """DivPrune: greedy max-min diversity."""
 
-    encoders = frozenset({"clip", "merged"})
+    requires = frozenset()  # the projected features only: any vision tower
     name = "divprune"
     source = "DivPrune, CVPR'25, arXiv 2503.02175; github.com/vbdi/divprune (docs/methods.md)"
 

@@ -20,12 +20,12 @@ padding work (the last *valid* position of each sample), ties are broken by the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..base import ReductionMethod, Selection, StageInputs, active_samples
-from ..nms import topk_indices
+from ..base import ScorerMethod, StageInputs
 from ..schedule import Schedule
 
 
@@ -35,27 +35,17 @@ def last_valid(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), pos, -1).amax(dim=1, keepdim=True).clamp_min(0)
 
 
-def rank_by_last_position(inputs: StageInputs, which: str) -> Selection:
-    """Keep each sample's top visual tokens by the attention its last valid position pays them in the ``which``
-    layer (softmax over every key, averaged over heads): FastV's rule (``current``) and PDrop's (``next``)."""
-    active = active_samples(inputs)
-    if not any(active):
-        return Selection([None] * len(active))
+def last_position_scores(inputs: StageInputs, which: str) -> torch.Tensor:
+    """(B, S): the attention each sample's last valid position pays every position in the ``which`` layer
+    (softmax over every key, averaged over heads): FastV's score (``current``), PDrop's (``next``) and VFlowOpt's
+    LLM stages' (``current``)."""
     probs = inputs.attention(last_valid(inputs.mask), which=which)  # (B, H, 1, S)
-    keep: list[torch.Tensor | None] = []
     with inputs.timed("score"):
-        scores = probs.mean(dim=1)[:, 0]  # (B, S)
-        for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
-            if not active[b]:
-                keep.append(None)
-                continue
-            start, length = span
-            keep.append(topk_indices(scores[b, start : start + length], k))
-    return Selection(keep)
+        return probs.mean(dim=1)[:, 0]  # (B, S)
 
 
 @dataclass(frozen=True)
-class FastV(ReductionMethod):
+class FastV(ScorerMethod):
     """FastV: one stage after layer K; the last position's head-averaged attention ranks the visual tokens."""
 
     name = "fastv"
@@ -72,5 +62,5 @@ class FastV(ReductionMethod):
             raise ValueError(f"fastv prunes once, after one layer K; got layers {list(self.layers)} (use pdrop for "
                              "several stages)")
 
-    def select(self, inputs: StageInputs) -> Selection:
-        return rank_by_last_position(inputs, "current")
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        return last_position_scores(inputs, "current")

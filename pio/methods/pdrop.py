@@ -24,9 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..base import ReductionMethod, Selection, StageInputs
+import torch
+
+from ..base import ScorerMethod, StageInputs
 from ..schedule import PAPER_N0, Schedule
-from .fastv import rank_by_last_position
+from .fastv import last_position_scores
 
 BUDGET_LAYERS = (2, 8, 16, 24)
 
@@ -52,7 +54,7 @@ def solve_lambda(layers: Sequence[int], num_layers: int, fraction: float) -> flo
 
 
 @dataclass(frozen=True)
-class PDrop(ReductionMethod):
+class PDrop(ScorerMethod):
     """PyramidDrop: after each stage's layer, the last instruction token's attention (of the next layer) ranks
     the visual tokens; each stage keeps its fraction of the initial count."""
 
@@ -98,5 +100,5 @@ class PDrop(ReductionMethod):
             raise ValueError(f"pdrop ranks with the next layer's attention: layers must be in 1..{num_layers - 1} for a "
                              f"{num_layers}-layer decoder, got {list(self.layers)}")
 
-    def select(self, inputs: StageInputs) -> Selection:
-        return rank_by_last_position(inputs, "next")
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        return last_position_scores(inputs, "next")

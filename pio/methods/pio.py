@@ -18,16 +18,16 @@ the budget solver's anchors (:mod:`pio.budget`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..base import Flag, SampleScores, ScorerMethod, StageInputs
 from ..budget import Anchors
-from ..nms import greedy_nms, topk_indices
+from ..nms import greedy_nms
 from ..proxy import ProxyFn
 from ..schedule import Schedule
 
@@ -50,7 +50,7 @@ QWEN_ANCHORS = Anchors(
 
 
 @dataclass(frozen=True)
-class PIO(ReductionMethod):
+class PIO(ScorerMethod):
     """PIO-FVLM's selector.
 
     Attributes:
@@ -76,6 +76,7 @@ class PIO(ReductionMethod):
                        "options": {"proxy": "current"}},
     }
     source = "PIO-FVLM / TRIO, arXiv 2602.04657; github.com/ocy1/TRIO (docs/method.md)"
+    phase = "nms"
     flags = (
         Flag("tau", "pio-tau", float, "NMS cosine threshold (0.8)"),
         Flag("k_pos", "pio-kpos", int, "supervised rows of the proxy loss (4)"),
@@ -113,27 +114,19 @@ class PIO(ReductionMethod):
                 "the pruning point; use --pio-proxy current to prune after the last layer)"
             )
 
-    def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """The gradient saliency (:func:`saliency`) of every position."""
         hidden = inputs.hidden
         act = torch.tensor(active, device=hidden.device)
         proxy = inputs.proxy(self.proxy, self.proxy_impl)
-        scores = saliency(hidden, inputs.mask, act, proxy, self.k_pos, self.include_last, inputs.timed)
-        keep: list[torch.Tensor | None] = []
-        with inputs.timed("nms"):
-            for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
-                if not active[b]:
-                    keep.append(None)
-                    continue
-                start, length = span
-                s = scores[b, start : start + length]
-                if self.nms:
-                    keep.append(greedy_nms(s, hidden[b, start : start + length].detach(), k, self.tau))
-                else:
-                    keep.append(topk_indices(s, k))
-        return Selection(keep)
+        return saliency(hidden, inputs.mask, act, proxy, self.k_pos, self.include_last, inputs.timed)
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, prepared: None) -> tuple[torch.Tensor, None]:
+        """Greedy NMS on the hidden states' cosine similarity (``tau``), filled up by saliency; plain top-k
+        without ``nms``."""
+        if not self.nms:
+            return super().choose(inputs, sample, prepared)
+        return greedy_nms(sample.scores, sample.span(inputs.hidden).detach(), sample.target, self.tau), None
 
 
 def supervised_rows(mask: torch.Tensor, k_pos: int, include_last: bool) -> tuple[torch.Tensor, torch.Tensor]:

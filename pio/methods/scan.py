@@ -12,8 +12,8 @@ Per 24 x 24 crop, keeping ``T`` tokens (``--visual_token_num T``, the authors' f
 So ``16 k_w + T - T // 2`` tokens are kept: exactly T when T is a multiple of 32 (64, 96, 128, 192, 288), fewer
 otherwise (218 keeps 205), which the log says. ``T = 576`` keeps every token (the authors' bypass).
 
-On Qwen2.5-VL (no CLS token; §5.2 of the same notes), per image of N merged tokens, keeping ``K`` (the same
-share of N, e.g. 16.7 % = 216 of 1296 for 96):
+On a tower without a CLS token (Qwen2.5-VL; §5.2 of the same notes), per image (crop) of N tokens, keeping ``K``
+(the same share of N, e.g. 16.7 % = 216 of 1296 merged tokens for 96):
 
 * maps: the attention each token receives (heads summed, query rows averaged, a merged token's four patches
   averaged), from the first full-attention vision block (local) and the last block (global);
@@ -70,7 +70,7 @@ class Scan(EncoderMethod):
 
     name = "scan"
     needs = frozenset({"features", "cls_attention", "received_attention"})
-    encoders = frozenset({"clip", "merged"})
+    requires = frozenset()  # the CLS attention where the tower has a CLS token, the received attention otherwise
     source = "PIO-FVLM / TRIO release, llava/model/llava_arch.py (window_cls_selection, token_merging); VScan"
     flags = (
         Flag("local_layer", "scan-local-layer", int,
@@ -86,11 +86,12 @@ class Scan(EncoderMethod):
     merge: bool = True
 
     def layers(self, inputs: EncoderInputs) -> tuple[int, int]:
-        """``(local, global)`` encoder layers: as given, else the authors' for this encoder."""
-        if inputs.encoder == "merged":
-            default = (inputs.full_attention_layers[0], -1)
-        else:
+        """``(local, global)`` encoder layers: as given, else the authors' for this encoder (CLS: 5 and -2;
+        without a CLS token: the first full-attention block and the last)."""
+        if inputs.tower.cls_token:
             default = (5, -2)
+        else:
+            default = (inputs.full_attention_layers[0], -1)
         return (default[0] if self.local_layer is None else self.local_layer,
                 default[1] if self.global_layer is None else self.global_layer)
 
@@ -101,8 +102,8 @@ class Scan(EncoderMethod):
     def select(self, inputs: EncoderInputs) -> EncoderSelection:
         P = inputs.features.shape[1]
         target = inputs.targets[0]
-        if inputs.encoder == "merged":
-            return self._select_merged(inputs, target)
+        if not inputs.tower.cls_token:
+            return self._select_received(inputs, target)
         local_layer, global_layer = self.layers(inputs)
         k_w, n_global = self.kept(target)
         if (target, P) not in _SAID and self.windows**2 * k_w + n_global != target:
@@ -131,11 +132,21 @@ class Scan(EncoderMethod):
                 feats.append(merge_into_nearest(inputs.features[c], kept) if self.merge else None)
         return EncoderSelection(keep, feats if self.merge else None)
 
-    def _select_merged(self, inputs: EncoderInputs, target: int) -> EncoderSelection:
-        """The authors' Qwen2.5-VL scan (module docstring) on one image's merged tokens."""
+    def _select_received(self, inputs: EncoderInputs, target: int) -> EncoderSelection:
+        """The authors' Qwen2.5-VL scan (module docstring) on each crop's tokens, by the attention they receive."""
         local_layer, global_layer = self.layers(inputs)
-        local_a = inputs.received_attention(local_layer)[0]  # (P,)
-        global_a = inputs.received_attention(global_layer)[0]
+        local_maps = inputs.received_attention(local_layer)  # (N, P)
+        global_maps = inputs.received_attention(global_layer)
+        keep, feats = [], []
+        for c in range(inputs.features.shape[0]):
+            kept = self._scan_received(inputs, local_maps[c], global_maps[c], target)
+            keep.append(kept)
+            feats.append(merge_into_nearest(inputs.features[c], kept) if self.merge else None)
+        return EncoderSelection(keep, feats if self.merge else None)
+
+    def _scan_received(self, inputs: EncoderInputs, local_a: torch.Tensor, global_a: torch.Tensor,
+                       target: int) -> torch.Tensor:
+        """The kept tokens of one crop, from its local and global received-attention maps (P,)."""
         device = inputs.features.device
         rows, cols = inputs.grid
         per_side = (max(1, rows // self.windows), max(1, cols // self.windows))
@@ -158,7 +169,5 @@ class Scan(EncoderMethod):
             rest[local] = False
             candidates = rest.nonzero().flatten()
             order, _ = stable_rank(global_a[candidates])
-            kept = torch.sort(torch.cat([torch.tensor(local, dtype=torch.long, device=device),
+            return torch.sort(torch.cat([torch.tensor(local, dtype=torch.long, device=device),
                                          candidates[order[:target - n_local]]])).values
-            feats = merge_into_nearest(inputs.features[0], kept) if self.merge else None
-        return EncoderSelection([kept], [feats] if self.merge else None)

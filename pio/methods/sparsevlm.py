@@ -24,11 +24,12 @@ the density-peak clustering has no random tie-break noise (ties by lower index);
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..base import Flag, SampleScores, ScorerMethod, StageInputs
 from ..budget import Anchors
 from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
@@ -74,7 +75,7 @@ def dpc_knn_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SparseVLM(ReductionMethod):
+class SparseVLM(ScorerMethod):
     """SparseVLM v1.5: relevant text tokens rate the visual ones; deleted tokens are partly recycled."""
 
     name = "sparsevlm"
@@ -100,10 +101,9 @@ class SparseVLM(ReductionMethod):
             raise ValueError(f"sparsevlm: recycle and cluster ratios must be in [0, 1], got {self.recycle_ratio}, "
                              f"{self.cluster_ratio}")
 
-    def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S) the raters' attention (heads averaged, then raters) at every visual position of the active
+        samples (zero elsewhere)."""
         embeds, mask0, spans0 = inputs.embeddings()
         mask = inputs.mask.bool()
         positions = torch.arange(mask.shape[1], device=mask.device)
@@ -126,21 +126,17 @@ class SparseVLM(ReductionMethod):
         last = mask.shape[1] - 1
         rows = torch.stack([torch.cat([r, r.new_full((width - r.numel(),), last)]) for r in raters])  # (B, R)
         probs = inputs.attention(rows, which="current").mean(dim=1)  # (B, R, S), heads averaged
-        keep: list[torch.Tensor | None] = []
-        merged: list[torch.Tensor | None] = []
+        scores = probs.new_zeros(probs.shape[0], probs.shape[2])
         with inputs.timed("score"):
-            for b, (span, target) in enumerate(zip(inputs.spans, inputs.targets)):
-                if not active[b]:
-                    keep.append(None)
-                    merged.append(None)
-                    continue
-                start, length = span
-                score = probs[b, : raters[b].numel(), start : start + length].mean(dim=0)  # (n,)
-                k = min(target, length - 1)
-                kept = topk_indices(score, k)
-                keep.append(kept)
-                merged.append(self._recycle(inputs.hidden[b, start : start + length], score, kept))
-        return Selection(keep, merged if self.recycle else None)
+            for b, (start, length) in ((b, s) for b, s in enumerate(inputs.spans) if active[b]):
+                scores[b, start : start + length] = probs[b, : raters[b].numel(), start : start + length].mean(dim=0)
+        return scores
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, prepared: None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The top ``min(target, n - 1)`` (the code always deletes one), then the deleted tokens recycled."""
+        kept = topk_indices(sample.scores, min(sample.target, sample.length - 1))
+        return kept, self._recycle(sample.span(inputs.hidden), sample.scores, kept)
 
     def _recycle(self, feats: torch.Tensor, score: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
         """Merged tokens (c, D) from the best-scoring deleted tokens, or None when recycling is off."""

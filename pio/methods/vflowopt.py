@@ -42,15 +42,16 @@ as the iLLaVA path does).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..base import Flag, SampleScores, ScorerMethod, StageInputs
 from ..encoder import EncoderInputs, EncoderMethod, EncoderSelection
 from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
-from .fastv import last_valid
+from .fastv import last_position_scores
 
 GREY = 0.3333  # the official weights of R, G and B
 
@@ -184,7 +185,7 @@ class VFlowOptViT(EncoderMethod):
 
 
 @dataclass(frozen=True)
-class VFlowOpt(ReductionMethod):
+class VFlowOpt(ScorerMethod):
     """VFlowOpt's LLM stages (iLLaVA's attention path): after each layer, the last position's attention in that
     layer ranks the visual tokens; the top ``target - 1`` stay and the rest are recycled into one token (weights
     ``1 .. r + 1`` in descending score order)."""
@@ -208,30 +209,19 @@ class VFlowOpt(ReductionMethod):
         otherwise."""
         return super().schedule_for(layers, ratio_mode=ratio_mode, **targets)
 
-    def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
-        probs = inputs.attention(last_valid(inputs.mask), which="current")  # (B, H, 1, S)
-        keep: list[torch.Tensor | None] = []
-        merged: list[torch.Tensor | None] = []
-        with inputs.timed("score"):
-            scores = probs.mean(dim=1)[:, 0]  # (B, S)
-            for b, (span, k) in enumerate(zip(inputs.spans, inputs.targets)):
-                if not active[b]:
-                    keep.append(None)
-                    merged.append(None)
-                    continue
-                start, length = span
-                if not self.recycle or k < 2:
-                    keep.append(topk_indices(scores[b, start : start + length], k))
-                    merged.append(None)
-                    continue
-                order, _ = stable_rank(scores[b, start : start + length])
-                keep.append(torch.sort(order[: k - 1]).values)
-                rest = order[k - 1 :]  # the lowest kept one and the removed ones, best first
-                h = inputs.hidden[b, start : start + length]
-                work = work_dtype(h)
-                w = torch.arange(1, rest.numel() + 1, device=h.device, dtype=work)
-                merged.append(((w @ h[rest].to(work)) / w.sum()).to(h.dtype)[None])
-        return Selection(keep, merged if self.recycle else None)
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        return last_position_scores(inputs, "current")
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, prepared: None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The top ``target - 1``, and the rest recycled with the lowest kept one into one token (weights ``1 .. r
+        + 1`` in descending score order); plain top-k without ``recycle`` or for a target below 2."""
+        k = sample.target
+        if not self.recycle or k < 2:
+            return super().choose(inputs, sample, prepared)
+        order, _ = stable_rank(sample.scores)
+        rest = order[k - 1 :]  # the lowest kept one and the removed ones, best first
+        h = sample.span(inputs.hidden)
+        work = work_dtype(h)
+        w = torch.arange(1, rest.numel() + 1, device=h.device, dtype=work)
+        return torch.sort(order[: k - 1]).values, ((w @ h[rest].to(work)) / w.sum()).to(h.dtype)[None]

@@ -35,17 +35,17 @@ zero); LLaVA-NeXT per crop at the encoder with its unpadding and newline tokens 
 
 from __future__ import annotations
 
-import ast
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..base import Flag, SampleScores, ScorerMethod, StageInputs
 from ..budget import Anchors, round_half_up
-from ..nms import stable_rank, work_dtype
+from ..nms import topk_indices, work_dtype
+from ..parse import parse_counts, parse_int, split_items
 from ..schedule import PAPER_N0, Schedule
 from .fastv import last_valid
 from .visionzip import VisionZip, merge_contextual
@@ -76,14 +76,7 @@ def preset(budget: float) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]
 
 def parse_stage_counts(text: Any) -> tuple[int, ...]:
     """Per-stage counts from the command line: "5,4,3", "5 4 3" or "[5, 4, 3]" (literals only, never eval)."""
-    if isinstance(text, (list, tuple)):
-        return tuple(int(x) for x in text)
-    s = str(text).strip()
-    try:
-        items = ast.literal_eval(s) if s[:1] in "[(" else [p for p in re.split(r"[,\s]+", s) if p]
-        return tuple(int(x) for x in items)
-    except (ValueError, SyntaxError, TypeError):
-        raise ValueError(f"expected per-stage counts such as 5,4,3, got {text!r}") from None
+    return parse_counts(text)
 
 
 @dataclass(frozen=True)
@@ -97,7 +90,7 @@ class VisionDropEncoder(VisionZip):
 
 
 @dataclass(frozen=True)
-class VisionDrop(ReductionMethod):
+class VisionDrop(ScorerMethod):
     """VisionDrop: VisionZip's stage at the encoder, then after each of its layers ``[dominant, contextual]`` by
     the attention the visual tokens receive from the visual tokens, the rest merged into the contextual ones.
 
@@ -135,6 +128,18 @@ class VisionDrop(ReductionMethod):
             object.__setattr__(self, "stage_contextual", tuple(int(c) for c in self.stage_contextual))
 
     # -- configuration ---------------------------------------------------------------------------------------
+    @classmethod
+    def read_tokens(cls, text: Any) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """Also the authors' ``--image_token_list [[30,5],[22,4],[16,3]]``: ``[dominant, contextual]`` per stage,
+        read as each stage's total and its contextual tokens (``stage_contextual``)."""
+        items = split_items(text, "token counts")
+        if not items or not all(isinstance(x, (list, tuple)) for x in items):
+            return super().read_tokens(text)
+        if any(len(x) != 2 for x in items):
+            raise ValueError("every stage needs [dominant, contextual], e.g. [[30,5],[22,4],[16,3]]")
+        pairs = [(parse_int(d, "token counts", text), parse_int(c, "token counts", text)) for d, c in items]
+        return tuple(d + c for d, c in pairs), {"stage_contextual": tuple(c for _, c in pairs)}
+
     def label(self) -> float | None:
         """The paper's budget label of the schedule (``--budget B``), or None for other targets."""
         r = self.schedule.budget_ratio
@@ -221,10 +226,9 @@ class VisionDrop(ReductionMethod):
             stage.validate()
 
     # -- selection --------------------------------------------------------------------------------------------
-    def select(self, inputs: StageInputs) -> Selection:
-        active = active_samples(inputs)
-        if not any(active):
-            return Selection([None] * len(active))
+    def score(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S) the attention each visual token receives from the visual tokens (every visual position as a query
+        row, the next layer's softmax over every key, heads averaged, then averaged over the query rows)."""
         mask = inputs.mask.bool()
         B, S = mask.shape
         device = mask.device
@@ -242,31 +246,28 @@ class VisionDrop(ReductionMethod):
             probs = inputs.attention(part, which="next").mean(dim=1)  # (B, R, S), heads averaged
             real = torch.arange(lo, lo + part.shape[1], device=device)[None] < lengths[:, None]  # (B, R)
             received += (probs * real[..., None]).sum(dim=1)
-        keys = inputs.keys(which="next", heads=True)  # (B, S, H_kv, head_dim)
-        work = work_dtype(inputs.hidden)
-        keep: list[torch.Tensor | None] = []
-        merged: list[torch.Tensor | None] = []
         with inputs.timed("score"):
-            for b, (span, target) in enumerate(zip(inputs.spans, inputs.targets)):
-                if not active[b]:
-                    keep.append(None)
-                    merged.append(None)
-                    continue
-                start, length = span
-                dominant, contextual = self.split(target, inputs.stage)
-                score = received[b, start : start + length] / length  # (n,): mean over the visual query rows
-                order, _ = stable_rank(score)
-                dom = torch.sort(order[:dominant]).values
-                keep.append(dom)
-                if contextual == 0:
-                    merged.append(None)
-                    continue
-                rest = torch.ones(length, dtype=torch.bool, device=device)
-                rest[dom] = False
-                metric = F.normalize(keys[b, start : start + length].to(work).mean(dim=1), dim=-1)  # (n, head_dim)
-                h = inputs.hidden[b, start : start + length]
-                merged.append(merge_contextual(h.to(work), metric, rest.nonzero().flatten(), contextual).to(h.dtype))
-        return Selection(keep, merged if any(m is not None for m in merged) else None)
+            for b, (start, length) in ((b, s) for b, s in enumerate(inputs.spans) if active[b]):
+                received[b, start : start + length] = received[b, start : start + length] / length  # row mean
+        return received
+
+    def prepare(self, inputs: StageInputs, active: Sequence[bool]) -> torch.Tensor:
+        """(B, S, H_kv, head_dim) the next layer's rotated keys (the contextual tokens' similarity)."""
+        return inputs.keys(which="next", heads=True)
+
+    def choose(self, inputs: StageInputs, sample: SampleScores, keys: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's dominant tokens by score; the others merged into its contextual tokens."""
+        dominant, contextual = self.split(sample.target, inputs.stage)
+        dom = topk_indices(sample.scores, dominant)
+        if contextual == 0:
+            return dom, None
+        rest = torch.ones(sample.length, dtype=torch.bool, device=dom.device)
+        rest[dom] = False
+        work = work_dtype(inputs.hidden)
+        metric = F.normalize(sample.span(keys).to(work).mean(dim=1), dim=-1)  # (n, head_dim)
+        h = sample.span(inputs.hidden)
+        return dom, merge_contextual(h.to(work), metric, rest.nonzero().flatten(), contextual).to(h.dtype)
 
     # -- reporting ----------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

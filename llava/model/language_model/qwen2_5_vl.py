@@ -4,7 +4,8 @@
 touching its modules: the vision transformer, the merger, the decoder layers, rotary embedding, norm and head
 are transformers' own, so the official checkpoint loads unchanged. Ours are the forward (the shared decoder
 loop of :mod:`llava.model.pruning`, with the prune step after the layers a method acts at), the splicing of the
-image features into the text (where an encoder-side method may drop some), and ``generate``.
+image features into the text (where an encoder-side method may drop some); the forward and ``generate`` are the
+ones every family shares (:class:`~llava.model.reducible.ReducibleLM`).
 
 Positions are Qwen's 3-D M-RoPE ids (temporal, height, width; transformers' ``get_rope_index``). A pruned
 token keeps its original ids (the PIO authors' choice; ``--positions renumber`` gives the kept tokens
@@ -19,20 +20,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationMixin, Qwen2_5_VLForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLCausalLMOutputWithPast
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from pio.encoder import EncoderMethod, split_reducer
-from pio.flops import measured_kv_bytes
+from llava.constants import IGNORE_INDEX
+from pio.encoder import EncoderMethod, TowerTraits
 from pio.gather import Span, build_keep_index, contiguous_positions, gather_rows
-from pio.state import EncoderRecord, PruneState
+from pio.state import PruneState
 
-from ..encoder_stage import check_encoder, reduce_image_features
-from ..llava_arch import MultimodalInputs, head_rows
-from ..pruning import DecoderAdapter, Segment, run_decoder, warn_if_parameters_need_grad
+from ..encoder_stage import apply_kept, check_tower, reduce_crops
+from ..layout import ImageLayout
+from ..pruning import DecoderAdapter, Segment
+from ..reducible import MultimodalInputs, ReducibleLM
 
-__all__ = ["Qwen2_5_VLForReduction", "QwenAdapter", "mrope_merge"]
+__all__ = ["Qwen2_5_VLForReduction", "QwenAdapter", "QwenImageTower", "mrope_merge"]
 
 
 def mrope_merge(x: torch.Tensor, sections: Sequence[int]) -> torch.Tensor:
@@ -56,8 +56,10 @@ class QwenAdapter(DecoderAdapter):
         self.attn_implementation = text_model.config._attn_implementation
 
     def positions(self, key_mask: torch.Tensor, q: int) -> torch.Tensor:
-        pos = contiguous_positions(key_mask)[:, key_mask.shape[1] - q:]
-        return pos[None].expand(3, -1, -1)
+        return self.expand_positions(contiguous_positions(key_mask)[:, key_mask.shape[1] - q:])
+
+    def expand_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[None].expand(3, -1, -1)  # (B, q) -> the same id on the three M-RoPE axes (3, B, q)
 
     def gather_positions(self, position_ids: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
         return torch.gather(position_ids, 2, origin[None].expand(3, -1, -1))
@@ -151,7 +153,32 @@ class _VisionMaps:
         return self._maps[layer][image]
 
 
-class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
+class QwenImageTower:
+    """Qwen2.5-VL's vision transformer over one image, as the encoder-side step reads it
+    (:class:`llava.model.encoder_stage.EncoderTower`): no CLS token, ``spatial_merge_unit`` patches per
+    language-model token, one grid per image; it serves the attention each merged token receives."""
+
+    provides = frozenset({"features", "received_attention"})
+
+    def __init__(self, visual: Any, grid: tuple[int, int], image: int, maps: _VisionMaps | None):
+        self.traits = TowerTraits(cls_token=False, patches_per_token=int(visual.spatial_merge_unit), per_crop=False)
+        self.grid = grid
+        self.full_attention_layers = tuple(visual.fullatt_block_indexes)
+        self.sequence_length = grid[0] * grid[1] * self.traits.patches_per_token
+        self._maps, self._image = maps, image
+        if maps is None:
+            self.provides = frozenset({"features"})
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        return self._maps(self._image, layer)[None]  # (1, P)
+
+    def _none(self, *args: Any) -> torch.Tensor:
+        raise NotImplementedError("Qwen2.5-VL's vision tower serves the features and the received attention")
+
+    cls_attention = hidden = project = keys = attention = pixels = _none
+
+
+class Qwen2_5_VLForReduction(ReducibleLM, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL (transformers' modules) with optional visual-token reduction, chosen per call.
 
     ``generate(input_ids, images=pixel_values, image_sizes=image_grid_thw, reducer=make_method("pio",
@@ -159,21 +186,25 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
     ``pixel_values`` / ``image_grid_thw`` as well); it returns the new tokens only.
     """
 
+    image_aliases = {"pixel_values": "images", "image_grid_thw": "image_sizes"}
+    prepare_text_only = True  # M-RoPE positions and the image-token check come from the whole prompt
+
     def decoder_adapter(self) -> QwenAdapter:
         """The language model as the prune step sees it (layers, norm, head, M-RoPE, positions)."""
         return QwenAdapter(self.model.language_model, self.lm_head)
 
     # -- inputs --------------------------------------------------------------------------------------------
     def prepare_multimodal_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pixel_values: torch.Tensor | None,
-        image_grid_thw: torch.Tensor | None, pre: EncoderMethod | None = None, state: PruneState | None = None,
-        padding_side: str | None = None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: torch.Tensor | None,
+        image_sizes: torch.Tensor | None = None, labels: torch.Tensor | None = None, padding_side: str | None = None,
+        pre: EncoderMethod | None = None, state: PruneState | None = None,
     ) -> MultimodalInputs:
-        """Embeddings with the images' features in place of their ``<|image_pad|>`` tokens, the M-RoPE position
-        ids (3, B, S) and each image's span; an encoder-side method ``pre`` first drops (and may merge) each
-        image's tokens, which then leave the sequence with their position ids.
+        """Embeddings with the images' features (``images``: the processor's ``pixel_values``; ``image_sizes``:
+        its ``image_grid_thw``) in place of their ``<|image_pad|>`` tokens, the M-RoPE position ids (3, B, S) and
+        each image's span; an encoder-side method ``pre`` first drops (and may merge) each image's tokens, which
+        then leave the sequence with their position ids (and labels).
 
-        Returns :class:`~llava.model.llava_arch.MultimodalInputs` with ``position_ids`` (3, B, S) and
+        Returns :class:`~llava.model.reducible.MultimodalInputs` with ``position_ids`` (3, B, S) and
         ``rope_deltas`` (B, 1) (the next position minus the sequence length).
         """
         device = self.lm_head.weight.device
@@ -187,17 +218,18 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
         n_tokens = is_image.sum(dim=1).tolist()
         features: list[torch.Tensor] = []
         maps = None
-        if pixel_values is not None:
+        image_grid_thw = image_sizes
+        if images is not None:
             if image_grid_thw is None:
                 raise ValueError("pixel_values without image_grid_thw: pass both, as the processor returns them")
             image_grid_thw = image_grid_thw.to(device)
             if pre is not None:
-                check_encoder(pre, "merged")
+                check_tower(pre, self.vision_traits())
                 if "received_attention" in pre.needs:
                     maps = _VisionMaps(self.model.visual, image_grid_thw)
             hooks = maps.catch() if maps is not None else []
             try:
-                features = list(self.model.get_image_features(pixel_values.to(device), image_grid_thw))
+                features = list(self.model.get_image_features(images.to(device), image_grid_thw))
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -214,187 +246,58 @@ class Qwen2_5_VLForReduction(Qwen2_5_VLForConditionalGeneration):
         spans = visual_spans(is_image & mask.bool())
         encoder = None
         if pre is not None and features:
-            embeds, mask, positions, spans, encoder = self._reduce_images(
-                pre, features, image_grid_thw, maps, embeds, mask, positions, spans, side, state)
-        return MultimodalInputs(embeds, mask.long(), positions, None, spans, side, encoder,
+            embeds, mask, positions, labels, spans, encoder = self._reduce_images(
+                pre, features, image_grid_thw, maps, embeds, mask, positions, labels, spans, side, state)
+        return MultimodalInputs(embeds, mask.long(), positions, labels, spans, side, encoder,
                                 next_positions(positions, mask) - mask.shape[1])
+
+    def vision_traits(self) -> TowerTraits:
+        """The vision tower's capability flags (no CLS token; patches merged into each token; one grid per
+        image)."""
+        return TowerTraits(cls_token=False, patches_per_token=int(self.model.visual.spatial_merge_unit),
+                           per_crop=False)
 
     def _reduce_images(self, pre: EncoderMethod, features: list[torch.Tensor], image_grid_thw: torch.Tensor,
                        maps: _VisionMaps | None, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                       spans: list[list[Span]], side: str, state: PruneState | None):
-        """Apply the encoder-side method to every image and drop the tokens it did not keep."""
+                       labels: torch.Tensor | None, spans: list[list[Span]], side: str, state: PruneState | None):
+        """Apply the encoder-side method to every image (one crop each) and keep only its kept tokens, with
+        their own position ids: the tokens of the spliced sequence are gathered, so a kept token keeps its id."""
         if any(len(s) > 1 for s in spans):
             raise ValueError("encoder-side reduction on Qwen2.5-VL handles one image per sample")
         visual = self.model.visual
         m = visual.spatial_merge_size
         grids = [(int(h) // m, int(w) // m) for _, h, w in image_grid_thw.tolist()]
-        reduced = iter(reduce_image_features(pre, features, grids, visual.fullatt_block_indexes, maps, state,
-                                             visual.spatial_merge_unit))
-        keep_local, records = [], []
-        for b, s in enumerate(spans):
+        images = iter(range(len(features)))
+        keep_local, records, kept_rows = [], [], []
+        for s in spans:
             if not s:
                 keep_local.append(None)
                 records.append([])
+                kept_rows.append(None)
                 continue
-            crop = next(reduced)
-            start, length = s[0]
-            embeds[b, start:start + length] = crop.features.to(embeds.dtype)
-            keep_local.append(crop.mask.nonzero().flatten())
-            records.append([EncoderRecord(length, keep_local[-1].tolist())])
+            i = next(images)
+            f = features[i]
+            tower = QwenImageTower(visual, grids[i], i, maps)
+            (crop,) = reduce_crops(pre, tower, f[None], [(i, 0)], state)
+            rows, record = apply_kept(ImageLayout(torch.arange(f.shape[0]), f.shape[0]), [crop])
+            if min(record.kept) < 0:
+                raise ValueError(f"{pre.name} adds tokens of its own, which this model family cannot place (they "
+                                 "would need position ids of their own)")
+            keep_local.append(torch.tensor(record.kept, dtype=torch.long, device=embeds.device))
+            records.append([record])
+            kept_rows.append(rows)
         keep = build_keep_index(mask.bool(), [s[0] if s else None for s in spans], keep_local, side)
         embeds = gather_rows(embeds, keep)
+        for b, (sp, rows) in enumerate(zip(keep.spans, kept_rows, strict=True)):  # the kept (merged) features
+            if sp is not None:
+                embeds[b, sp[0]:sp[0] + sp[1]] = rows.to(embeds.dtype)
         positions = torch.stack([gather_rows(p, keep, fill=1) for p in positions])
-        new_spans = [[sp] if sp is not None else [] for sp in keep.spans]
-        return embeds, keep.mask.long(), positions, new_spans, records
-
-    # -- forward -------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        rope_deltas: torch.LongTensor | None = None,
-        cache_position: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        reducer: Any = None,
-        prune_state: PruneState | None = None,
-        mrope_positions: torch.Tensor | None = None,
-        images: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Qwen2_5_VLCausalLMOutputWithPast:
-        """transformers' forward plus ``reducer`` (prefill only) and ``prune_state`` (this call's state).
-
-        Prefill from ``input_ids`` (+ ``pixel_values``, ``image_grid_thw``), or from ``inputs_embeds`` with
-        ``mrope_positions`` (B, 3, S) (what :meth:`generate` passes); cached decoding continues at
-        ``rope_deltas`` (returned by the prefill) past the unpruned length, like transformers. ``images`` /
-        ``image_sizes`` are ``pixel_values`` / ``image_grid_thw`` under the LLaVA runners' names.
-        """
-        pixel_values = images if pixel_values is None else pixel_values
-        image_grid_thw = image_sizes if image_grid_thw is None else image_grid_thw
-        state = prune_state if prune_state is not None else PruneState()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        prefill = past == 0
-        pre, llm = split_reducer(reducer)
-        if prefill and llm is not None:
-            llm.validate(self.config.text_config.num_hidden_layers)
-            warn_if_parameters_need_grad(self, llm)
-        if inputs_embeds is None:
-            if prefill:
-                mm = self.prepare_multimodal_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pre,
-                                                    state)
-                inputs_embeds, attention_mask = mm.inputs_embeds, mm.attention_mask
-                position_ids, rope_deltas = mm.position_ids, mm.rope_deltas
-                state.set_inputs(mm.spans, mm.padding_side, mm.encoder)
-            else:
-                inputs_embeds = self.get_input_embeddings()(input_ids.to(self.lm_head.weight.device))
-        elif mrope_positions is not None and prefill:
-            position_ids = mrope_positions.transpose(0, 1)
-        h = inputs_embeds
-        B, q = h.shape[:2]
-        key_mask = (attention_mask.bool() if attention_mask is not None
-                    else torch.ones(B, past + q, dtype=torch.bool, device=h.device))
-        if position_ids is None:
-            position_ids = self._default_positions(key_mask, q, rope_deltas)
-        elif position_ids.dim() == 2:
-            position_ids = position_ids[None].expand(3, -1, -1)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
-        text = self.model.language_model
-        h, hidden = run_decoder(
-            self.decoder_adapter(), h, key_mask, reducer=llm, state=state, attention_mask=attention_mask,
-            position_ids=position_ids, cache=past_key_values if use_cache else None, use_cache=use_cache,
-            output_hidden_states=bool(output_hidden_states),
-            **{k: v for k, v in kwargs.items() if k not in ("output_attentions", "return_dict")})
-        h = text.norm(h)
-        if prefill and state.profile and use_cache:
-            state.kv_bytes = measured_kv_bytes(past_key_values)
-        logits = self.lm_head(head_rows(h, logits_to_keep))
-        loss = None
         if labels is not None:
-            if state.stage_masks:
-                labels = state.gather_labels(labels)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        return Qwen2_5_VLCausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(hidden[:-1] + [h]) if hidden is not None else None, rope_deltas=rope_deltas)
-
-    @staticmethod
-    def _default_positions(key_mask: torch.Tensor, q: int, rope_deltas: torch.Tensor | None) -> torch.Tensor:
-        """Positions of the last ``q`` of ``key_mask``'s columns: text positions over the valid tokens, moved by
-        the prefill's ``rope_deltas`` (decoding after an image continues after the image's largest id)."""
-        K = key_mask.shape[1]
-        if rope_deltas is None:
-            pos = contiguous_positions(key_mask)[:, K - q:]
-        else:  # transformers' rule: column index + delta
-            pos = torch.arange(K - q, K, device=key_mask.device)[None] + rope_deltas.to(key_mask.device)
-        return pos[None].expand(3, -1, -1)
-
-    # -- generation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        inputs: torch.Tensor | None = None,
-        images: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        reducer: Any = None,
-        prune_state: PruneState | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        **kwargs: Any,
-    ):
-        """Generate from the processor's ``input_ids`` (left-padded for a batch) and, optionally, its
-        ``pixel_values`` and ``image_grid_thw`` (``images`` / ``image_sizes`` are the same, under the names the
-        LLaVA runners use). ``reducer`` reduces visual tokens; ``prune_state`` tells what was kept. Returns the
-        new tokens only."""
-        if inputs is None:
-            inputs = kwargs.pop("input_ids", None)
-        if inputs is None:
-            raise ValueError("generate needs input_ids (the processor's, with the image tokens expanded)")
-        if "inputs_embeds" in kwargs:
-            raise ValueError("pass input_ids and pixel_values, not inputs_embeds")
-        pixel_values = images if pixel_values is None else pixel_values
-        image_grid_thw = image_sizes if image_grid_thw is None else image_grid_thw
-        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generation needs left padding: the last column of attention_mask has padding "
-                             "(set processor.tokenizer.padding_side = 'left')")
-        state = prune_state if prune_state is not None else PruneState()
-        pre, llm = split_reducer(reducer)
-        if pre is not None:
-            pre.validate(self.config.text_config.num_hidden_layers)
-        with state.timed("vision", self.device):
-            mm = self.prepare_multimodal_inputs(inputs, attention_mask, pixel_values, image_grid_thw, pre, state,
-                                                padding_side="left")
-        state.set_inputs(mm.spans, "left", mm.encoder)
-        return super().generate(
-            inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
-            mrope_positions=mm.position_ids.transpose(0, 1), rope_deltas=mm.rope_deltas,
-            reducer=llm, prune_state=state, **kwargs)
-
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                      cache_position=None, **kwargs):
-        # the generic preparation (skipping transformers' Qwen override, which keeps rope deltas on the model);
-        # positions come from mrope_positions in prefill and rope_deltas afterwards
-        kwargs.pop("position_ids", None)
-        inputs = GenerationMixin.prepare_inputs_for_generation(
-            self, input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, cache_position=cache_position, **kwargs)
-        inputs.pop("position_ids", None)
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            inputs.pop("mrope_positions", None)
-        return inputs
+            labels = gather_rows(labels.to(embeds.device), keep, fill=IGNORE_INDEX)
+        new_spans = [[sp] if sp is not None else [] for sp in keep.spans]
+        return embeds, keep.mask.long(), positions, labels, new_spans, records
 
 
 def _padding_side(mask: torch.Tensor) -> str:
     """``"left"`` when some row is padded at its start, else ``"right"``."""
     return "left" if bool((mask[:, 0] == 0).any()) else "right"
-

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+from pio.encoder import TowerTraits
 from pio.nms import work_dtype
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,12 @@ class CLIPVisionTower(nn.Module):
             logger.debug("vision tower %s already loaded", self.vision_tower_name)
             return
         self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
-        self.vision_tower = CLIPVisionModel.from_pretrained(self.vision_tower_name, dtype=dtype)
+        self.vision_tower, info = CLIPVisionModel.from_pretrained(self.vision_tower_name, dtype=dtype,
+                                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+        from llava.model.builder import check_loading_info
+
+        # strict: a tensor missing or of the wrong shape is named (a full CLIP checkpoint's text tower is not used)
+        check_loading_info(self.vision_tower_name, {**info, "unexpected_keys": []}, vision_optional=False)
         self.vision_tower.requires_grad_(False)
         if device is not None:
             self.vision_tower.to(device)
@@ -141,6 +147,54 @@ class CLIPVisionTower(nn.Module):
     @property
     def num_patches(self) -> int:
         return self.num_patches_per_side**2
+
+
+class ClipCrops:
+    """A CLIP tower over one call's crops, as the encoder-side step reads it
+    (:class:`llava.model.encoder_stage.EncoderTower`): a CLS token first in every hidden state, one patch per
+    language-model token, fixed-size crops; the CLS attention, hidden states (with the projector), keys, full
+    attention of any layer and, when given, the crops' pixels."""
+
+    traits = TowerTraits(cls_token=True, patches_per_token=1, per_crop=True)
+
+    def __init__(self, tower: CLIPVisionTower, projector: nn.Module, hidden_states: tuple[torch.Tensor, ...],
+                 pixels: torch.Tensor | None = None):
+        self._tower, self._projector, self._hidden, self._pixels = tower, projector, hidden_states, pixels
+        side = tower.num_patches_per_side
+        self.grid = (side, side)
+        self.full_attention_layers = tuple(range(len(hidden_states) - 1))
+        self.sequence_length = int(hidden_states[0].shape[1])  # CLS + patches
+        self.provides = frozenset({"features", "cls_attention", "hidden", "keys", "attention"}
+                                  | ({"pixels"} if pixels is not None else set()))
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        return self._tower.cls_attention(self._hidden, layer)
+
+    def hidden(self, index: int) -> torch.Tensor:
+        return self._hidden[index]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self._projector.parameters(), x).dtype
+        return self._projector(x.to(dtype))
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self._tower.layer_keys(self._hidden, layer)
+
+    def attention(self, layer: int) -> torch.Tensor:
+        return self._tower.full_attention(self._hidden, layer)
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError("a CLIP tower offers the CLS attention")
+
+    def pixels(self) -> torch.Tensor:
+        """(N, 3, H, W) float32: the crops' 8-bit pixel values (the processor's normalisation undone, rounded)."""
+        proc = getattr(self._tower, "image_processor", None)
+        mean = getattr(proc, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as LLaVA's
+        std = getattr(proc, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        x = self._pixels.to(torch.float64)
+        mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.float32)
 
 
 def build_vision_tower(cfg: Any, delay_load: bool = False) -> CLIPVisionTower:
