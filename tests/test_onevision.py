@@ -25,13 +25,14 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.eval.runner import chat_prompt
-from llava.model.builder import checkpoint_family, load_pretrained_model
+from llava.model.builder import load_pretrained_model
+from llava.model.families import family_for_path, get_family
 from llava.model.language_model.llava_onevision import LlavaOnevisionForReduction, visual_token_count
 from llava.model.onevision import encode_prompt
 from llava.model.tiny_onevision import main as tiny_main
 from llava.model.tiny_onevision import write_tiny_onevision_checkpoint
-from pio import PruneState, Schedule, make_method
-from pio.registry import get_method
+from pio import PruneState, make_method
+from tests.conftest import TINY_SEEDS
 from tests.helpers import image
 
 LAYOUTS = ("original", "hf")
@@ -41,11 +42,13 @@ QUESTION = "What is in the image?"
 
 
 @pytest.fixture(scope="session")
-def ov_paths(tmp_path_factory) -> dict[str, str]:
-    """Both layouts of one tiny model (seed 3)."""
+def ov_paths(tmp_path_factory, tiny_checkpoints) -> dict[str, str]:
+    """Both layouts of one tiny model: the registry's tiny OneVision (original layout, seed 3) and its converted
+    twin."""
     root = tmp_path_factory.mktemp("onevision")
-    return {layout: str(write_tiny_onevision_checkpoint(root / f"llava-onevision-tiny-{layout}", layout, seed=3))
-            for layout in LAYOUTS}
+    seed = TINY_SEEDS["llava-onevision"]
+    return {"original": tiny_checkpoints["llava-onevision"],
+            "hf": str(write_tiny_onevision_checkpoint(root / "llava-onevision-tiny-hf", "hf", seed=seed))}
 
 
 @pytest.fixture(scope="module")
@@ -295,28 +298,32 @@ def test_prompts_of_both_layouts(ov, ov_paths):
 
 # ------------------------------------------------------------------------------------------ loading
 def test_original_layout_is_not_taken_for_llava(ov, ov_paths, tmp_path):
-    """architectures decide before model_type: the original OneVision config (model_type "llava") loads as
-    OneVision; a LLaVA-1.5 config with the same model_type stays LLaVA; an unknown architecture is refused."""
+    """architectures decide before model_type: the original OneVision config (model_type "llava") resolves to the
+    OneVision family and loads as OneVision; a LLaVA-1.5 config with the same model_type stays LLaVA; an unknown
+    architecture is refused by name; the runners take OneVision's template."""
     path = ov_paths["original"]
     with open(f"{path}/config.json", encoding="utf-8") as f:
         raw = json.load(f)
     assert raw["model_type"] == "llava" and raw["architectures"] == ["LlavaQwenForCausalLM"]
-    assert checkpoint_family(path) == checkpoint_family(ov_paths["hf"]) == "llava_onevision"
+    assert family_for_path(path) is family_for_path(ov_paths["hf"]) is get_family("llava_onevision")
     assert all(isinstance(ov[layout][1], LlavaOnevisionForReduction) for layout in LAYOUTS)
     for arch, family in (("LlavaLlamaForCausalLM", "llava"), ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl")):
         (tmp_path / arch).mkdir()
         (tmp_path / arch / "config.json").write_text(json.dumps({"model_type": "llava", "architectures": [arch]}))
-        assert checkpoint_family(str(tmp_path / arch)) == family
+        assert family_for_path(str(tmp_path / arch)).name == family
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llava",
                                                                 "architectures": ["LlavaMistralForCausalLM"]}))
-    with pytest.raises(ValueError, match="architecture 'LlavaMistralForCausalLM' is not supported; allowed: "):
-        checkpoint_family(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="architectures LlavaMistralForCausalLM .*: not a supported model family"):
+        family_for_path(str(tmp_path / "other"))
     from llava.eval import runner
 
     args = runner.argparse.Namespace(model_path=path, conv_mode=None)
-    with pytest.raises(ValueError, match="LLaVA-OneVision checkpoint; the runners do not support it yet"):
-        runner.resolve_family_args(args)
+    runner.resolve_family_args(args)
+    assert args.family.name == "llava_onevision" and args.conv_mode == "qwen_1_5"
+    with pytest.raises(ValueError, match="is a LLaVA-OneVision checkpoint: it builds prompts with its own chat "
+                                         "template; drop --conv-mode vicuna_v1"):
+        runner.resolve_family_args(runner.argparse.Namespace(model_path=path, conv_mode="vicuna_v1"))
 
 
 def test_original_config_translation(ov_paths):
@@ -378,66 +385,21 @@ def test_loading_is_strict_and_finds_the_tower(ov, ov_paths, tmp_path):
     raw["mm_vision_tower"] = "google/siglip-so400m-patch14-384-not-cached"
     with open(f"{hub}/config.json", "w", encoding="utf-8") as f:
         json.dump(raw, f)
-    with pytest.raises(OSError, match="download it first .*huggingface-cli download google/siglip"):
+    with pytest.raises(OSError, match="download it .*huggingface-cli download google/siglip"):
         load_pretrained_model(hub, device="cpu")
 
 
-# ------------------------------------------------------------------------------------------ the prune step
-@pytest.mark.parametrize("name", ["pio", "fastv"])
-def test_keep_all_equals_unpruned_and_a_prune_keeps_the_count(ov, name):
-    tok, model, proc = ov["original"]
-    ids, kw = encode(ov["original"], QUESTION, [image(300, 300, seed=4)])
-    layers = (1, 2) if name == "pio" else (2,)
-    cls = get_method(name)
-    with torch.no_grad():
-        base = model(ids, **kw).logits
-        st = PruneState()
-        same = model(ids, **kw, reducer=cls(Schedule(layers, tokens=(5000,) * len(layers))), prune_state=st).logits
-    assert torch.equal(base, same)
-    assert [s.after for s in st.samples[0].stages] == [1485] * len(layers) and not st.stage_masks
-    tokens = (300, 120) if name == "pio" else (200,)
-    st = PruneState()
-    out = model.generate(ids, **kw, reducer=cls(Schedule(layers, tokens=tokens)), prune_state=st, do_sample=False,
-                         max_new_tokens=3, min_new_tokens=3)
-    assert out.shape == (1, 3)
-    rec = st.samples[0]
-    assert rec.n_visual == 1485 and [s.after for s in rec.stages] == list(tokens)
-    assert all(0 <= k < 1485 for k in rec.stages[0].kept) and len(set(rec.stages[0].kept)) == tokens[0]
-
-
-@pytest.mark.parametrize("name", ["pio", "fastv", pytest.param("pdrop", marks=pytest.mark.slow),
-                                  pytest.param("sparsevlm", marks=pytest.mark.slow),
-                                  pytest.param("dart", marks=pytest.mark.slow),
-                                  pytest.param("random", marks=pytest.mark.slow),
-                                  pytest.param("visiondrop", marks=pytest.mark.slow),
-                                  pytest.param("vflowopt", marks=pytest.mark.slow)])
-def test_in_llm_methods_equal_their_naive_reference(ov, name):
-    """The prune step on OneVision's span selects what the method's plain reference selects (float64)."""
-    from tests.test_methods import make, naive_run
-
-    tok, model, proc = ov["original"]
-    model.to(torch.float64)
-    try:
-        ids, kw = encode(ov["original"], "Is there a red circle in the image? Answer yes or no.",
-                         [image(300, 300, seed=6)])
-        views = [v.to(torch.float64) for v in kw["images"]]
-        mm = model.prepare_multimodal_inputs(ids, None, views, kw["image_sizes"])
-        method = make(name, 0)
-        state = PruneState()
-        state.set_inputs(mm.spans, mm.padding_side)
-        model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
-              reducer=method, prune_state=state)
-        ref, _ = naive_run(model, mm.inputs_embeds, mm.spans[0][0], method)
-        assert [st.kept for st in state.samples[0].stages] == ref and len(ref) >= 1
-    finally:
-        model.to(torch.float32)
-
-
+# ------------------------------------------------------------------------------------------ refusals
 def test_refusals(ov):
     tok, model, proc = ov["original"]
     ids, kw = encode(ov["original"], QUESTION, [image(300, 300, seed=4)])
-    with pytest.raises(ValueError, match="encoder-side methods are not available on LLaVA-OneVision yet"):
-        model(ids, **kw, reducer=make_method("divprune", budget=64))
+    with pytest.raises(ValueError, match="^visionzip needs the CLS attention of a vision tower with a CLS token, "
+                                         "which this model's vision tower does not have; encoder-side methods that "
+                                         "run here: divprune, scan, vflowopt_vit$"):
+        model(ids, **kw, reducer=make_method("visionzip", budget=64))
+    big, big_kw = encode(ov["original"], QUESTION, [image(1920, 1080, seed=4)])  # its grid is shrunk
+    with pytest.raises(ValueError, match="^divprune: an image of 1920x1080 has its grid shrunk by anyres_max_9"):
+        model(big, **big_kw, reducer=make_method("divprune", budget=64))
     with pytest.raises(ValueError, match="video inputs are not supported"):
         model(ids, **kw, pixel_values_videos=torch.zeros(1, 2, 3, 384, 384))
     with pytest.raises(ValueError, match="takes a 1 x 1 grid of crops, but it has 4"):

@@ -87,6 +87,7 @@ __all__ = [
 
 ORIGINAL_ARCHITECTURES = ("LlavaQwenForCausalLM",)
 HF_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionForReduction")
+HF_MODEL_TYPES = ("llava_onevision",)  # the converted layout's model_type
 SIGLIP_MEAN = [0.5, 0.5, 0.5]  # LLaVA-NeXT SigLipImageProcessor defaults (siglip_encoder.py line 35)
 SIGLIP_STD = [0.5, 0.5, 0.5]
 
@@ -115,7 +116,7 @@ def checkpoint_layout(raw: dict) -> str:
     archs = raw.get("architectures") or []
     if any(a in ORIGINAL_ARCHITECTURES for a in archs):
         return "original"
-    if any(a in HF_ARCHITECTURES for a in archs) or raw.get("model_type") == "llava_onevision":
+    if any(a in HF_ARCHITECTURES for a in archs) or raw.get("model_type") in HF_MODEL_TYPES:
         return "hf"
     raise ValueError(f"not a LLaVA-OneVision config (architectures {archs}, model_type {raw.get('model_type')!r}); "
                      f"allowed architectures: {', '.join(ORIGINAL_ARCHITECTURES + HF_ARCHITECTURES)}")

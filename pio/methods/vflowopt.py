@@ -137,6 +137,9 @@ class VFlowOptViT(EncoderMethod):
 
     name = "vflowopt_vit"
     needs = frozenset({"features", "attention", "pixels"})
+    # its score reads the encoder's full attention and the patches' pixels, no CLS token (the authors run it on
+    # OneVision's SigLIP); one encoder patch per token, as its pixel entropy is per patch
+    requires = frozenset({"unmerged"})
     source = ("VFlowOpt, ICCV'25, arXiv 2508.05211; github.com/sihany077/VFlowOpt siglip_encoder.py, "
               "llava_qwen_training_free.py, llava_onevision_training_free.py (docs/methods.md)")
     flags = (
