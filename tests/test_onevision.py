@@ -32,7 +32,6 @@ from llava.model.onevision import encode_prompt
 from llava.model.tiny_onevision import main as tiny_main
 from llava.model.tiny_onevision import write_tiny_onevision_checkpoint
 from pio import PruneState, make_method
-from tests.conftest import TINY_SEEDS
 from tests.helpers import image
 
 LAYOUTS = ("original", "hf")
@@ -42,13 +41,12 @@ QUESTION = "What is in the image?"
 
 
 @pytest.fixture(scope="session")
-def ov_paths(tmp_path_factory, tiny_checkpoints) -> dict[str, str]:
-    """Both layouts of one tiny model: the registry's tiny OneVision (original layout, seed 3) and its converted
-    twin."""
+def ov_paths(tmp_path_factory) -> dict[str, str]:
+    """Both layouts of one tiny model with the real geometry (14-px patches; seed 3). The registry's tiny
+    OneVision (tests/conftest.py) has 48-px patches, so the suites over every method stay fast."""
     root = tmp_path_factory.mktemp("onevision")
-    seed = TINY_SEEDS["llava-onevision"]
-    return {"original": tiny_checkpoints["llava-onevision"],
-            "hf": str(write_tiny_onevision_checkpoint(root / "llava-onevision-tiny-hf", "hf", seed=seed))}
+    return {layout: str(write_tiny_onevision_checkpoint(root / f"llava-onevision-tiny-{layout}", layout, seed=3))
+            for layout in LAYOUTS}
 
 
 @pytest.fixture(scope="module")

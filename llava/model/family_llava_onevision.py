@@ -29,6 +29,7 @@ from pio.encoder import TowerTraits
 from .families import Family, Shape, register_family
 
 ONEVISION_CONV_MODES = ("qwen_1_5", "qwen_2")  # LLaVA-NeXT's conv_qwen under both names
+TINY_PATCH = 48  # the tiny checkpoint's patch side: 8 x 8 tokens per 384-px view (the real 14: 27 x 27)
 SYSTEM_PREFIX = 14  # Qwen2 tokens of the qwen_1_5 prompt before the first image (iLLaVA's image start index)
 
 
@@ -198,9 +199,11 @@ class LlavaOnevisionFamily(Family):
     def write_tiny(self, out_dir: str | os.PathLike, variant: str | None = None, seed: int = 0, layers: int = 4,
                    hidden: int | None = None, **overrides: Any) -> Path:
         """:func:`llava.model.tiny_onevision.write_tiny_onevision_checkpoint`; ``layout="hf"`` among the
-        overrides writes the converted layout (default: the original)."""
+        overrides writes the converted layout (default: the original). Its views have 48-px patches (8 x 8 tokens,
+        :data:`TINY_PATCH`) unless ``patch_size`` says otherwise: the registry's suites run every method on it."""
         from .tiny_onevision import write_tiny_onevision_checkpoint
 
         self._variant(variant)
+        overrides.setdefault("patch_size", TINY_PATCH)
         return write_tiny_onevision_checkpoint(out_dir, overrides.pop("layout", "original"), seed=seed, layers=layers,
                                                hidden=hidden or 64, **overrides)

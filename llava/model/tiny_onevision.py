@@ -137,11 +137,11 @@ def _text_config(vocab: int, ids: dict[str, int], layers: int, hidden: int, tie:
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
 
 
-def _random_model(seed: int, text: dict, tower_layers: int) -> LlavaOnevisionForConditionalGeneration:
+def _random_model(seed: int, text: dict, tower_layers: int, vision: dict) -> LlavaOnevisionForConditionalGeneration:
     """The random model both layouts store (its tower: ``tower_layers - 1`` layers, as LLaVA-OneVision keeps)."""
     config = LlavaOnevisionConfig(
         text_config=dict(text, model_type="qwen2"),
-        vision_config=dict(VISION, model_type="siglip_vision_model", num_hidden_layers=tower_layers - 1,
+        vision_config=dict(vision, model_type="siglip_vision_model", num_hidden_layers=tower_layers - 1,
                            vision_use_head=False),
         image_token_index=IMAGE_TOKEN_INDEX, vision_feature_layer=-1, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=[list(p) for p in PINPOINTS],
@@ -150,13 +150,14 @@ def _random_model(seed: int, text: dict, tower_layers: int) -> LlavaOnevisionFor
     return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
-def _write_tower(out: Path, model: LlavaOnevisionForConditionalGeneration, seed: int, tower_layers: int) -> None:
+def _write_tower(out: Path, model: LlavaOnevisionForConditionalGeneration, seed: int, tower_layers: int,
+                 vision: dict) -> None:
     """A whole tiny SigLIP (text + vision) whose vision part starts with the model's tower; its last layer and
     head are its own."""
     torch.manual_seed(seed + 1)
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=16)
-    siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=dict(VISION, num_hidden_layers=tower_layers)))
+    siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=dict(vision, num_hidden_layers=tower_layers)))
     own = siglip.vision_model.state_dict()
     own.update(model.model.vision_tower.vision_model.state_dict())  # embeddings, the first N - 1 layers, final norm
     siglip.vision_model.load_state_dict(own)
@@ -214,6 +215,7 @@ def write_tiny_onevision_checkpoint(
     tower_layers: int = 3,
     tie: bool = False,
     bpe_size: int = DEFAULT_BPE_SIZE,
+    patch_size: int = PATCH_SIZE,
 ) -> Path:
     """Write the checkpoint directory and return its path.
 
@@ -226,6 +228,8 @@ def write_tiny_onevision_checkpoint(
         tower_layers: the SigLIP tower's layers; the checkpoint keeps all but the last, as OneVision does.
         tie: tie the LM head to the embeddings (as the 0.5B model; the 7B does not).
         bpe_size: BPE vocabulary before the added tokens.
+        patch_size: the tower's patch side in pixels (14, the real one: 27 x 27 tokens per 384-px view; a larger
+            one gives fewer tokens per view with the same views, grids and ``anyres_max_9`` rule, e.g. 48: 8 x 8).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
@@ -236,11 +240,14 @@ def write_tiny_onevision_checkpoint(
     n_tokens = min(ids.values()) + len(QWEN2_TOKENS)  # the original tokenizer's size
     vocab = _round_up(n_tokens)
     text = _text_config(vocab, ids, layers, hidden, tie)
-    model = _random_model(seed, text, tower_layers)
+    if IMAGE_SIZE % patch_size:
+        raise ValueError(f"patch_size must divide the {IMAGE_SIZE}-px view, got {patch_size}")
+    vision = dict(VISION, patch_size=patch_size)
+    model = _random_model(seed, text, tower_layers, vision)
     state = model.state_dict()
     if layout == "original":
         save_file(_original_weights(state, tie), str(out / "model.safetensors"), metadata={"format": "pt"})
-        _write_tower(out / "vision_tower", model, seed, tower_layers)
+        _write_tower(out / "vision_tower", model, seed, tower_layers, vision)
         _write_json(out / "config.json", dict(
             text, architectures=["LlavaQwenForCausalLM"], model_type="llava", torch_dtype="float32",
             transformers_version=transformers.__version__,
@@ -266,7 +273,7 @@ def write_tiny_onevision_checkpoint(
             size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=[list(p) for p in PINPOINTS],
             resample=3, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, do_pad=True, do_convert_rgb=True,
         ).save_pretrained(out)
-        side = IMAGE_SIZE // PATCH_SIZE
+        side = IMAGE_SIZE // patch_size
         _write_json(out / "processor_config.json", {"num_image_tokens": side * side,
                                                     "processor_class": "LlavaOnevisionProcessor",
                                                     "vision_feature_select_strategy": "full"})
@@ -284,9 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
     p.add_argument("--hidden", type=int, default=64, help="hidden size of the language model")
     p.add_argument("--tie", action="store_true", help="tie the LM head to the embeddings (as the 0.5B model)")
+    p.add_argument("--patch-size", type=int, default=PATCH_SIZE,
+                   help="the tower's patch side (14: the real 27 x 27 tokens per view; 48: 8 x 8)")
     args = p.parse_args(argv)
     path = write_tiny_onevision_checkpoint(args.out, args.layout, seed=args.seed, layers=args.layers,
-                                           hidden=args.hidden, tie=args.tie)
+                                           hidden=args.hidden, tie=args.tie, patch_size=args.patch_size)
     print(f"tiny LLaVA-OneVision checkpoint ({args.layout} layout) written to {path}")
 
 
