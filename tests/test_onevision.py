@@ -32,6 +32,7 @@ from llava.model.onevision import encode_prompt
 from llava.model.tiny_onevision import main as tiny_main
 from llava.model.tiny_onevision import write_tiny_onevision_checkpoint
 from pio import PruneState, make_method
+from pio.registry import get_method
 from tests.helpers import image
 
 LAYOUTS = ("original", "hf")
@@ -426,3 +427,77 @@ def test_writer_is_deterministic_and_complete(ov_paths, tmp_path, capsys):
                                                "image_newline"}
     with pytest.raises(ValueError, match="unknown layout 'next'; allowed: original, hf"):
         write_tiny_onevision_checkpoint(tmp_path / "x", "next")
+
+
+# ------------------------------------------------------------------------------------------ methods' OneVision defaults
+@pytest.fixture(scope="module")
+def deep_ov(tmp_path_factory) -> str:
+    """A tiny OneVision with the 7B model's 28 decoder layers (48-px patches: 8 x 8 tokens per view)."""
+    from llava.model.families import get_family
+
+    return str(get_family("llava_onevision").write_tiny(tmp_path_factory.mktemp("ckpt") / "ov-tiny-28", seed=5,
+                                                        layers=28))
+
+
+def test_methods_take_the_same_share_of_depth():
+    """Where the authors publish nothing for OneVision, a method's layers are LLaVA's at the same share of the
+    28-layer decoder; VFlowOpt keeps its own (9, 18)."""
+    from pio.budget import same_share_of_depth
+
+    assert same_share_of_depth((1, 10, 15), 28) == (1, 9, 13) and same_share_of_depth((1, 2, 3), 3, 32) == (1, 2, 3)
+    want = {"pio": (1, 9, 13), "fastv": (2,), "pdrop": (2, 7, 14, 21), "sparsevlm": (3, 6, 14), "dart": (2,),
+            "random": (1, 9, 13), "visiondrop": (7, 14, 21), "vflowopt": (9, 18)}
+    family = get_family("llava_onevision")
+    assert {n: get_method(n).defaults(family)["layers"] for n in want} == want
+    assert get_method("pio").defaults(family)["ve_layers"] == (14,)
+
+
+def test_vflowopt_published_strategy_is_the_preset(deep_ov):
+    """``--method vflowopt_vit+vflowopt --budget B`` on OneVision is the authors' strategy: at 57.6 / 144 / 288 (10,
+    25, 50 % of 576) their ViT layer, t, m and kept share and their LLM layers and ratios, averaging B/576 of the
+    visual tokens over the 28 layers; it runs on a 28-layer tiny OneVision. On LLaVA the generic w/ VE rule holds."""
+    from pio.build import build_reducer
+    from pio.methods.vflowopt import ONEVISION_STRATEGIES
+
+    for budget, s in zip((57.6, 144, 288), ONEVISION_STRATEGIES, strict=True):
+        pipe = build_reducer("vflowopt_vit+vflowopt", {"budget": budget}, family="llava_onevision")
+        assert (pipe.pre.t, pipe.pre.m, pipe.pre.layer, pipe.pre.alpha) == (s.t, s.m, -1, 0.0)
+        assert pipe.pre.tokens == round(s.r * 576)
+        assert pipe.llm.layers == (9, 18) and pipe.llm.schedule.ratios == s.llm_ratios
+        assert s.r * s.average(28) == pytest.approx(s.share, abs=0.001)
+    assert build_reducer("vflowopt_vit+vflowopt", {"budget": 64}, family="llava").pre.layer == -2
+    tok, model, proc, _ = load_pretrained_model(deep_ov, device="cpu", torch_dtype="float32")
+    family = get_family("llava_onevision")
+    ids, views, sizes = family.encode(chat_prompt("<image>\n" + QUESTION, "qwen_1_5"), [image(500, 400, seed=2)],
+                                      tok, proc, model.config)
+    st = PruneState()
+    reducer = build_reducer("vflowopt_vit+vflowopt", {"budget": 144}, family="llava_onevision")
+    out = model.generate(ids, images=views, image_sizes=sizes, reducer=reducer, prune_state=st, do_sample=False,
+                         max_new_tokens=2, min_new_tokens=2)
+    rec = st.samples[0]
+    assert out.shape == (1, 2) and rec.n_encoder > rec.n_visual and len(rec.stages) == 2
+
+
+@pytest.mark.slow
+def test_tune_vflowopt_strategy_on_onevision(deep_ov, tmp_path):
+    """``llava.eval.tune --strategy vflowopt`` on a 28-layer tiny OneVision: PIO's OneVision layers kept, the
+    budget met."""
+    from llava.eval import tune
+    from pio.schedule import average_visual_tokens
+
+    root = tmp_path / "calib"
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(4):
+        image(*[(400, 300), (300, 420)][i % 2], seed=20 + i).save(root / "images" / f"c{i}.png")
+        lines.append({"question_id": i, "image": f"c{i}.png", "text": f"What is at place {i}?"})
+    (root / "calib.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = tune.build_parser().parse_args([
+        "--model-path", deep_ov, "--question-file", str(root / "calib.jsonl"), "--image-folder", str(root / "images"),
+        "--out", str(tmp_path / "ov.json"), "--device", "cpu", "--answer-tokens", "2", "--method", "pio",
+        "--budget", "64", "--trials", "4", "--strategy", "vflowopt", "--objective", "cosine"])
+    tok, model, proc, _ = load_pretrained_model(deep_ov, device="cpu", torch_dtype="float32")
+    out = tune.run(args, (tok, model, proc, "ov-tiny-28"))
+    found = out["report"]["found"]
+    assert found["layers"] == out["report"]["default"]["layers"] == [1, 9, 13]
+    assert average_visual_tokens(576, found["layers"], found["tokens_at_576"], 28) == pytest.approx(64.0)
