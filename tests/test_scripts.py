@@ -19,11 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 COMMON = SCRIPTS / "common.sh"
 BENCHES = ("gqa", "mme", "pope", "textvqa", "sqa", "mmbench", "mmbench_cn", "vqav2")
-FOLDERS = ("v1_5", "next", "qwen2_5_vl")  # scripts/<folder>/eval/*.sh, the user-facing names
-FOLDER_VARIANT = {"v1_5": "llava-v1.5", "next": "llava-v1.6", "qwen2_5_vl": "qwen2_5_vl"}  # the model family variant
+FOLDERS = ("v1_5", "next", "qwen2_5_vl", "onevision")  # scripts/<folder>/eval/*.sh, the user-facing names
+FOLDER_VARIANT = {"v1_5": "llava-v1.5", "next": "llava-v1.6", "qwen2_5_vl": "qwen2_5_vl",
+                  "onevision": "llava-onevision"}  # the model family variant
 DEFAULT_MODELS = {"v1_5": "liuhaotian/llava-v1.5-7b", "next": "liuhaotian/llava-v1.6-vicuna-7b",
-                  "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
-CONV_MODES = {"v1_5": "vicuna_v1", "next": "vicuna_v1", "qwen2_5_vl": "qwen2_5_vl"}
+                  "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct", "onevision": "lmms-lab/llava-onevision-qwen2-7b-ov"}
+CONV_MODES = {"v1_5": "vicuna_v1", "next": "vicuna_v1", "qwen2_5_vl": "qwen2_5_vl", "onevision": "qwen_1_5"}
+SLOW_FOLDERS = {"onevision"}  # its end-to-end runs are in the slow suite (the registry suite covers it fast)
+
+
+def e2e_params(cases):
+    """``cases`` (a folder first in each) for the end-to-end tests, those of :data:`SLOW_FOLDERS` marked slow."""
+    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] in SLOW_FOLDERS else c for c in cases]
 ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FOLDERS for b in BENCHES]
 CUSTOM = "--pio-layers 1,10,15 --pio-tokens 92,54,22"
 
@@ -409,8 +416,7 @@ def _skip_without_runners(bench: str) -> None:
         pytest.skip(f"waiting for {', '.join(missing)} (the end-to-end run turns on once they exist)")
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("folder,bench", e2e_params([(f, b) for f in FOLDERS for b in BENCHES]))
 def test_end_to_end(bench, folder, tiny_ckpts, mini_data):
     _skip_without_runners(bench)
     _, data_dir, key, chunked = BENCH_INFO[bench]
@@ -531,7 +537,7 @@ def run_method_e2e(folder: str, bench: str, method: str, ckpt: Path, data: Path)
     return res
 
 
-@pytest.mark.parametrize("folder,bench,method", ROTATION)
+@pytest.mark.parametrize("folder,bench,method", e2e_params(ROTATION))
 def test_end_to_end_with_method(folder, bench, method, tiny_ckpts, mini_data):
     run_method_e2e(folder, bench, method, tiny_ckpts[folder], mini_data)
 
