@@ -55,7 +55,7 @@ class LlavaOnevisionFamily(Family):
                    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                                image_size=384, patch_size=14)), (640, 480)),
         Shape("onevision-tiny", "llava-onevision",
-              dict(hidden=64, intermediate=176, layers=4, heads=4, kv_heads=2, vocab=1024,
+              dict(hidden=64, intermediate=176, layers=28, heads=4, kv_heads=2, vocab=1024,  # 7B depth
                    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=384, patch_size=14)), (640, 480)),
     )
