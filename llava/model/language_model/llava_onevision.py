@@ -17,8 +17,10 @@ rotary embedding, norm and head are transformers' own, so both checkpoint layout
    converted checkpoints' processor expands (one per visual token), with each image's span recorded, so a
    reduction method sees exactly the visual tokens (base view, grid and its newlines).
 
-The decoder is Qwen2 with 1-D rotary positions, contiguous over the valid tokens, as in LLaVA:
-:class:`llava.model.pruning.LlamaAdapter` serves it unchanged. Image sizes are ``(height, width)`` and
+The forward and ``generate`` are the ones every family shares (:class:`~llava.model.reducible.ReducibleLM`). The
+decoder is Qwen2 with 1-D rotary positions, contiguous over the valid tokens, as in LLaVA:
+:class:`llava.model.pruning.LlamaAdapter` serves it unchanged. An encoder-side method selects per view through
+:class:`SiglipCrops` (no CLS token) and its kept patches are laid out by :func:`onevision_image_layout`. Image sizes are ``(height, width)`` and
 ``image_grid_pinpoints`` ``(height, width)`` canvases, transformers' convention (LLaVA-1.5/NeXT here use
 ``(width, height)``).
 
