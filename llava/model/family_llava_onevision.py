@@ -5,7 +5,8 @@ Checkpoints: the original ``lmms-lab/llava-onevision-qwen2-{0.5b,7b}-ov`` (``arc
 LLaVA-1.5) and the converted ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` (``LlavaOnevisionForConditionalGeneration``,
 ``model_type llava_onevision``); :mod:`llava.model.onevision` loads both. One variant, ``llava-onevision``: its
 tiny checkpoint is written in the original layout (``write_tiny(..., layout="hf")`` or ``python -m
-llava.model.tiny_onevision --layout hf`` for the converted one); both layouts make the same model.
+llava.model.tiny_onevision --layout hf`` for the converted one; both layouts make the same model) with 48-px
+patches (8 x 8 tokens per view, so the registry's suites stay fast; ``patch_size=14`` is the real geometry).
 
 An image is its base view (27 x 27 tokens at 384 px), then its ``anyres_max_9`` grid, unpadded, shrunk when
 larger than nine crops, with a newline after every row (a question with several images: one padded view each,
@@ -112,7 +113,7 @@ class LlavaOnevisionFamily(Family):
         from llava.mm_utils import _fit_size
 
         from .family_llava import _cells
-        from .language_model.llava_onevision import grid_shape
+        from .language_model.llava_onevision import grid_shape, onevision_image_layout
         from .layout import CropView, ImageViews
 
         crop = config.vision_config.image_size
@@ -132,8 +133,6 @@ class LlavaOnevisionFamily(Family):
             return np.where(inside, ids, -1)
 
         note = ""
-        from .language_model.llava_onevision import onevision_image_layout
-
         if onevision_image_layout(config, 1 + rows * cols, (h, w))[1]:
             note = f"grid shrunk by {config.vision_aspect_ratio}: each token drawn at its nearest crop patch"
         return ImageViews(image, [CropView("base view", (0,), lambda x, y: _cells(x * crop / w, y * crop / h, side,
