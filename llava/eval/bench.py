@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         family.check_method(m)
         m.validate(family.decoder_depth(model.config))
     ids, pixels, sizes = synthetic_input(model, proc, size)
-    pixels = [p.to(device, dtype) for p in pixels] if isinstance(pixels, list) else pixels.to(device, dtype)  # per-image views (OneVision)
+    pixels = runner.to_model(pixels, model)  # a tensor, or per-image views (LLaVA-OneVision)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
     runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
