@@ -240,8 +240,8 @@ def write_tiny_onevision_checkpoint(
     n_tokens = min(ids.values()) + len(QWEN2_TOKENS)  # the original tokenizer's size
     vocab = _round_up(n_tokens)
     text = _text_config(vocab, ids, layers, hidden, tie)
-    if IMAGE_SIZE % patch_size:
-        raise ValueError(f"patch_size must divide the {IMAGE_SIZE}-px view, got {patch_size}")
+    if not 0 < patch_size <= IMAGE_SIZE:  # SigLIP's convolution drops the remainder: 384 // 14 = 27 tokens a side
+        raise ValueError(f"patch_size must be in [1, {IMAGE_SIZE}] (the view's side in pixels), got {patch_size}")
     vision = dict(VISION, patch_size=patch_size)
     model = _random_model(seed, text, tower_layers, vision)
     state = model.state_dict()
