@@ -92,6 +92,8 @@ class Family:
         method_options: what every reduction method takes on it (:class:`pio.family.ModelFamily`).
         tower: its vision tower's capability flags (:class:`pio.encoder.TowerTraits`).
         shapes: its named benchmark shapes (:class:`Shape`).
+        video_rule: the frame sampling rule of :mod:`llava.video` its videos are read with (``"qwen"``), or None
+            when the family takes no video (:meth:`encode_video` refuses).
     """
 
     name: ClassVar[str]
@@ -107,6 +109,7 @@ class Family:
     method_options: ClassVar[Mapping[str, Any]] = {}
     tower: ClassVar[TowerTraits]
     shapes: ClassVar[tuple[Shape, ...]] = ()
+    video_rule: ClassVar[str | None] = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -161,6 +164,20 @@ class Family:
         marks (already counted against ``images``) stand for ``images`` (PIL, in order), what ``generate`` and
         ``forward`` take as ``images`` / ``image_sizes``."""
         raise NotImplementedError
+
+    def encode_video(self, prompt: str, frames: np.ndarray, sample_fps: float, tokenizer: Any, processor: Any,
+                     config: Any) -> tuple[torch.Tensor, Any, Any]:
+        """``(input_ids (1, T), visual inputs, None)`` of a templated ``prompt`` whose one ``<video>`` mark stands
+        for ``frames`` (uint8 RGB (F, H, W, 3), sampled by :attr:`video_rule` at ``sample_fps`` frames per second),
+        what ``generate`` takes as ``images``. A family without video refuses in one line."""
+        self.check_video()
+        raise NotImplementedError
+
+    def check_video(self) -> None:
+        """Refuse, in one line, video input to a family that takes none (:attr:`video_rule` None)."""
+        if self.video_rule is None:
+            able = ", ".join(f.title for f in families() if f.video_rule) or "none"
+            raise ValueError(f"{self.title} takes no video input in this codebase (families with video: {able})")
 
     # -- the language model -----------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
