@@ -231,6 +231,14 @@ class Family:
         system-prompt-long prefix, as ``generate`` takes them."""
         raise NotImplementedError
 
+    def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:
+        """``(ids, visual inputs, None)``: ``n_text`` random text ids with a synthetic video of ``n_frames`` frames of
+        ``size`` (width, height) read by the family's rule (``llava.eval.bench --video-frames``); a family without
+        video refuses in one line."""
+        self.check_video()
+        raise NotImplementedError
+
     def bench_image_size(self, config: Any) -> tuple[int, int]:
         """The synthetic image's (width, height) for a real checkpoint (a typical benchmark photo)."""
         return (640, 480)

@@ -222,6 +222,28 @@ class Qwen2_5_VLFamily(Family):
         ids = [*text[:34], *image_ids, *text[34:]]
         return torch.tensor([ids]), out["pixel_values"], out["image_grid_thw"]
 
+    def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:
+        """Frames as qwen-vl-utils reads a ``size`` video at its defaults (``num_frames = n_frames``, each frame
+        resized to ``qwen_frame_size``), one second per frame pair (2 frames per second); the video after a
+        system-prompt-long prefix."""
+        from llava.video import VideoSampling, qwen_frame_size, qwen_video_inputs
+
+        from .language_model.qwen2_5_vl import QwenVisual
+
+        w, h = size
+        fh, fw = qwen_frame_size(h, w, n_frames, VideoSampling(num_frames=n_frames))
+        yy, xx = np.mgrid[0:fh, 0:fw]
+        frames = np.stack([np.stack([(xx + 4 * k) % 256, yy % 256, rng.integers(0, 256, size=(fh, fw))], -1)
+                           for k in range(n_frames)]).astype(np.uint8)  # (F, H, W, 3), a pattern moving right
+        inputs = qwen_video_inputs(frames, processor, sample_fps=2.0)
+        cfg = model.config
+        n = int(inputs["video_grid_thw"].prod()) // processor.merge_size**2
+        special = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id)
+        text = rng.integers(3, special, size=n_text - 1).tolist()
+        ids = [*text[:34], cfg.vision_start_token_id, *[cfg.video_token_id] * n, cfg.vision_end_token_id, *text[34:]]
+        return torch.tensor([ids]), QwenVisual(**inputs), None
+
     def write_tiny(self, out_dir: str | os.PathLike, variant: str | None = None, seed: int = 0, layers: int = 4,
                    hidden: int | None = None, **overrides: Any) -> Path:
         from .tiny_qwen import write_tiny_qwen_checkpoint
