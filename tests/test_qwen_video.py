@@ -219,3 +219,41 @@ def test_bench_on_a_video_shape():
     with pytest.raises(ValueError, match="LLaVA takes no video input"):
         bench.main(["--shape", "tiny", "--video-frames", "4", "--method", "fastv", "--budget", "64", "--device",
                     "cpu"])
+
+
+# ------------------------------------------------------------------------------------------ visualize on video
+def test_visualize_draws_kept_tokens_on_a_strip_of_frames(tiny_qwen, qwen, tmp_path):
+    """Every token's cell centre (worked out here from the strip's arrangement: one tile per frame pair, left to
+    right) is lit in a panel exactly when that panel's stage kept the token."""
+    import numpy as np
+
+    from llava.eval import visualize
+
+    path = encode_video(tmp_path / "clip.mp4", moving_frames(6, (64, 48), seed=5), fps=2)
+    flags = ["--model-path", tiny_qwen, "--device", "cpu", "--video-file", str(path), "--num-frames", "6",
+             "--video-min-pixels", "12544", "--video-max-pixels", "12544", "--methods", "pio@1/2,fastv@1",
+             "--budget", "288", "--out", str(tmp_path / "fig.png")]
+    args = visualize.build_parser().parse_args(flags)
+    fig = visualize.make_figure(args, loaded=(*qwen, "qwen"))
+    steps, rows, cols = 3, 112 // 28, 140 // 28  # 6 frames -> 3 pairs of 112x140 frames (12544 pixels, raised)
+    fw, fh, gap = 140, 112, visualize.STRIP_GAP
+    W = steps * fw + (steps - 1) * gap
+    dw, dh = fig.size
+    pixels = np.asarray(fig.image).astype(int)
+    assert len(fig.panels) == 3 and {p.method for p in fig.panels} == {"pio", "fastv"}
+    for panel in fig.panels:
+        kept = set(panel.stage.kept.tolist())
+        assert 0 < len(kept) < steps * rows * cols
+        for k in range(steps):
+            for r in range(rows):
+                for c in range(cols):
+                    x = (k * (fw + gap) + (c + 0.5) * fw / cols) * dw / W
+                    y = (r + 0.5) * fh / rows * dh / fh
+                    ox, oy = panel.origin
+                    lit = pixels[oy + int(y), ox + int(x)]
+                    ref = pixels[fig.input_origin[1] + int(y), fig.input_origin[0] + int(x)]
+                    pos = k * rows * cols + r * cols + c
+                    if pos in kept:
+                        assert (lit == ref).all(), (panel.method, pos)
+                    elif ref.sum() > 40:
+                        assert lit.sum() < ref.sum(), (panel.method, pos)

@@ -173,6 +173,13 @@ class Family:
         self.check_video()
         raise NotImplementedError
 
+    def video_grid(self, processor: Any, frames: np.ndarray) -> tuple[int, int, int]:
+        """``(steps, rows, cols)`` of a video's tokens (``frames``: the sampled frames (F, H, W, 3) as the family
+        reads them): its tokens are ``steps`` row-major ``rows x cols`` maps in time order, step ``k`` showing
+        frames ``k * F / steps`` onwards (for pictures of kept tokens)."""
+        self.check_video()
+        raise NotImplementedError
+
     def check_video(self) -> None:
         """Refuse, in one line, video input to a family that takes none (:attr:`video_rule` None)."""
         if self.video_rule is None:

@@ -222,6 +222,13 @@ class Qwen2_5_VLFamily(Family):
         ids = [*text[:34], *image_ids, *text[34:]]
         return torch.tensor([ids]), out["pixel_values"], out["image_grid_thw"]
 
+    def video_grid(self, processor: Any, frames: np.ndarray) -> tuple[int, int, int]:
+        """One step per temporal patch (``temporal_patch_size`` frames, an odd last frame repeated), its merged
+        ``merge x merge`` patches row-major (the order of ``qwen_video_inputs``)."""
+        tp, cell = int(processor.temporal_patch_size), int(processor.patch_size) * int(processor.merge_size)
+        n, h, w = frames.shape[:3]
+        return -(-n // tp), h // cell, w // cell
+
     def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
                         rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:
         """Frames as qwen-vl-utils reads a ``size`` video at its defaults (``num_frames = n_frames``, each frame
