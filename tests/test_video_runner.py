@@ -74,7 +74,7 @@ def test_video_runner_answers_resumes_and_scores(tiny_qwen, vmme, tmp_path):
 def test_video_runner_refusals(tiny_v15, tiny_qwen, vmme, tmp_path):
     with pytest.raises(ValueError, match="^LLaVA takes no video input in this codebase"):
         run(tiny_v15, vmme, tmp_path, "--conv-mode", "vicuna_v1")
-    with pytest.raises(ValueError, match="^divprune is an encoder-side method, which runs on Qwen2.5-VL's images"):
+    with pytest.raises(ValueError, match="^divprune is an encoder-side method, which runs on images only"):
         run(tiny_qwen, vmme, tmp_path, "--method", "divprune", "--budget", "64")
     bad = tmp_path / "q.jsonl"
     bad.write_text(json.dumps({"question_id": "x", "video": "data/none.mp4", "text": "?"}) + "\n")

@@ -49,6 +49,17 @@ def video_sampling(args: argparse.Namespace) -> VideoSampling:
     return VideoSampling.from_args(args, args.family.video_rule)
 
 
+def check_video_method(args: argparse.Namespace) -> None:
+    """Refuse an encoder-side method (alone or in a composition) before any video is read: they act on images."""
+    from pio.cli import method_from_args
+    from pio.encoder import split_reducer
+
+    pre, _ = split_reducer(method_from_args(args))
+    if pre is not None:
+        raise ValueError(f"{pre.name} is an encoder-side method, which runs on images only; for videos use a method "
+                         "inside the language model (e.g. pio, fastv)")
+
+
 def prepare(args: argparse.Namespace, sampling: VideoSampling, item: runner.Question, tokenizer, processor,
             config) -> runner.Prepared:
     """Frames, prompt and visual inputs of one question (in a DataLoader worker)."""
@@ -65,6 +76,7 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
     sampling = video_sampling(args)
+    check_video_method(args)
     items, total = read_questions(args)
     options = {"runner": "model_video_qa", "video_folder": os.path.abspath(args.video_folder),
                "video_sampling": sampling.record()}
