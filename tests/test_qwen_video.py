@@ -207,15 +207,17 @@ def test_bench_on_a_video_shape():
     from pio.flops import qwen_vision_flops
 
     result = bench.main(["--shape", "qwen-tiny", "--video-frames", "4", "--video-size", "64x48", "--methods",
-                         "pio,fastv", "--budget", "288", "--layers", "1", "--repeats", "1", "--warmup", "0",
+                         "pio,fastv", "--budget", "288,216", "--layers", "1", "--repeats", "1", "--warmup", "0",
                          "--max-new-tokens", "2", "--device", "cpu", "--no-calibrate"])
-    base, pio, fastv = result["rows"]
+    base, pio, fastv, pio_half, fastv_half = result["rows"]  # each method at 288, then at 216 (of 576)
     grid = [2, 280 // 14, 392 // 14]  # 64x48 raised to Qwen's 128*28*28 minimum: 280x392, two frame pairs
     n = grid[0] * grid[1] * grid[2] // 4
     # half of 576 averaged over 4 layers, pruning after layer 1: (1 + 3 x) / 4 = 1 / 2, a third of the video kept
     assert base["visual_per_stage"] == [n] and pio["visual_per_stage"] == fastv["visual_per_stage"] == [n, n // 3]
     assert base["flops_vision"] == qwen_vision_flops([grid], 32, 64, 4, 64, [1, 3], 14, 2, 2, 56)["total"]
-    assert pio["kv_mb"] < base["kv_mb"] and result["input"] == {"video_frames": 4, "video_size": "64x48"}
+    assert pio_half["visual_per_stage"] == fastv_half["visual_per_stage"]  # (1 + 3 x) / 4 = 3 / 8: a sixth kept
+    assert pio_half["visual_per_stage"][1] in (n // 6, n // 6 + 1)
+    assert pio_half["kv_mb"] < pio["kv_mb"] < base["kv_mb"] and result["input"] == {"video_frames": 4, "video_size": "64x48"}
     with pytest.raises(ValueError, match="LLaVA takes no video input"):
         bench.main(["--shape", "tiny", "--video-frames", "4", "--method", "fastv", "--budget", "64", "--device",
                     "cpu"])

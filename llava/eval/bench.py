@@ -125,10 +125,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         if names == ["all"]:
             names = method_names()
         out = []
-        for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
-            in_llm = "+" in n or get_method(n).where == "llm"
-            options = {"budget": args.budget, "layers": args.layers if in_llm else None}
-            out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
+        for budget in [b.strip() for b in str(args.budget).split(",") if b.strip()]:  # 64,144: each at both
+            for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
+                in_llm = "+" in n or get_method(n).where == "llm"
+                options = {"budget": budget, "layers": args.layers if in_llm else None}
+                out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
         return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
@@ -329,8 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "640x360)")
     p.add_argument("--json", default=None, help="write all figures and the machine description here")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all); "
-                        "--layers, if given, moves every method's stages")
+                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all; "
+                        "--budget 64,144 runs each at both); --layers, if given, moves every method's stages")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="skip timing the decoder layer at each realised length (the calibrated ideal)")
     add_method_args(p)
