@@ -4,9 +4,11 @@
         --budget 64
     python -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --pio-layers 1,10,15 --pio-tokens 92,54,22
     python -m llava.eval.bench --model-path liuhaotian/llava-v1.5-7b --method fastv --budget 128 --json out.json
+    python -m llava.eval.bench --shape qwen2.5-vl-7b --dtype bfloat16 --video-frames 32 --methods pio,fastv --budget 64
 
 A model comes from ``--model-path`` or from a named shape with random weights (same compute, no download).
-One synthetic input (an image and ~60 text tokens, like a benchmark prompt) is answered by every run for
+One synthetic input (an image, or with ``--video-frames`` a video, and ~60 text tokens, like a benchmark prompt;
+budgets are the same share of a video's tokens as of an image's) is answered by every run for
 ``--repeats`` rounds; the table gives medians: the measured prefill speedup, two ideals, decode time per token,
 FLOPs (exact and FastV's convention), KV cache and the selection overhead (everything the method computes to
 choose, plus the gather).
@@ -80,6 +82,25 @@ def synthetic_input(model, proc, size: tuple[int, int], n_text: int = 60, seed: 
     return family_of(model.config).synthetic_input(model, proc, img, n_text, rng)
 
 
+def synthetic_video(model, proc, size: tuple[int, int], n_frames: int, n_text: int = 60, seed: int = 0):
+    """``(ids, visual inputs, None)``: a synthetic ``size`` (width, height) video of ``n_frames`` frames, read and
+    encoded as the model's family reads videos, after a system-prompt-long prefix of random text ids."""
+    from llava.model.families import family_of
+
+    return family_of(model.config).synthetic_video(model, proc, size, n_frames, n_text, np.random.default_rng(seed))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x360"`` -> (640, 360); anything else raises naming the format."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--video-size {text!r}: give WIDTHxHEIGHT, e.g. 640x360") from None
+    if w < 1 or h < 1:
+        raise ValueError(f"--video-size {text!r}: width and height must be positive")
+    return w, h
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
@@ -104,10 +125,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         if names == ["all"]:
             names = method_names()
         out = []
-        for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
-            in_llm = "+" in n or get_method(n).where == "llm"
-            options = {"budget": args.budget, "layers": args.layers if in_llm else None}
-            out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
+        for budget in [b.strip() for b in str(args.budget).split(",") if b.strip()]:  # 64,144: each at both
+            for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
+                in_llm = "+" in n or get_method(n).where == "llm"
+                options = {"budget": budget, "layers": args.layers if in_llm else None}
+                out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
         return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
@@ -151,6 +173,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     methods = methods_from_args(args)  # fail on bad flags before building the model
     family = run_family(args)
+    if args.video_frames is not None:
+        family.check_video()
+        if args.video_frames < 2:
+            raise ValueError(f"--video-frames must be at least 2, got {args.video_frames}")
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -168,7 +194,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for m in methods:
         family.check_method(m)
         m.validate(family.decoder_depth(model.config))
-    ids, pixels, sizes = synthetic_input(model, proc, size)
+    if args.video_frames is not None:
+        ids, pixels, sizes = synthetic_video(model, proc, parse_size(args.video_size), args.video_frames)
+    else:
+        ids, pixels, sizes = synthetic_input(model, proc, size)
     pixels = pixels.to(device, dtype)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
     runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
@@ -240,7 +269,9 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
             row["ideal_speedup_calibrated"] = base["calibrated_prefill_s"] / row["calibrated_prefill_s"]
             row["speedup_vs_calibrated"] = row["speedup"] / row["ideal_speedup_calibrated"]
         rows.append(row)
+    video = getattr(args, "video_frames", None)
     return {"machine": info, "shape": args.shape, "model_path": args.model_path, "dtype": dtype,
+            "input": {"video_frames": video, "video_size": args.video_size} if video else {"image": True},
             "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "build_s": build_s,
             "layer_time_s": {str(n): t for n, t in sorted((layer_s or {}).items())}, "rows": rows}
 
@@ -271,7 +302,9 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"
     lines.append("")
-    lines.append(f"{result['shape'] or result['model_path']}, {result['dtype']}, {where}, torch {m['torch']}, "
+    what = result.get("input", {})
+    seen = (f"a {what['video_size']} video, {what['video_frames']} frames" if what.get("video_frames") else "one image")
+    lines.append(f"{result['shape'] or result['model_path']}, {seen}, {result['dtype']}, {where}, torch {m['torch']}, "
                  f"median of {result['repeats']} alternating rounds, {result['max_new_tokens']} new tokens")
     for r in result["rows"][1:]:
         split = ", ".join(f"{k} {v:.3f}" for k, v in r["selection_split_s"].items())
@@ -290,10 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--video-frames", type=int, default=None,
+                   help="a synthetic video of this many frames instead of the image (families with video)")
+    p.add_argument("--video-size", default="640x360",
+                   help="the synthetic video's WIDTHxHEIGHT before the family's frame rule resizes it (default "
+                        "640x360)")
     p.add_argument("--json", default=None, help="write all figures and the machine description here")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all); "
-                        "--layers, if given, moves every method's stages")
+                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all; "
+                        "--budget 64,144 runs each at both); --layers, if given, moves every method's stages")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="skip timing the decoder layer at each realised length (the calibrated ideal)")
     add_method_args(p)
