@@ -537,24 +537,8 @@ def run_questions(
                 from llava.eval.batching import answer_in_batches
 
                 answer_in_batches(args, todo, loader, model, tok, name, method, files, record, reference)
-                loader = ()  # answered
-            for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
-                q = todo[i]
-                pixels = to_model(pixels, model) if pixels is not None else None
-                torch.manual_seed(question_seed(args.seed, q.key))
-                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
-                                               first_logits=reference is not None)
-                profile = None
-                if files.profiling:
-                    from llava.eval.profiling import profile_record
-
-                    profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
-                extra = dict(q.log_extra)
-                if reference is not None:
-                    extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
-                                                reference.get(q.key)))
-                log = log_record(q.question_id, state, **extra) if files.logging else None
-                files.write(q.key, record(q, text, name), log, profile)
+            else:
+                _answer_one_by_one(args, todo, loader, model, tok, name, method, files, record, reference)
         elif items:
             logger.info("nothing to do: every question of this chunk is answered")
         else:
@@ -563,6 +547,29 @@ def run_questions(
         finished = True
     finally:
         files.close(finished)
+
+
+def _answer_one_by_one(args: argparse.Namespace, todo: list[Question], loader: Any, model, tok, name: str,
+                       method: ReductionMethod | None, files: RunFiles, record: Callable[[Question, str, str], dict],
+                       reference: dict[str, str] | None) -> None:
+    """:func:`run_questions`' loop with ``--batch-size 1``: one question per forward pass."""
+    for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
+        q = todo[i]
+        pixels = to_model(pixels, model) if pixels is not None else None
+        torch.manual_seed(question_seed(args.seed, q.key))
+        text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
+                                       first_logits=reference is not None)
+        profile = None
+        if files.profiling:
+            from llava.eval.profiling import profile_record
+
+            profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
+        extra = dict(q.log_extra)
+        if reference is not None:
+            extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
+                                        reference.get(q.key)))
+        log = log_record(q.question_id, state, **extra) if files.logging else None
+        files.write(q.key, record(q, text, name), log, profile)
 
 
 def setup_logging() -> None:
