@@ -88,7 +88,6 @@ def test_padding_never_reaches_a_score(loaded, method, monkeypatch):
     target would change them even where the kept tokens stay the same."""
     from llava.eval.runner import chat_prompt, encode
     from pio.registry import make_method
-
     from pio.schedule import Schedule
 
     tok, model, proc, _ = loaded["llava-v1.5"]
