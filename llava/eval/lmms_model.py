@@ -63,8 +63,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval import batching
-from llava.eval import lmms_results, runner
+from llava.eval import batching, lmms_results, runner
 from llava.model.families import family_options
 
 try:
