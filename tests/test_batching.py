@@ -159,8 +159,8 @@ def test_stop_strings_and_eos_per_row(loaded):
 
 
 def test_out_of_memory_splits_the_batch(tiny_v15, loaded, mixed, tmp_path, monkeypatch, caplog):
-    """An injected out-of-memory error for batches larger than 2: every batch is retried in halves, the answers
-    equal the unsplit run's, and later batches stay at the size that fitted."""
+    """An injected out-of-memory error for batches larger than 2: the batch is retried in halves, the answers equal
+    the one-by-one run's, and later batches stay at the size that fitted."""
     real = batching.generate_batch
     sizes: list[int] = []
 
@@ -173,11 +173,11 @@ def test_out_of_memory_splits_the_batch(tiny_v15, loaded, mixed, tmp_path, monke
     one, log1 = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "a1.jsonl", "--pio-layers", "1,2",
                        "--pio-tokens", "24,12")
     monkeypatch.setattr(batching, "generate_batch", tight)
-    four, log4 = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "a4.jsonl", "--pio-layers", "1,2",
-                        "--pio-tokens", "24,12", "--batch-size", "4")
-    assert stable(four) == stable(one) and log4 == log1
-    assert sizes == [4, 2, 2, 2], sizes  # one failed batch of 4, then at most 2
-    assert "out of memory at batch size 4" in caplog.text and "--batch-size 2 fits" in caplog.text
+    three, log3 = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "a3.jsonl", "--pio-layers", "1,2",
+                         "--pio-tokens", "24,12", "--batch-size", "3")
+    assert stable(three) == stable(one) and log3 == log1
+    assert sizes == [3, 2, 1, 2], sizes  # the failed 3 in halves, then the last two questions at the size that fitted
+    assert "out of memory at batch size 3" in caplog.text and "--batch-size 2 fits" in caplog.text
 
 
 def test_out_of_memory_at_one_question_is_an_error(loaded):
@@ -225,3 +225,17 @@ def test_kill_mid_batch_and_resume(tiny_v15, tmp_path):
     model_vqa_loader.main(loader_args(tiny_v15, qfile, answers, *extra, "--pio-log", str(log), "--resume"))
     assert stable(read(answers)) == stable(read(ref))
     assert read(log) == read(tmp_path / "ref.pio.jsonl")
+
+
+def test_loyalty_records_per_question(tiny_v15, loaded, mixed, tmp_path):
+    """--loyalty-to with --batch-size 4: each question's record is its own (the same answer flag and first-token
+    agreement as one by one; the KL from its row of the batch's first logits, equal within float rounding)."""
+    base, _ = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "base.jsonl")
+    flags = ["--method", "fastv", "--layers", "1", "--tokens", "8", "--loyalty-to", str(tmp_path / "base.jsonl")]
+    _, one = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "l1.jsonl", *flags)
+    _, four = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "l4.jsonl", *flags, "--batch-size", "4")
+    drop = lambda r: {k: v for k, v in r.items() if k != "first_token_kl"}  # noqa: E731
+    assert [drop(r) for r in four] == [drop(r) for r in one]
+    assert [r["first_token_kl"] for r in four] == pytest.approx([r["first_token_kl"] for r in one], rel=1e-4,
+                                                                abs=1e-7)
+    assert any(r["first_token_kl"] > 1e-6 for r in one)
