@@ -336,6 +336,9 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
     sizes = batch_sizes(args.batch_size)
     methods = methods_from_args(args) if (args.methods or method_from_args(args) is not None) else []
+    if args.skip_unpruned and not methods:
+        raise ValueError("--skip-unpruned leaves nothing to measure: give the methods (--methods pio,fastv "
+                         "--budget 64, or one method's flags)")
     family = run_family(args)
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
@@ -370,8 +373,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
         dec = argparse.Namespace(temperature=0.0, top_p=None, num_beams=1, max_new_tokens=args.max_new_tokens,
                                  batch_size=1)
-        runs = [("unpruned", None)] + [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m)
-                                       for m in methods]
+        runs = [] if args.skip_unpruned else [("unpruned", None)]
+        runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
         rates: dict[tuple[str, int], list[float]] = {(name, n): [] for name, _ in runs for n in sizes}
         answers: dict[tuple[str, int], list[str]] = {}
         for rnd in range(args.warmup + args.repeats):
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="with --batch-size: a model_vqa_loader jsonl (default: synthetic short-answer questions)")
     p.add_argument("--image-folder", default="", help="with --question-file: where its images are")
     p.add_argument("--conv-mode", default=None, help="with --batch-size: the template (default: the family's)")
+    p.add_argument("--skip-unpruned", action="store_true",
+                   help="with --batch-size: measure the methods only (the unpruned runs are the slowest)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="skip timing the decoder layer at each realised length (the calibrated ideal)")
     add_method_args(p)
