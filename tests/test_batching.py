@@ -136,8 +136,7 @@ def test_sampling_is_per_question(tiny_v15, loaded, mixed, tmp_path):
     flags = ["--temperature", "1.0", "--max_new_tokens", "6", "--pio-layers", "1,2", "--pio-tokens", "24,12"]
     one, _ = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "s1.jsonl", *flags)
     four, _ = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "s4.jsonl", *flags, "--batch-size", "4")
-    three, _ = answer(tiny_v15, loaded["llava-v1.5"], mixed, tmp_path / "s3.jsonl", *flags, "--batch-size", "3")
-    assert [a["text"] for a in four] == [a["text"] for a in one] == [a["text"] for a in three]
+    assert [a["text"] for a in four] == [a["text"] for a in one]
     assert len({a["text"] for a in one}) > 1
 
 
@@ -204,7 +203,7 @@ def test_kill_mid_batch_and_resume(tiny_v15, tmp_path):
     uninterrupted run's."""
     from tests.test_reliability import write_questions
 
-    qfile = write_questions(tmp_path, 16)
+    qfile = write_questions(tmp_path, 12)
     extra = ["--pio-layers", "1,2", "--pio-tokens", "24,12", "--batch-size", "4", "--max_new_tokens", "4"]
     ref = tmp_path / "ref.jsonl"
     model_vqa_loader.main(loader_args(tiny_v15, qfile, ref, *extra, "--pio-log", str(tmp_path / "ref.pio.jsonl")))
@@ -221,12 +220,13 @@ def test_kill_mid_batch_and_resume(tiny_v15, tmp_path):
         time.sleep(0.005)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-    assert 4 <= len(answers.read_text().splitlines()) < 16
+    assert 4 <= len(answers.read_text().splitlines()) < 12
     model_vqa_loader.main(loader_args(tiny_v15, qfile, answers, *extra, "--pio-log", str(log), "--resume"))
     assert stable(read(answers)) == stable(read(ref))
     assert read(log) == read(tmp_path / "ref.pio.jsonl")
 
 
+@pytest.mark.slow
 def test_loyalty_records_per_question(tiny_v15, loaded, mixed, tmp_path):
     """--loyalty-to with --batch-size 4: each question's record is its own (the same answer flag and first-token
     agreement as one by one; the KL from its row of the batch's first logits, equal within float rounding)."""
