@@ -12,6 +12,8 @@
 #   CKPT         name used in output paths           (default: basename of MODEL_PATH + method tag)
 #   DATA_ROOT    benchmark root                      (default ./playground/data/eval)
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
+#   BATCH_SIZE   runner --batch-size: questions per forward pass (default empty: 1); more memory per step,
+#                the same answers (a batch that does not fit is split and retried)
 #   CONV_MODE    conversation template               (default vicuna_v1; qwen2_5_vl in scripts/qwen2_5_vl)
 #   MIN_PIXELS MAX_PIXELS  Qwen2.5-VL image area bounds (default: the runner's, 1008*1008 both)
 #   EXTRA_ARGS   more runner flags, word-split       (default empty; the runners always --resume the same run:
@@ -154,6 +156,7 @@ eval_init() {
     RUN_FLAGS=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE")
     if [[ -n "${DEVICE:-}" ]]; then RUN_FLAGS+=(--device "$DEVICE"); fi
     if [[ -n "${DTYPE:-}" ]]; then RUN_FLAGS+=(--dtype "$DTYPE"); fi
+    if [[ -n "${BATCH_SIZE:-}" ]]; then RUN_FLAGS+=(--batch-size "$BATCH_SIZE"); fi
     if [[ -n "${MIN_PIXELS:-}" ]]; then RUN_FLAGS+=(--min-pixels "$MIN_PIXELS"); fi
     if [[ -n "${MAX_PIXELS:-}" ]]; then RUN_FLAGS+=(--max-pixels "$MAX_PIXELS"); fi
     RUN_FLAGS+=("${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"}")

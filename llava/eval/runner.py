@@ -69,6 +69,10 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers preparing images and prompts (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="questions per forward pass (left-padded, each pruned on its own; the answers are those of "
+                        "--batch-size 1). More memory: activations and KV cache grow with the batch; a batch that "
+                        "does not fit is split in halves and retried")
     p.add_argument("--min-pixels", type=int, default=None,
                    help="Qwen2.5-VL: smallest image area in pixels (default 1008*1008, the PIO authors' setting)")
     p.add_argument("--max-pixels", type=int, default=None,
@@ -88,6 +92,9 @@ def check_args(args: argparse.Namespace) -> ReductionMethod | None:
     check_conv_mode(args.conv_mode)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    from llava.eval.batching import check_batch_args
+
+    check_batch_args(args)
     method = method_from_args(args)
     if method is not None:
         args.family.check_method(method)  # an encoder-side method the family's vision tower cannot serve
@@ -354,10 +361,11 @@ def answer_record(question_id: Any, prompt: str, text: str, model_name: str, **e
     return rec
 
 
-def log_record(question_id: Any, state: PruneState, **extra: Any) -> dict:
-    """The reduction log line of one sample: visual counts per stage, kept positions, realised average."""
+def log_record(question_id: Any, state: PruneState, sample: int = 0, **extra: Any) -> dict:
+    """The reduction log line of one sample (row ``sample`` of a batch): visual counts per stage, kept positions,
+    realised average."""
     report = state.report()
-    rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
+    rec = report[sample] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
     return {"question_id": question_id, **extra, **rec}
 
 
@@ -503,7 +511,8 @@ def run_questions(
                          "file?); give the benchmark's question file")
     identity = run_identity(args, method, runner_options or {})
     summary = {"method": method.name if method is not None else "none", "budget": budget_label(args, method),
-               "method_config": method.config() if method is not None else None, "expected": expected}
+               "method_config": method.config() if method is not None else None, "expected": expected,
+               "batch_size": getattr(args, "batch_size", 1)}
     if getattr(args, "schedule_file", None):
         summary["schedule_file"] = os.path.abspath(args.schedule_file)
     reference = None
@@ -524,23 +533,12 @@ def run_questions(
             workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
             data = _PreparedQuestions(todo, prepare, tok, proc, model.config)
             loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
-            for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
-                q = todo[i]
-                pixels = to_model(pixels, model) if pixels is not None else None
-                torch.manual_seed(question_seed(args.seed, q.key))
-                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
-                                               first_logits=reference is not None)
-                profile = None
-                if files.profiling:
-                    from llava.eval.profiling import profile_record
+            if getattr(args, "batch_size", 1) > 1:
+                from llava.eval.batching import answer_in_batches
 
-                    profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
-                extra = dict(q.log_extra)
-                if reference is not None:
-                    extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
-                                                reference.get(q.key)))
-                log = log_record(q.question_id, state, **extra) if files.logging else None
-                files.write(q.key, record(q, text, name), log, profile)
+                answer_in_batches(args, todo, loader, model, tok, name, method, files, record, reference)
+            else:
+                _answer_one_by_one(args, todo, loader, model, tok, name, method, files, record, reference)
         elif items:
             logger.info("nothing to do: every question of this chunk is answered")
         else:
@@ -549,6 +547,29 @@ def run_questions(
         finished = True
     finally:
         files.close(finished)
+
+
+def _answer_one_by_one(args: argparse.Namespace, todo: list[Question], loader: Any, model, tok, name: str,
+                       method: ReductionMethod | None, files: RunFiles, record: Callable[[Question, str, str], dict],
+                       reference: dict[str, str] | None) -> None:
+    """:func:`run_questions`' loop with ``--batch-size 1``: one question per forward pass."""
+    for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
+        q = todo[i]
+        pixels = to_model(pixels, model) if pixels is not None else None
+        torch.manual_seed(question_seed(args.seed, q.key))
+        text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
+                                       first_logits=reference is not None)
+        profile = None
+        if files.profiling:
+            from llava.eval.profiling import profile_record
+
+            profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
+        extra = dict(q.log_extra)
+        if reference is not None:
+            extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
+                                        reference.get(q.key)))
+        log = log_record(q.question_id, state, **extra) if files.logging else None
+        files.write(q.key, record(q, text, name), log, profile)
 
 
 def setup_logging() -> None:
