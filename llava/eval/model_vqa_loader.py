@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     runner.add_common_args(p)
     args = p.parse_args(argv)
     runner.setup_logging()
+    runner.join_launcher(args)  # under torchrun: this rank's shard, files and GPU
     eval_model(args)
 
 
