@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from llava.eval import model_vqa_loader, runner
+from tests import test_scripts
 from tests.test_concurrency import SITECUSTOMIZE, cleanup, errors, holder_pid, lines, wait_for
 from tests.test_reliability import read, stable
-from tests.test_scripts import COMMON, SCRIPTS, bash, fake, opt, tiny_method_args  # noqa: F401 (fixture)
+from tests.test_scripts import SCRIPTS, bash, opt, tiny_method_args
+
+fake = test_scripts.fake  # the fake interpreter of the script tests (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 GQA = SCRIPTS / "v1_5" / "eval" / "gqa.sh"
