@@ -2,7 +2,7 @@
 its chunk into files of its own, the script merges them after the launch into the answers a single process
 writes; a rank killed by SIGKILL is resumed by launching again; another method on the same answers is refused.
 
-Real processes (``python -m torch.distributed.run``, gloo-free: the ranks share no process group), a tiny
+Real processes (``python -m torch.distributed.run``; the ranks need no process group, so no gloo), a tiny
 checkpoint and the GQA fixture. Launcher variables and runner flags are checked without a model.
 """
 
