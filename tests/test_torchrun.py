@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -126,6 +127,20 @@ def test_a_rank_takes_its_chunk_and_its_files():
     assert (plain.answers_file, plain.num_chunks, plain.chunk_idx) == ("a.jsonl", 3, 2)
 
 
+def test_a_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(runner.torch.cuda, "set_device", chosen.append)
+    for device, expected in ((None, "cuda:1"), ("cuda", "cuda:1"), ("cpu", "cpu"), ("cuda:0", "cuda:0")):
+        args = runner_args(device=device)
+        runner.join_launcher(args, {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+        assert args.device == expected
+    assert chosen == [1, 1]
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but this node sees 2 CUDA device\(s\)"):
+        runner.join_launcher(runner_args(device=None), {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "2"})
+
+
 @pytest.mark.parametrize("kw, environ, message", [
     ({}, {}, "{rank} is filled in with the rank under torchrun only"),
     ({"pio_log": "a/log.jsonl"}, {"WORLD_SIZE": "2", "RANK": "0"}, "--pio-log a/log.jsonl under torchrun"),
@@ -157,8 +172,17 @@ def one_process(ckpt: str, data: Path, out: Path) -> Path:
     return out / "one.jsonl"
 
 
-def test_torchrun_merges_to_one_process_resumes_a_killed_rank_and_refuses_another_method(tiny_v15, gqa_data,
-                                                                                        tmp_path):
+class Launched(NamedTuple):
+    one: Path  # the answers of one process
+    out: Path  # the script's answers folder after two launches under torchrun
+    env: dict[str, str]  # the script's environment
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_v15, gqa_data, tmp_path_factory) -> Launched:
+    """One process's answers; then the GQA script under a 2-process torchrun launch killed (SIGKILL of rank 1) while
+    each rank has answered one question, and launched again."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
     one = one_process(tiny_v15, gqa_data, tmp_path)
     site = tmp_path / "site"
     site.mkdir()
@@ -183,21 +207,30 @@ def test_torchrun_merges_to_one_process_resumes_a_killed_rank_and_refuses_anothe
     again = subprocess.run(["bash", str(GQA)], cwd=REPO, text=True, capture_output=True, env=base, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"taking over the lock of {rank_files[1]} from pid {killed}" in again.stderr
+    return Launched(one, out, base)
+
+
+def test_torchrun_merges_to_one_process_and_a_killed_rank_resumes(launched, gqa_data):
+    one, out = launched.one, launched.out
     for kind in ("", ".pio", ".profile"):  # the merged files are one process's (the same run hash in every line)
-        merged, single = read(out / f"merge{kind}.jsonl"), read(tmp_path / f"one{kind}.jsonl")
+        merged, single = read(out / f"merge{kind}.jsonl"), read(one.parent / f"one{kind}.jsonl")
         assert len(merged) == 5 and stable(merged) == stable(single), kind
     assert [r["text"] for r in read(out / "merge.jsonl")] == [r["text"] for r in read(one)]
     rank1 = json.loads((out / "2_1.run.json").read_text())
-    assert [x["finished"] for x in rank1["invocations"]] == [None, True] and rank1["identity"]["shard"] == {
-        "index": 1, "count": 2}
+    assert [x["finished"] for x in rank1["invocations"]] == [None, True]  # killed, then resumed
+    assert rank1["identity"]["shard"] == {"index": 1, "count": 2}
     result = json.loads((gqa_data / "gqa" / "results" / "tr.json").read_text())
     assert result["coverage"]["answered"] == 5 and not result["coverage"]["partial"]
 
-    before = {f.name: f.read_text() for f in out.glob("2_*.jsonl")}
+
+@pytest.mark.slow
+def test_torchrun_refuses_another_method_on_the_same_answers(launched):
+    out = launched.out
+    before = {f.name: f.read_text() for f in out.glob("2_*")}
     other = subprocess.run(["bash", str(GQA)], cwd=REPO, text=True, capture_output=True, timeout=300,
-                           env={**base, "METHOD": "fastv", "METHOD_ARGS": tiny_method_args("fastv")})
+                           env={**launched.env, "METHOD": "fastv", "METHOD_ARGS": tiny_method_args("fastv")})
     assert other.returncode != 0
     refusals = [m for m in errors(other.stderr) if not m.startswith("error: torchrun")]
     assert len(refusals) == 2, other.stderr[-3000:]  # one line from each rank
     assert all("was written by a different run" in m and "method" in m for m in refusals)
-    assert {f.name: f.read_text() for f in out.glob("2_*.jsonl")} == before
+    assert {f.name: f.read_text() for f in out.glob("2_*")} == before
