@@ -219,6 +219,10 @@ eval_init() {
     gpu_chunks
     launch_init || exit 2
     echo "== $(basename "$0" .sh): model=$MODEL_PATH ckpt=$CKPT method=$SCHEDULE_TEXT data=$DATA_ROOT" >&2
+    if [[ -n "${LAUNCH_ARGS[*]:-}" ]]; then
+        echo "== torchrun ${LAUNCH_ARGS[*]}: $CHUNKS ranks for a chunked benchmark (GQA, TextVQA, VQAv2); the" \
+             "others run one process" >&2
+    fi
 }
 
 # timed CMD...: run CMD, then set WALL_TIME to its wall-clock seconds.
