@@ -169,7 +169,7 @@ launch_init() {
         fi
         LAUNCH_ARGS=(--standalone --nproc_per_node "$nproc")  # a free local port: launches side by side
     else
-        if [[ ! "$rank" =~ ^[0-9]+$ ]] || (( rank >= nnodes )); then
+        if [[ ! "$rank" =~ ^[0-9]+$ ]] || (( 10#$rank >= nnodes )); then
             echo "error: NODE_RANK='$rank' is not one of 0..$((nnodes - 1)) (NNODES=$nnodes: give each node its" \
                  "own NODE_RANK)" >&2
             return 2
@@ -178,11 +178,11 @@ launch_init() {
             echo "error: NNODES=$nnodes needs MASTER_ADDR (node 0's address, the same on every node)" >&2
             return 2
         fi
-        if [[ ! "$port" =~ ^[0-9]+$ ]] || (( port < 1 || port > 65535 )); then
+        if [[ ! "$port" =~ ^[0-9]+$ ]] || (( 10#$port < 1 || 10#$port > 65535 )); then
             echo "error: MASTER_PORT='$port' is not a port number (1..65535)" >&2
             return 2
         fi
-        LAUNCH_ARGS=(--nnodes "$nnodes" --node_rank "$rank" --master_addr "$MASTER_ADDR" --master_port "$port"
+        LAUNCH_ARGS=(--nnodes "$nnodes" --node_rank "$((10#$rank))" --master_addr "$MASTER_ADDR" --master_port "$port"
                      --nproc_per_node "$nproc")
     fi
     CHUNKS=$((nnodes * nproc))
@@ -277,7 +277,7 @@ torchrun_chunks() {
         echo "error: torchrun ${LAUNCH_ARGS[*]} failed (the ranks' errors are above); rerun it to resume" >&2
         return 1
     fi
-    if (( ${NODE_RANK:-0} > 0 )); then
+    if (( 10#${NODE_RANK:-0} > 0 )); then
         echo "== node $NODE_RANK of $NNODES: its ranks are done; node 0 merges the answers and scores" >&2
         exit 0
     fi

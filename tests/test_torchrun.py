@@ -50,6 +50,7 @@ def env_of(**extra: str) -> dict[str, str]:
     ({"NNODES": "2"}, "NNODES/NODE_RANK need NPROC_PER_NODE"),
     ({"NPROC_PER_NODE": "2", "NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK='' is not one of 0..1"),
     ({"NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK='2' is not one of 0..1"),
+    ({"NPROC_PER_NODE": "2", "NNODES": "9", "NODE_RANK": "09", "MASTER_ADDR": "h"}, "NODE_RANK='09' is not one of 0..8"),
     ({"NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR"),
     ({"NPROC_PER_NODE": "2", "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "x"},
      "MASTER_PORT='x' is not a port number"),
