@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,61 @@ def encode(prompt: str, images: Sequence[Any], tokenizer, processor, config) -> 
     if n_marks != len(images):
         raise ValueError(f"the prompt has {n_marks} {DEFAULT_IMAGE_TOKEN} mark(s) for {len(images)} image(s)")
     return family_of(config).encode(prompt, images, tokenizer, processor, config)
+
+
+# --------------------------------------------------------------------------- torchrun
+RANK_MARK = "{rank}"
+"""In ``--answers-file``, ``--pio-log`` and ``--profile`` under torchrun: replaced by the process's rank."""
+
+
+def join_launcher(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
+    """Under ``torchrun`` (``python -m torch.distributed.run``: ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in the
+    environment), make this process shard ``RANK`` of ``WORLD_SIZE``: ``--num-chunks``/``--chunk-idx`` from the
+    launcher, ``{rank}`` in the output paths replaced by the rank (each rank its own files: its own lock, run file
+    and resume), and the model on ``cuda:LOCAL_RANK`` when CUDA is there and ``--device`` is unset or ``cuda``.
+
+    No process group is created: ranks share nothing while they run, and their files are concatenated in rank
+    order after the launch (``merge_chunks`` in ``scripts/common.sh``), the same merge as for
+    ``CUDA_VISIBLE_DEVICES`` chunks. Outside a launcher nothing changes. Raises ValueError in one line on a bad
+    launcher variable, ``--num-chunks`` given as well, or several ranks without ``{rank}`` in ``--answers-file``.
+    """
+    env = os.environ if environ is None else environ
+    paths = [f for f in ("answers_file", "pio_log", "profile") if RANK_MARK in str(getattr(args, f, None) or "")]
+    if "WORLD_SIZE" not in env:
+        if paths:
+            raise ValueError(f"--{paths[0].replace('_', '-')} {getattr(args, paths[0])}: {RANK_MARK} is filled in "
+                             "with the rank under torchrun only; give a plain path to a single process")
+        return
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = env.get(name, "0")
+        if not text.isdigit():
+            raise ValueError(f"{name}={text!r} in the environment is not a whole number (set by torchrun)")
+        values[name] = int(text)
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} in the environment is not in [0, WORLD_SIZE={world})")
+    if world > 1 and (args.num_chunks != 1 or args.chunk_idx != 0):
+        raise ValueError(f"--num-chunks {args.num_chunks} --chunk-idx {args.chunk_idx} under torchrun "
+                         f"(WORLD_SIZE={world}): the ranks are the chunks; give one or the other")
+    shared = [f for f in ("answers_file", "pio_log", "profile") if getattr(args, f, None) and f not in paths]
+    if world > 1 and shared:
+        flag = "--" + shared[0].replace("_", "-")
+        raise ValueError(f"{flag} {getattr(args, shared[0])} under torchrun (WORLD_SIZE={world}): every rank writes "
+                         f"its own files, so put {RANK_MARK} in --answers-file, --pio-log and --profile (e.g. "
+                         f"answers/{world}_{RANK_MARK}.jsonl) and merge them in rank order afterwards")
+    if world > 1:
+        args.num_chunks, args.chunk_idx = world, rank
+    for f in paths:
+        setattr(args, f, getattr(args, f).replace(RANK_MARK, str(rank)))
+    if torch.cuda.is_available() and args.device in (None, "cuda"):
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but this node sees {torch.cuda.device_count()} CUDA device(s): "
+                             "start at most one process per GPU (NPROC_PER_NODE, torchrun --nproc_per_node)")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    logger.info("torchrun rank %d of %d (local rank %d): questions chunk %d of %d, device %s", rank, world, local,
+                args.chunk_idx, args.num_chunks, args.device or "default")
 
 
 # --------------------------------------------------------------------------- loading
