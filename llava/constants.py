@@ -14,6 +14,8 @@ DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
 DEFAULT_IM_START_TOKEN = "<im_start>"
 DEFAULT_IM_END_TOKEN = "<im_end>"
 IMAGE_PLACEHOLDER = "<image-placeholder>"
+DEFAULT_VIDEO_TOKEN = "<video>"
+"""Where a video question's prompt holds its video, before the model family expands it."""
 
 __all__ = [
     "IGNORE_INDEX",
@@ -23,4 +25,5 @@ __all__ = [
     "DEFAULT_IM_START_TOKEN",
     "DEFAULT_IM_END_TOKEN",
     "IMAGE_PLACEHOLDER",
+    "DEFAULT_VIDEO_TOKEN",
 ]

@@ -12,6 +12,8 @@
 #   CKPT         name used in output paths           (default: basename of MODEL_PATH + method tag)
 #   DATA_ROOT    benchmark root                      (default ./playground/data/eval)
 #   DEVICE DTYPE runner --device / --dtype           (default empty: the runner decides)
+#   BATCH_SIZE   runner --batch-size: questions per forward pass (default empty: 1); more memory per step,
+#                the same answers (a batch that does not fit is split and retried)
 #   CONV_MODE    conversation template               (default vicuna_v1; qwen2_5_vl in scripts/qwen2_5_vl)
 #   MIN_PIXELS MAX_PIXELS  Qwen2.5-VL image area bounds (default: the runner's, 1008*1008 both)
 #   EXTRA_ARGS   more runner flags, word-split       (default empty; the runners always --resume the same run:
@@ -19,6 +21,11 @@
 #   PYTHON       interpreter                         (default: the project's .venv/bin/python when there is
 #                                                    one, else python)
 #   CUDA_VISIBLE_DEVICES  chunked benchmarks run one chunk per listed GPU
+#   NPROC_PER_NODE  chunked benchmarks (GQA, TextVQA, VQAv2) run under torchrun instead, this many ranks per node,
+#                each on cuda:LOCAL_RANK of the visible GPUs (the other benchmarks run one process)
+#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT  several nodes: the same command on each, NODE_RANK 0..NNODES-1,
+#                MASTER_ADDR node 0's address (MASTER_PORT default 29500); DATA_ROOT on a shared file system:
+#                node 0 merges every rank's answers and scores, the other nodes stop after their ranks
 
 PIO_CHOICES="none 64 128 192 custom"
 
@@ -132,6 +139,57 @@ gpu_chunks() {
     (( CHUNKS > 0 )) || CHUNKS=1
 }
 
+# launch_init: NPROC_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT -> LAUNCH_ARGS (torchrun's own arguments;
+# empty without NPROC_PER_NODE) and, under torchrun, CHUNKS = the world size. Returns 2 on a bad value.
+launch_init() {
+    local nproc="${NPROC_PER_NODE:-}" nnodes="${NNODES:-1}" rank="${NODE_RANK:-}" port="${MASTER_PORT:-29500}"
+    LAUNCH_ARGS=()
+    if [[ -z "$nproc" ]]; then
+        if [[ -n "${NNODES:-}${NODE_RANK:-}" ]]; then
+            echo "error: NNODES/NODE_RANK need NPROC_PER_NODE (the processes per node torchrun starts)" >&2
+            return 2
+        fi
+        return 0
+    fi
+    if [[ ! "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: NPROC_PER_NODE='$nproc' is not a whole number >= 1 (processes per node, e.g. 8)" >&2
+        return 2
+    fi
+    if [[ ! "$nnodes" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: NNODES='$nnodes' is not a whole number >= 1 (nodes of the launch)" >&2
+        return 2
+    fi
+    if (( ${#GPULIST[@]} > 0 && nproc > ${#GPULIST[@]} )); then
+        echo "error: NPROC_PER_NODE=$nproc but CUDA_VISIBLE_DEVICES lists ${#GPULIST[@]} GPU(s); at most one" \
+             "process per GPU" >&2
+        return 2
+    fi
+    if (( nnodes == 1 )); then
+        if [[ -n "$rank" && "$rank" != 0 ]]; then
+            echo "error: NODE_RANK='$rank' with NNODES=1 (the only node is 0)" >&2
+            return 2
+        fi
+        LAUNCH_ARGS=(--standalone --nproc_per_node "$nproc")  # a free local port: launches side by side
+    else
+        if [[ ! "$rank" =~ ^[0-9]+$ ]] || (( 10#$rank >= nnodes )); then
+            echo "error: NODE_RANK='$rank' is not one of 0..$((nnodes - 1)) (NNODES=$nnodes: give each node its" \
+                 "own NODE_RANK)" >&2
+            return 2
+        fi
+        if [[ -z "${MASTER_ADDR:-}" ]]; then
+            echo "error: NNODES=$nnodes needs MASTER_ADDR (node 0's address, the same on every node)" >&2
+            return 2
+        fi
+        if [[ ! "$port" =~ ^[0-9]+$ ]] || (( 10#$port < 1 || 10#$port > 65535 )); then
+            echo "error: MASTER_PORT='$port' is not a port number (1..65535)" >&2
+            return 2
+        fi
+        LAUNCH_ARGS=(--nnodes "$nnodes" --node_rank "$((10#$rank))" --master_addr "$MASTER_ADDR" --master_port "$port"
+                     --nproc_per_node "$nproc")
+    fi
+    CHUNKS=$((nnodes * nproc))
+}
+
 # eval_init DEFAULT_MODEL_PATH: resolve the environment into MODEL_PATH CKPT DATA_ROOT PYTHON CONV_MODE
 # SCHEDULE_TEXT and RUN_FLAGS (flags for every runner: model, decoding, device, dtype, method, then EXTRA_ARGS,
 # so put RUN_FLAGS after a runner's own flags and EXTRA_ARGS can override them).
@@ -154,6 +212,7 @@ eval_init() {
     RUN_FLAGS=(--model-path "$MODEL_PATH" --temperature 0 --conv-mode "$CONV_MODE")
     if [[ -n "${DEVICE:-}" ]]; then RUN_FLAGS+=(--device "$DEVICE"); fi
     if [[ -n "${DTYPE:-}" ]]; then RUN_FLAGS+=(--dtype "$DTYPE"); fi
+    if [[ -n "${BATCH_SIZE:-}" ]]; then RUN_FLAGS+=(--batch-size "$BATCH_SIZE"); fi
     if [[ -n "${MIN_PIXELS:-}" ]]; then RUN_FLAGS+=(--min-pixels "$MIN_PIXELS"); fi
     if [[ -n "${MAX_PIXELS:-}" ]]; then RUN_FLAGS+=(--max-pixels "$MAX_PIXELS"); fi
     RUN_FLAGS+=("${METHOD_FLAGS[@]+"${METHOD_FLAGS[@]}"}")
@@ -161,7 +220,12 @@ eval_init() {
     read -r -a extra <<< "${EXTRA_ARGS:-}"
     RUN_FLAGS+=("${extra[@]+"${extra[@]}"}")
     gpu_chunks
+    launch_init || exit 2
     echo "== $(basename "$0" .sh): model=$MODEL_PATH ckpt=$CKPT method=$SCHEDULE_TEXT data=$DATA_ROOT" >&2
+    if [[ -n "${LAUNCH_ARGS[*]:-}" ]]; then
+        echo "== torchrun ${LAUNCH_ARGS[*]}: $CHUNKS ranks for a chunked benchmark (GQA, TextVQA, VQAv2); the" \
+             "others run one process" >&2
+    fi
 }
 
 # timed CMD...: run CMD, then set WALL_TIME to its wall-clock seconds.
@@ -173,10 +237,20 @@ timed() {
 }
 
 # merge_chunks DIR: concatenate DIR/${CHUNKS}_${IDX}{.jsonl,.pio.jsonl,.profile.jsonl} in index order into
-# DIR/merge{.jsonl,.pio.jsonl,.profile.jsonl}. Answer files must all exist; logs are merged where present. The
-# run description (the same in every chunk) becomes DIR/merge.run.json.
+# DIR/merge{.jsonl,.pio.jsonl,.profile.jsonl}. Answer files must all exist, and every chunk's run file must say
+# that its last invocation finished (a rank of another node may still run, or have died); logs are merged where
+# present. The run description (the same in every chunk) becomes DIR/merge.run.json.
 merge_chunks() {
-    local dir="$1" kind idx f
+    local dir="$1" kind idx f last
+    for ((idx = 0; idx < CHUNKS; idx++)); do
+        f="$dir/${CHUNKS}_${idx}.run.json"
+        last="$(grep -o '"finished": *[a-z]*' "$f" 2>/dev/null | tail -n 1 || true)"
+        if [[ -n "$last" && "$last" != *true ]]; then
+            echo "error: chunk $idx of $CHUNKS has not finished ($f: last invocation finished=${last##* }; still" \
+                 "running or died): rerun the launch, it resumes" >&2
+            return 1
+        fi
+    done
     rm -f "$dir/merge.run.json"
     for ((idx = 0; idx < CHUNKS; idx++)); do
         if [[ -f "$dir/${CHUNKS}_${idx}.run.json" ]]; then cp "$dir/${CHUNKS}_${idx}.run.json" "$dir/merge.run.json"; break; fi
@@ -195,13 +269,35 @@ merge_chunks() {
     done
 }
 
-# run_chunks DIR CMD...: run CMD once per chunk in parallel (CUDA_VISIBLE_DEVICES = that chunk's GPU when
-# a GPU list is set), adding --num-chunks --chunk-idx --answers-file --pio-log --profile per chunk; wait
-# for all, fail if any failed, then merge_chunks DIR.
+# torchrun_chunks DIR PYTHON -m MODULE ARGS...: MODULE under torchrun (LAUNCH_ARGS), each rank answering its chunk
+# into DIR/${CHUNKS}_<rank>{.jsonl,.pio.jsonl,.profile.jsonl} (the runner fills in {rank}); once torchrun returns,
+# node 0 runs merge_chunks DIR and the other nodes end the script (node 0 merges and scores).
+torchrun_chunks() {
+    local dir="$1" python="$2" prefix="$1/${CHUNKS}_{rank}"
+    shift 2
+    if ! "$python" -m torch.distributed.run "${LAUNCH_ARGS[@]}" "$@" --answers-file "$prefix.jsonl" \
+            --pio-log "$prefix.pio.jsonl" --profile "$prefix.profile.jsonl"; then
+        echo "error: torchrun ${LAUNCH_ARGS[*]} failed (the ranks' errors are above); rerun it to resume" >&2
+        return 1
+    fi
+    if (( 10#${NODE_RANK:-0} > 0 )); then
+        echo "== node $NODE_RANK of $NNODES: its ranks are done; node 0 merges the answers and scores" >&2
+        exit 0
+    fi
+    merge_chunks "$dir"
+}
+
+# run_chunks DIR CMD...: with NPROC_PER_NODE, torchrun_chunks DIR CMD...; else run CMD once per chunk in parallel
+# (CUDA_VISIBLE_DEVICES = that chunk's GPU when a GPU list is set), adding --num-chunks --chunk-idx --answers-file
+# --pio-log --profile per chunk; wait for all, fail if any failed, then merge_chunks DIR.
 run_chunks() {
     local dir="$1" idx failed=0 prefix
     shift
     mkdir -p "$dir"
+    if [[ -n "${LAUNCH_ARGS[*]:-}" ]]; then
+        torchrun_chunks "$dir" "$@"
+        return
+    fi
     local pids=()
     for ((idx = 0; idx < CHUNKS; idx++)); do
         prefix="$dir/${CHUNKS}_${idx}"

@@ -391,3 +391,22 @@ def test_pope_scored_by_lmms_eval_differs_from_the_local_scorer(style, lmms_f1, 
     local = score_pope(labels, answers)
     assert local["mean_f1"] == pytest.approx(66.27, abs=0.01) and local["num_scored"] == 24
     assert lmms_pope.pope_aggregate_f1_score(per_doc) == pytest.approx(lmms_f1)
+
+
+def test_batch_size_answers_as_one_at_a_time(tiny_v15, docs, tmp_path):
+    """lmms-eval's batch_size=4: the same answers (greedy and sampled: seeded per document) and the same
+    per-request reduction log lines as batch_size=1, in request order; bad values are named."""
+    sampled = {"max_new_tokens": 6, "temperature": 1.0, "do_sample": True}
+    runs = {}
+    for n in (1, 4):
+        log = tmp_path / f"log{n}.jsonl"
+        model = _adapter(tiny_v15, docs, batch_size=n, method="pio", layers="[1,2]", tokens="[12,6]",
+                         pio_log=str(log))
+        assert model.batch_size == n
+        reqs = _requests(docs, GREEDY) + _requests(docs, sampled, [4, 0, 2])  # two runs of generation_kwargs
+        runs[n] = (model.generate_until(reqs), [json.loads(x) for x in log.read_text().splitlines()])
+        model.clean()
+    assert runs[4] == runs[1] and len(runs[1][0]) == 8
+    assert [r["doc_id"] for r in runs[4][1]] == [0, 1, 2, 3, 4, 4, 0, 2]
+    with pytest.raises(ValueError, match="batch_size 'auto'"):
+        _adapter(tiny_v15, docs, batch_size="auto")

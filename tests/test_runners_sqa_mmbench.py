@@ -267,3 +267,18 @@ def test_mmbench_clear_errors(data, tmp_path, problem):
         match = rf"q\.tsv:{len(rows) + 2}: the record has 2 tab-separated fields"
     with pytest.raises(ValueError, match=match):  # the model path does not exist: errors come before loading
         run_mmb(None, tsv, tmp_path / "a.jsonl")
+
+
+def test_batches_mix_text_only_and_image_questions(loaded, data, tmp_path):
+    """ScienceQA (text-only questions beside image ones) and MMBench's rotated rounds with --batch-size 3: the
+    answers and reduction logs of --batch-size 1."""
+    runs = {}
+    for n in ("1", "3"):
+        log = tmp_path / f"sqa{n}.pio.jsonl"
+        sqa = run_sqa(loaded, data, tmp_path / f"sqa{n}.jsonl", *PIO, "--pio-log", str(log), "--batch-size", n)
+        mlog = tmp_path / f"mmb{n}.pio.jsonl"
+        mmb = run_mmb(loaded, data / "mmbench" / "mmbench_dev_20230712.tsv", tmp_path / f"mmb{n}.jsonl", *PIO,
+                      "--all-rounds", "--pio-log", str(mlog), "--batch-size", n)
+        runs[n] = (strip_ids(sqa), read_jsonl(log), strip_ids(mmb), read_jsonl(mlog))
+    assert runs["3"] == runs["1"]
+    assert any(r["n_visual"] == 0 for r in runs["3"][1]) and any(r["n_visual"] for r in runs["3"][1])

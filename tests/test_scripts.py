@@ -31,7 +31,9 @@ SLOW_FOLDERS = {"onevision"}  # its end-to-end runs are in the slow suite (the r
 def e2e_params(cases):
     """``cases`` (a folder first in each) for the end-to-end tests, those of :data:`SLOW_FOLDERS` marked slow."""
     return [pytest.param(*c, marks=pytest.mark.slow) if c[0] in SLOW_FOLDERS else c for c in cases]
-ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FOLDERS for b in BENCHES]
+VIDEO_BENCHES = {"qwen2_5_vl": ("videomme",)}  # the families with video (tests/test_video_runner.py runs them)
+ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FOLDERS
+                                               for b in BENCHES + VIDEO_BENCHES.get(f, ())]
 CUSTOM = "--pio-layers 1,10,15 --pio-tokens 92,54,22"
 
 # bench -> (runner module, data dir under DATA_ROOT, result "benchmark" key, chunked)
@@ -58,7 +60,7 @@ def bash(snippet: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (
         "MODEL_PATH", "CKPT", "PIO", "PIO_ARGS", "METHOD", "BUDGET", "METHOD_ARGS", "DATA_ROOT", "DEVICE", "DTYPE", "CONV_MODE", "EXTRA_ARGS",
-        "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE", "MIN_PIXELS", "MAX_PIXELS", "SCHEDULE")}
+        "PYTHON", "CUDA_VISIBLE_DEVICES", "MME_SCORE", "EVALAI_SCORE", "MIN_PIXELS", "MAX_PIXELS", "SCHEDULE", "BATCH_SIZE")}
     env.update(extra)
     return env
 
@@ -92,7 +94,7 @@ def test_script_conventions(path):
 def test_every_family_has_every_benchmark():
     for folder in FOLDERS:
         names = sorted(p.stem for p in (SCRIPTS / folder / "eval").glob("*.sh"))
-        assert names == sorted(BENCHES)
+        assert names == sorted(BENCHES + VIDEO_BENCHES.get(folder, ()))
 
 
 # --------------------------------------------------------------------------------------------- common.sh
@@ -158,12 +160,12 @@ def test_eval_init_defaults_and_ckpt_name():
         "llava-v1.5-7b", "./playground/data/eval", str(venv) if os.access(venv, os.X_OK) else "python",
         "--model-path liuhaotian/llava-v1.5-7b --temperature 0 --conv-mode vicuna_v1"]
     env = clean_env(MODEL_PATH="ckpts/my-llava/", PIO="128", DEVICE="cuda:1", DTYPE="bfloat16",
-                    CONV_MODE="llava_v1", EXTRA_ARGS="--max_new_tokens 4  --num_beams 1")
+                    CONV_MODE="llava_v1", EXTRA_ARGS="--max_new_tokens 4  --num_beams 1", BATCH_SIZE="8")
     done = bash(snippet, env)
     assert done.stdout.splitlines()[0] == "my-llava-pio128"
     assert done.stdout.splitlines()[3] == (
         "--model-path ckpts/my-llava/ --temperature 0 --conv-mode llava_v1 --device cuda:1 --dtype bfloat16 "
-        "--method pio --budget 128 --max_new_tokens 4 --num_beams 1")
+        "--batch-size 8 --method pio --budget 128 --max_new_tokens 4 --num_beams 1")
     assert bash(snippet, clean_env(CKPT="mine", PIO="64")).stdout.splitlines()[0] == "mine"
 
 

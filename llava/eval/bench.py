@@ -4,9 +4,13 @@
         --budget 64
     python -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --pio-layers 1,10,15 --pio-tokens 92,54,22
     python -m llava.eval.bench --model-path liuhaotian/llava-v1.5-7b --method fastv --budget 128 --json out.json
+    python -m llava.eval.bench --shape qwen2.5-vl-7b --dtype bfloat16 --video-frames 32 --methods pio,fastv --budget 64
+    python -m llava.eval.bench --shape llava-v1.5-7b --dtype bfloat16 --methods pio,fastv --budget 64 \
+        --batch-size 1,8 --questions 16          # questions per second end to end (below)
 
 A model comes from ``--model-path`` or from a named shape with random weights (same compute, no download).
-One synthetic input (an image and ~60 text tokens, like a benchmark prompt) is answered by every run for
+One synthetic input (an image, or with ``--video-frames`` a video, and ~60 text tokens, like a benchmark prompt;
+budgets are the same share of a video's tokens as of an image's) is answered by every run for
 ``--repeats`` rounds; the table gives medians: the measured prefill speedup, two ideals, decode time per token,
 FLOPs (exact and FastV's convention), KV cache and the selection overhead (everything the method computes to
 choose, plus the gather).
@@ -15,6 +19,12 @@ The ideals: from FLOPs (exact model FLOPs ratio), and *calibrated*: the unpruned
 timed on this machine at every sequence length a run realises, summed over that run's layers. The FLOPs ideal
 assumes every length runs at the same rate; the calibrated one does not, so measured / calibrated isolates the
 method's own overheads (selection, gather, masks) from the hardware's lower rate on short sequences.
+
+``--batch-size N[,M...]`` measures throughput instead: questions per second end to end (prompt building, image
+preprocessing, prefill with the method, cached decoding, decoding the text) on a question file
+(``--question-file``/``--image-folder``, a ``model_vqa_loader`` jsonl; default: ``--questions`` synthetic VQA
+questions of mixed lengths about images of mixed sizes) at every batch size, unpruned and per method, the runs
+alternating round by round (:func:`throughput`). A shape's prompts are tokenised by its family's tiny tokenizer.
 """
 
 from __future__ import annotations
@@ -80,6 +90,25 @@ def synthetic_input(model, proc, size: tuple[int, int], n_text: int = 60, seed: 
     return family_of(model.config).synthetic_input(model, proc, img, n_text, rng)
 
 
+def synthetic_video(model, proc, size: tuple[int, int], n_frames: int, n_text: int = 60, seed: int = 0):
+    """``(ids, visual inputs, None)``: a synthetic ``size`` (width, height) video of ``n_frames`` frames, read and
+    encoded as the model's family reads videos, after a system-prompt-long prefix of random text ids."""
+    from llava.model.families import family_of
+
+    return family_of(model.config).synthetic_video(model, proc, size, n_frames, n_text, np.random.default_rng(seed))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x360"`` -> (640, 360); anything else raises naming the format."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--video-size {text!r}: give WIDTHxHEIGHT, e.g. 640x360") from None
+    if w < 1 or h < 1:
+        raise ValueError(f"--video-size {text!r}: width and height must be positive")
+    return w, h
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
@@ -104,10 +133,11 @@ def methods_from_args(args: argparse.Namespace) -> list[ReductionMethod]:
         if names == ["all"]:
             names = method_names()
         out = []
-        for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
-            in_llm = "+" in n or get_method(n).where == "llm"
-            options = {"budget": args.budget, "layers": args.layers if in_llm else None}
-            out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
+        for budget in [b.strip() for b in str(args.budget).split(",") if b.strip()]:  # 64,144: each at both
+            for n in names:  # a composition gives the paper's w/ VE row; --layers moves the in-LLM stages
+                in_llm = "+" in n or get_method(n).where == "llm"
+                options = {"budget": budget, "layers": args.layers if in_llm else None}
+                out.append(build_reducer(n, options, family=family, spelling=flag_spelling()))
         return out
     if single is None:
         raise ValueError("give the methods to compare: --methods pio,fastv,... --budget 64, or one method's flags "
@@ -151,6 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     methods = methods_from_args(args)  # fail on bad flags before building the model
     family = run_family(args)
+    if args.video_frames is not None:
+        family.check_video()
+        if args.video_frames < 2:
+            raise ValueError(f"--video-frames must be at least 2, got {args.video_frames}")
     device = torch.device(args.device) if args.device else default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -168,8 +202,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for m in methods:
         family.check_method(m)
         m.validate(family.decoder_depth(model.config))
-    ids, pixels, sizes = synthetic_input(model, proc, size)
-    pixels = runner.to_model(pixels, model)  # a tensor, or per-image views (LLaVA-OneVision)
+    if args.video_frames is not None:
+        ids, pixels, sizes = synthetic_video(model, proc, parse_size(args.video_size), args.video_frames)
+    else:
+        ids, pixels, sizes = synthetic_input(model, proc, size)
+    pixels = runner.to_model(pixels, model)  # a tensor, a video bundle, or per-image views (LLaVA-OneVision)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
     runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
@@ -240,7 +277,9 @@ def summarise(samples: dict[str, list[dict]], info: dict, args: argparse.Namespa
             row["ideal_speedup_calibrated"] = base["calibrated_prefill_s"] / row["calibrated_prefill_s"]
             row["speedup_vs_calibrated"] = row["speedup"] / row["ideal_speedup_calibrated"]
         rows.append(row)
+    video = getattr(args, "video_frames", None)
     return {"machine": info, "shape": args.shape, "model_path": args.model_path, "dtype": dtype,
+            "input": {"video_frames": video, "video_size": args.video_size} if video else {"image": True},
             "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "build_s": build_s,
             "layer_time_s": {str(n): t for n, t in sorted((layer_s or {}).items())}, "rows": rows}
 
@@ -271,11 +310,146 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"
     lines.append("")
-    lines.append(f"{result['shape'] or result['model_path']}, {result['dtype']}, {where}, torch {m['torch']}, "
+    what = result.get("input", {})
+    seen = (f"a {what['video_size']} video, {what['video_frames']} frames" if what.get("video_frames") else "one image")
+    lines.append(f"{result['shape'] or result['model_path']}, {seen}, {result['dtype']}, {where}, torch {m['torch']}, "
                  f"median of {result['repeats']} alternating rounds, {result['max_new_tokens']} new tokens")
     for r in result["rows"][1:]:
         split = ", ".join(f"{k} {v:.3f}" for k, v in r["selection_split_s"].items())
         lines.append(f"- {r['run']}: selection split (s): {split or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- throughput (--batch-size)
+BENCH_QUESTIONS = ("What is the colour of the car?", "Is there a dog in the image?", "How many people are there?",
+                   "What is written on the sign above the door of the shop?", "Which room is this?",
+                   "What is the man on the left holding in his right hand?", "Is it raining?",
+                   "What sport is being played on the field in the picture?")
+BENCH_SIZES = ((640, 480), (500, 375), (640, 427), (480, 640), (612, 612), (800, 533), (427, 640), (640, 360))
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # the VQA benchmarks' suffix
+
+
+def write_bench_questions(folder: Path, n: int) -> tuple[Path, Path]:
+    """``n`` short-answer questions (a ``model_vqa_loader`` jsonl) of mixed lengths about structured images of
+    typical benchmark sizes: ``(question file, image folder)``."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        w, h = BENCH_SIZES[i % len(BENCH_SIZES)]
+        rng = np.random.default_rng(i)
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([(xx * (i + 1)) % 256, (yy * 3) % 256, rng.integers(0, 256, size=(h, w))], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(images / f"{i}.png")
+        lines.append({"question_id": i, "image": f"{i}.png",
+                      "text": BENCH_QUESTIONS[i % len(BENCH_QUESTIONS)] + SHORT_ANSWER})
+    qfile = folder / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return qfile, images
+
+
+def batch_sizes(text: str) -> list[int]:
+    """``--batch-size 1,8`` -> [1, 8]; anything but positive integers raises naming it."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise ValueError(f"--batch-size {text!r}: give positive integers, e.g. --batch-size 1,8")
+    return out
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Questions per second at every ``--batch-size``, unpruned and per method (:mod:`llava.eval.batching`, the
+    runners' batched path), every (run, batch size) pair once per round, rounds alternating; the median of the
+    ``--repeats`` rounds after ``--warmup`` ones. Also how many answers equal the batch-size-1 run's."""
+    from llava.eval import batching
+    from llava.eval.runner import chat_prompt, encode, image_token, load_image, read_jsonl_questions
+    from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
+
+    sizes = batch_sizes(args.batch_size)
+    methods = methods_from_args(args) if (args.methods or method_from_args(args) is not None) else []
+    if args.skip_unpruned and not methods:
+        raise ValueError("--skip-unpruned leaves nothing to measure: give the methods (--methods pio,fastv "
+                         "--budget 64, or one method's flags)")
+    family = run_family(args)
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        if args.model_path:
+            tok, model, proc, _ = load_pretrained_model(args.model_path, args.model_base, device=device,
+                                                        torch_dtype=dtype, attn_implementation=args.attn_implementation)
+        else:
+            from transformers import AutoTokenizer
+
+            model, proc = build_shape(args.shape, device, dtype, Path(tmp))
+            model.config._attn_implementation = args.attn_implementation
+            tok = AutoTokenizer.from_pretrained(family.write_tiny(Path(tmp) / "tokenizer", shape_of(args.shape)[1].variant))
+        build_s = time.perf_counter() - t0
+        for m in methods:
+            family.check_method(m)
+            m.validate(family.decoder_depth(model.config))
+        if args.question_file:
+            qfile, folder = Path(args.question_file), Path(args.image_folder)
+        else:
+            qfile, folder = write_bench_questions(Path(tmp) / "questions", args.questions)
+        questions = read_jsonl_questions(qfile, ("question_id", "image", "text"))[: args.questions]
+        conv = args.conv_mode or family.conv_mode
+        mark = image_token(bool(getattr(model.config, "mm_use_im_start_end", False)))
+
+        def prepared():  # end to end: the image read and preprocessed, the prompt built and tokenised
+            for i, q in enumerate(questions):
+                ids, pixels, image_sizes = encode(chat_prompt(mark + "\n" + q["text"], conv),
+                                                  [load_image(folder / q["image"])], tok, proc, model.config)
+                yield i, batching.Sample(ids, pixels, image_sizes)
+
+        dec = argparse.Namespace(temperature=0.0, top_p=None, num_beams=1, max_new_tokens=args.max_new_tokens,
+                                 batch_size=1)
+        runs: list[tuple[str, ReductionMethod | None]] = [
+            (m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
+        runs += [] if args.skip_unpruned else [("unpruned", None)]  # the slowest last: an early stop keeps the methods
+        rates: dict[tuple[str, int], list[float]] = {(name, n): [] for name, _ in runs for n in sizes}
+        answers: dict[tuple[str, int], list[str]] = {}
+        for rnd in range(args.warmup + args.repeats):
+            for name, method in runs:
+                for n in sizes:  # alternate, so drift affects every run alike
+                    dec.batch_size = n
+                    batcher = batching.Batcher(model, tok, dec, method)
+                    t = time.perf_counter()
+                    texts = [ans.text for _, _, ans in batcher.run(prepared())]
+                    rate = len(texts) / (time.perf_counter() - t)
+                    if rnd >= args.warmup:
+                        rates[(name, n)].append(rate)
+                    answers[(name, n)] = texts
+                    logger.info("round %d, %s, batch size %d: %.3f questions/s", rnd + 1, name, n, rate)
+    rows = []
+    for name, _ in runs:
+        base = statistics.median(rates[(name, sizes[0])])
+        for n in sizes:
+            q_s = statistics.median(rates[(name, n)])
+            same = sum(a == b for a, b in zip(answers[(name, n)], answers[(name, sizes[0])]))
+            rows.append({"run": name, "batch_size": n, "questions_per_s": q_s, "speedup": q_s / base,
+                         "all_rates": rates[(name, n)], "same_answers": same, "questions": len(questions)})
+    return {"machine": machine(), "shape": args.shape, "model_path": args.model_path,
+            "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats, "warmup": args.warmup,
+            "max_new_tokens": args.max_new_tokens, "question_file": args.question_file, "build_s": build_s,
+            "rows": rows}
+
+
+def format_throughput(result: dict[str, Any]) -> str:
+    first = result["rows"][0]["batch_size"]
+    lines = [f"| run | batch size | questions/s | vs batch size {first} | answers = batch size {first} |",
+             "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['run']} | {r['batch_size']} | {r['questions_per_s']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['same_answers']}/{r['questions']} |")
+    m = result["machine"]
+    where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"
+    lines.append("")
+    lines.append(f"{result['shape'] or result['model_path']}, {result['dtype']}, {where}, torch {m['torch']}, "
+                 f"{result['rows'][0]['questions']} questions, {result['max_new_tokens']} new tokens at most, median "
+                 f"of {result['repeats']} alternating rounds after {result['warmup']} warm-up")
     return "\n".join(lines) + "\n"
 
 
@@ -290,10 +464,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--video-frames", type=int, default=None,
+                   help="a synthetic video of this many frames instead of the image (families with video)")
+    p.add_argument("--video-size", default="640x360",
+                   help="the synthetic video's WIDTHxHEIGHT before the family's frame rule resizes it (default "
+                        "640x360)")
     p.add_argument("--json", default=None, help="write all figures and the machine description here")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all); "
-                        "--layers, if given, moves every method's stages")
+                   help=f"comma-separated methods to compare at --budget ({', '.join(method_names())}, or all; "
+                        "--budget 64,144 runs each at both); --layers, if given, moves every method's stages")
+    p.add_argument("--batch-size", default=None, metavar="N[,M...]",
+                   help="measure questions per second end to end at these batch sizes instead (--questions, "
+                        "--question-file)")
+    p.add_argument("--questions", type=int, default=16, help="with --batch-size: how many questions (default 16)")
+    p.add_argument("--question-file", default=None,
+                   help="with --batch-size: a model_vqa_loader jsonl (default: synthetic short-answer questions)")
+    p.add_argument("--image-folder", default="", help="with --question-file: where its images are")
+    p.add_argument("--conv-mode", default=None, help="with --batch-size: the template (default: the family's)")
+    p.add_argument("--skip-unpruned", action="store_true",
+                   help="with --batch-size: measure the methods only (the unpruned runs are the slowest)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="skip timing the decoder layer at each realised length (the calibrated ideal)")
     add_method_args(p)
@@ -301,8 +490,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runner.setup_logging()
     if bool(args.shape) == bool(args.model_path):
         p.error("give exactly one of --shape or --model-path")
-    result = run(args)
-    print(format_table(result), end="")
+    if args.batch_size is not None:
+        result = throughput(args)
+        print(format_throughput(result), end="")
+    else:
+        result = run(args)
+        print(format_table(result), end="")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

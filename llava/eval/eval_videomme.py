@@ -46,6 +46,7 @@ from llava.eval.results import (
     pct,
     qid_key,
     read_jsonl,
+    read_run_info,
 )
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,12 @@ def score_videomme(questions: list[VideoMMEQuestion], answers: dict[str, dict],
     }
 
 
+def _video_sampling(args: argparse.Namespace) -> dict[str, Any] | None:
+    """How the runner sampled frames (``llava.eval.model_video_qa``'s run description), None without one."""
+    run = read_run_info(args)
+    return ((run.get("identity") or {}).get("runner") or {}).get("video_sampling")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--annotation-file", required=True,
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra={"groups": res["groups"], "durations": durations, "num_missing": res["num_missing"],
                "num_unparsed": res["num_unparsed"],
                "num_answers_not_in_annotation": res["num_answers_not_in_annotation"],
-               "annotation_file": args.annotation_file},
+               "annotation_file": args.annotation_file, "video_sampling": _video_sampling(args)},
     )
     return res
 

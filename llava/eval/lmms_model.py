@@ -17,7 +17,11 @@ One code path with the runners: the flags are parsed by the runners' parser and 
 :func:`~llava.eval.runner.check_args`, the model is loaded by :func:`~llava.eval.runner.load_model`, prompts are
 built by :func:`~llava.eval.runner.chat_prompt` / :func:`~llava.eval.runner.encode` (the family's own template:
 lmms-eval's context comes without one) and answered by :func:`~llava.eval.runner.generate` /
-:func:`~llava.eval.runner.timed_generate` with the reduction method, one request at a time.
+:func:`~llava.eval.runner.timed_generate` with the reduction method, one request at a time; with lmms-eval's
+``--batch_size N`` (N > 1), ``generate_until`` answers N requests per forward pass as the runners'
+``--batch-size`` does (:mod:`llava.eval.batching`: consecutive requests of the same ``generation_kwargs``, the
+answers those of one at a time), while multi-round dialogues (each round waits for the previous answer) and
+``loglikelihood`` stay one request at a time.
 
 ``loglikelihood`` (lmms-eval's multiple-choice tasks): the context is prefilled with the reduction method, exactly
 as before generating, and the continuation is fed through the same cached decoding, one forced token per step.
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import logging
 import os
@@ -58,7 +63,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval import lmms_results, runner
+from llava.eval import batching, lmms_results, runner
 from llava.model.families import family_options
 
 try:
@@ -215,9 +220,11 @@ class _Records:
         handle.write(json.dumps(rec, default=str) + "\n")
         handle.flush()
 
-    def write(self, task: str, doc_id: Any, idx: int, request: str, state, model, timing: dict | None) -> None:
+    def write(self, task: str, doc_id: Any, idx: int, request: str, state, model, timing: dict | None,
+              row: int = 0) -> None:
+        """One request's lines; ``row``: its row of a batched ``state``."""
         where = {"task": task, "doc_id": doc_id, "idx": idx, "request": request}
-        log = runner.log_record(f"{task}:{doc_id}", state, **where)
+        log = runner.log_record(f"{task}:{doc_id}", state, sample=row, **where)
         if self.folder is not None:
             brief = {k: v for k, v in log.items() if k not in ("question_id", "task", "encoder_kept")}
             brief["stages"] = [{k: v for k, v in st.items() if k != "kept"} for st in log.get("stages", [])]
@@ -243,7 +250,7 @@ class PioFvlm(lmms):
 
     Args:
         pretrained: a checkpoint folder or hub id (the runners' ``--model-path``).
-        batch_size: lmms-eval's; requests are answered one at a time (answers do not depend on it).
+        batch_size: lmms-eval's: ``generate_until`` requests per forward pass (the answers do not depend on it).
         device: ``cpu``, ``cuda``, ``cuda:1`` (default: ``cuda:<local rank>`` when CUDA is there, else CPU).
         pio_dir: where the run's records go (default: lmms-eval's ``--output_path``/pio_fvlm).
         run_name: the run's row in summarize's table (default: :func:`lmms_results.default_run_name`).
@@ -277,9 +284,12 @@ class PioFvlm(lmms):
         local_rank = int(env.get("LOCAL_RANK", self.accelerator.local_process_index))
         self.args.device = _device(device or self.args.device, local_rank)
         self._device = torch.device(self.args.device)
-        if str(batch_size) not in ("1", "None"):
-            logger.warning("pio_fvlm: batch_size %s: requests are answered one at a time (the answers are the "
-                           "same)", batch_size)
+        self._batch = _batch_size(batch_size)
+        self.args.batch_size = self._batch
+        try:
+            batching.check_batch_args(self.args)
+        except ValueError as err:
+            raise ValueError(f"pio_fvlm model_args: {_flagless(str(err))}") from None
         self.tokenizer, self.model, self.processor, self.model_name = runner.load_model(self.args, self.method)
         self.model.eval()
         recorded = {**given, **({"pio_dir": pio_dir} if pio_dir else {}), **({"run_name": run_name} if run_name else {})}
@@ -308,7 +318,7 @@ class PioFvlm(lmms):
 
     @property
     def batch_size(self) -> int:
-        return 1
+        return self._batch
 
     # ------------------------------------------------------------------ inputs
     def _images(self, visuals: Any, where: str) -> list:
@@ -380,6 +390,8 @@ class PioFvlm(lmms):
                                self.records.profile is not None, stop=until)
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        if self._batch > 1:
+            return self._generate_until_batched(requests)
         out = []
         for req in tqdm(requests, desc="pio_fvlm", unit="req", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
@@ -388,6 +400,35 @@ class PioFvlm(lmms):
             text, state, timing = self._answer(context, images, gen_kwargs, f"{task}:{split}:{doc_id}", where)
             self.records.write(task, doc_id, req.idx, "generate_until", state, self.model, timing)
             out.append(text)
+        return out
+
+    def _generate_until_batched(self, requests: Sequence[Any]) -> list[str]:
+        """``generate_until`` ``batch_size`` requests at a time: each run of consecutive requests with the same
+        ``generation_kwargs`` through one :class:`~llava.eval.batching.Batcher` (grouped by prompt length, each
+        request's own sampling seed, answers and records in request order)."""
+        out: list[str] = []
+        bar = tqdm(total=len(requests), desc="pio_fvlm", unit="req", disable=self.rank != 0)
+
+        def prepared(group: list[Any]):
+            for req in group:
+                context, _, doc_to_visual, doc_id, task, split = req.args
+                where = f"document {doc_id} of {task}"
+                images = self._images(doc_to_visual(self._doc(task, split, doc_id)), where)
+                ids, pixels, sizes = runner.encode(self._prompt(context, len(images), where), images, self.tokenizer,
+                                                   self.processor, self.model.config)
+                seed = runner.question_seed(self.args.seed, f"{task}:{split}:{doc_id}")
+                yield req, batching.Sample(ids, pixels, sizes, seed)
+
+        for _, same in itertools.groupby(requests, key=lambda r: json.dumps(r.args[1], sort_keys=True, default=str)):
+            group = list(same)
+            dec, until = self._decoding(group[0].args[1])
+            batcher = batching.Batcher(self.model, self.tokenizer, dec, self.method, stop=until)
+            for req, _, ans in batcher.run(prepared(group)):
+                _, _, _, doc_id, task, _ = req.args
+                self.records.write(task, doc_id, req.idx, "generate_until", ans.state, self.model, None, row=ans.row)
+                out.append(ans.text)
+                bar.update()
+        bar.close()
         return out
 
     def generate_until_multi_round(self, requests: Sequence[Any]) -> list[list[str]]:
@@ -482,6 +523,20 @@ class _Forced(LogitsProcessor):
         forced[:, self.tokens[min(self.step, len(self.tokens) - 1)]] = 0.0
         self.step += 1
         return forced
+
+
+def _batch_size(value: int | str | None) -> int:
+    """lmms-eval's ``--batch_size`` as a positive count (None: 1); ``auto`` and the like are refused."""
+    if value is None:
+        return 1
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"pio_fvlm: batch_size {value!r}: give a positive number of requests per forward pass "
+                         "(auto is not supported)")
+    return n
 
 
 def _device(device: str | None, local_rank: int) -> str:

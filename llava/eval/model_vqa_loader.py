@@ -61,14 +61,19 @@ def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
                          runner_options={"runner": "model_vqa_loader", "image_folder": os.path.abspath(args.image_folder)})
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a question jsonl with a LLaVA model (optionally with visual-token "
                                             "reduction).")
     p.add_argument("--image-folder", type=str, default="")
     p.add_argument("--question-file", type=str, default="tables/question.jsonl")
     runner.add_common_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     runner.setup_logging()
+    runner.join_launcher(args)  # under torchrun: this rank's shard, files and GPU
     eval_model(args)
 
 

@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     runner.setup_logging()
+    runner.join_launcher(args)  # under torchrun: this rank's shard, files and GPU
     eval_model(args)
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,10 @@ def add_common_args(p: argparse.ArgumentParser, conv_mode: str = "llava_v1", max
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers preparing images and prompts (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="questions per forward pass (left-padded, each pruned on its own; the answers are those of "
+                        "--batch-size 1). More memory: activations and KV cache grow with the batch; a batch that "
+                        "does not fit is split in halves and retried")
     p.add_argument("--min-pixels", type=int, default=None,
                    help="Qwen2.5-VL: smallest image area in pixels (default 1008*1008, the PIO authors' setting)")
     p.add_argument("--max-pixels", type=int, default=None,
@@ -88,6 +92,9 @@ def check_args(args: argparse.Namespace) -> ReductionMethod | None:
     check_conv_mode(args.conv_mode)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    from llava.eval.batching import check_batch_args
+
+    check_batch_args(args)
     method = method_from_args(args)
     if method is not None:
         args.family.check_method(method)  # an encoder-side method the family's vision tower cannot serve
@@ -150,6 +157,61 @@ def encode(prompt: str, images: Sequence[Any], tokenizer, processor, config) -> 
     if n_marks != len(images):
         raise ValueError(f"the prompt has {n_marks} {DEFAULT_IMAGE_TOKEN} mark(s) for {len(images)} image(s)")
     return family_of(config).encode(prompt, images, tokenizer, processor, config)
+
+
+# --------------------------------------------------------------------------- torchrun
+RANK_MARK = "{rank}"
+"""In ``--answers-file``, ``--pio-log`` and ``--profile`` under torchrun: replaced by the process's rank."""
+
+
+def join_launcher(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
+    """Under ``torchrun`` (``python -m torch.distributed.run``: ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in the
+    environment), make this process shard ``RANK`` of ``WORLD_SIZE``: ``--num-chunks``/``--chunk-idx`` from the
+    launcher, ``{rank}`` in the output paths replaced by the rank (each rank its own files: its own lock, run file
+    and resume), and the model on ``cuda:LOCAL_RANK`` when CUDA is there and ``--device`` is unset or ``cuda``.
+
+    No process group is created: ranks share nothing while they run, and their files are concatenated in rank
+    order after the launch (``merge_chunks`` in ``scripts/common.sh``), the same merge as for
+    ``CUDA_VISIBLE_DEVICES`` chunks. Outside a launcher nothing changes. Raises ValueError in one line on a bad
+    launcher variable, ``--num-chunks`` given as well, or several ranks without ``{rank}`` in ``--answers-file``.
+    """
+    env = os.environ if environ is None else environ
+    paths = [f for f in ("answers_file", "pio_log", "profile") if RANK_MARK in str(getattr(args, f, None) or "")]
+    if "WORLD_SIZE" not in env:
+        if paths:
+            raise ValueError(f"--{paths[0].replace('_', '-')} {getattr(args, paths[0])}: {RANK_MARK} is filled in "
+                             "with the rank under torchrun only; give a plain path to a single process")
+        return
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = env.get(name, "0")
+        if not text.isdigit():
+            raise ValueError(f"{name}={text!r} in the environment is not a whole number (set by torchrun)")
+        values[name] = int(text)
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} in the environment is not in [0, WORLD_SIZE={world})")
+    if world > 1 and (args.num_chunks != 1 or args.chunk_idx != 0):
+        raise ValueError(f"--num-chunks {args.num_chunks} --chunk-idx {args.chunk_idx} under torchrun "
+                         f"(WORLD_SIZE={world}): the ranks are the chunks; give one or the other")
+    shared = [f for f in ("answers_file", "pio_log", "profile") if getattr(args, f, None) and f not in paths]
+    if world > 1 and shared:
+        flag = "--" + shared[0].replace("_", "-")
+        raise ValueError(f"{flag} {getattr(args, shared[0])} under torchrun (WORLD_SIZE={world}): every rank writes "
+                         f"its own files, so put {RANK_MARK} in --answers-file, --pio-log and --profile (e.g. "
+                         f"answers/{world}_{RANK_MARK}.jsonl) and merge them in rank order afterwards")
+    if world > 1:
+        args.num_chunks, args.chunk_idx = world, rank
+    for f in paths:
+        setattr(args, f, getattr(args, f).replace(RANK_MARK, str(rank)))
+    if torch.cuda.is_available() and args.device in (None, "cuda"):
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but this node sees {torch.cuda.device_count()} CUDA device(s): "
+                             "start at most one process per GPU (NPROC_PER_NODE, torchrun --nproc_per_node)")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    logger.info("torchrun rank %d of %d (local rank %d): questions chunk %d of %d, device %s", rank, world, local,
+                args.chunk_idx, args.num_chunks, args.device or "default")
 
 
 # --------------------------------------------------------------------------- loading
@@ -354,10 +416,11 @@ def answer_record(question_id: Any, prompt: str, text: str, model_name: str, **e
     return rec
 
 
-def log_record(question_id: Any, state: PruneState, **extra: Any) -> dict:
-    """The reduction log line of one sample: visual counts per stage, kept positions, realised average."""
+def log_record(question_id: Any, state: PruneState, sample: int = 0, **extra: Any) -> dict:
+    """The reduction log line of one sample (row ``sample`` of a batch): visual counts per stage, kept positions,
+    realised average."""
     report = state.report()
-    rec = report[0] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
+    rec = report[sample] if report else {"n_visual": 0, "stages": [], "avg_visual_tokens": 0.0}
     return {"question_id": question_id, **extra, **rec}
 
 
@@ -503,7 +566,8 @@ def run_questions(
                          "file?); give the benchmark's question file")
     identity = run_identity(args, method, runner_options or {})
     summary = {"method": method.name if method is not None else "none", "budget": budget_label(args, method),
-               "method_config": method.config() if method is not None else None, "expected": expected}
+               "method_config": method.config() if method is not None else None, "expected": expected,
+               "batch_size": getattr(args, "batch_size", 1)}
     if getattr(args, "schedule_file", None):
         summary["schedule_file"] = os.path.abspath(args.schedule_file)
     reference = None
@@ -524,23 +588,12 @@ def run_questions(
             workers = args.num_workers if args.num_workers is not None else (4 if model.device.type == "cuda" else 0)
             data = _PreparedQuestions(todo, prepare, tok, proc, model.config)
             loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
-            for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
-                q = todo[i]
-                pixels = to_model(pixels, model) if pixels is not None else None
-                torch.manual_seed(question_seed(args.seed, q.key))
-                text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
-                                               first_logits=reference is not None)
-                profile = None
-                if files.profiling:
-                    from llava.eval.profiling import profile_record
+            if getattr(args, "batch_size", 1) > 1:
+                from llava.eval.batching import answer_in_batches
 
-                    profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
-                extra = dict(q.log_extra)
-                if reference is not None:
-                    extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
-                                                reference.get(q.key)))
-                log = log_record(q.question_id, state, **extra) if files.logging else None
-                files.write(q.key, record(q, text, name), log, profile)
+                answer_in_batches(args, todo, loader, model, tok, name, method, files, record, reference)
+            else:
+                _answer_one_by_one(args, todo, loader, model, tok, name, method, files, record, reference)
         elif items:
             logger.info("nothing to do: every question of this chunk is answered")
         else:
@@ -549,6 +602,29 @@ def run_questions(
         finished = True
     finally:
         files.close(finished)
+
+
+def _answer_one_by_one(args: argparse.Namespace, todo: list[Question], loader: Any, model, tok, name: str,
+                       method: ReductionMethod | None, files: RunFiles, record: Callable[[Question, str, str], dict],
+                       reference: dict[str, str] | None) -> None:
+    """:func:`run_questions`' loop with ``--batch-size 1``: one question per forward pass."""
+    for i, ids, pixels, sizes in tqdm(loader, desc="questions", unit="q"):
+        q = todo[i]
+        pixels = to_model(pixels, model) if pixels is not None else None
+        torch.manual_seed(question_seed(args.seed, q.key))
+        text, state, timing = generate(model, tok, ids, pixels, sizes, args, method, files.profiling,
+                                       first_logits=reference is not None)
+        profile = None
+        if files.profiling:
+            from llava.eval.profiling import profile_record
+
+            profile = {"question_id": q.question_id, **q.log_extra, **profile_record(model, state, timing)}
+        extra = dict(q.log_extra)
+        if reference is not None:
+            extra.update(loyalty_record(model, ids, pixels, sizes, state.first_logits, text,
+                                        reference.get(q.key)))
+        log = log_record(q.question_id, state, **extra) if files.logging else None
+        files.write(q.key, record(q, text, name), log, profile)
 
 
 def setup_logging() -> None:

@@ -5,7 +5,9 @@ Run the methods on one image and query::
     python -m llava.eval.visualize --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg \\
         --query "What is in the picture?" --methods pio,fastv,dart,visionzip --budget 64 --out fig.png
 
-or draw what a run already logged (``--pio-log`` of a runner; the model's config and image processor are read
+or on a video (``--video-file clip.mp4`` and the frame flags of ``llava.video``: the kept tokens on a strip of
+the frames, one tile per step of the video's tokens, e.g. per pair of frames for Qwen2.5-VL), or draw what a run
+already logged (``--pio-log`` of a runner; the model's config and image processor are read
 for the geometry, no weights)::
 
     python -m llava.eval.visualize --model-path liuhaotian/llava-v1.5-7b --image-file view.jpg \\
@@ -91,6 +93,40 @@ def image_layout(config: Any, processor: Any, image: Any, longest: int = DISPLAY
     x, y = _pixel_centres(views.canvas.size, display)
     out = [_view(v.name, tokens.positions(v.patch_at(x, y)), tokens.tokens_of(v.crops)) for v in views.views]
     return Layout(out, tokens.n, views.canvas, views.note)
+
+
+STRIP_COLUMNS = 8  # steps of a video per row of its strip
+STRIP_GAP = 4  # canvas pixels between the frames of a strip
+
+
+def video_layout(frames: np.ndarray, grid: tuple[int, int, int], longest: int = DISPLAY) -> Layout:
+    """The layout of a video's tokens on a strip of its frames: ``grid = (steps, rows, cols)``
+    (:meth:`llava.model.families.Family.video_grid`), step ``k``'s ``rows x cols`` tokens over the first frame it
+    encodes, the steps left to right in rows of :data:`STRIP_COLUMNS`; one view, positions in time order."""
+    from PIL import Image
+
+    steps, rows, cols = grid
+    n_frames, fh, fw = frames.shape[:3]
+    per_step = -(-n_frames // steps)
+    n_cols = min(steps, STRIP_COLUMNS)
+    n_rows = -(-steps // n_cols)
+    W, H = n_cols * fw + (n_cols - 1) * STRIP_GAP, n_rows * fh + (n_rows - 1) * STRIP_GAP
+    canvas = np.full((H, W, 3), 255, np.uint8)
+    for k in range(steps):
+        y, x = (k // n_cols) * (fh + STRIP_GAP), (k % n_cols) * (fw + STRIP_GAP)
+        canvas[y:y + fh, x:x + fw] = frames[min(k * per_step, n_frames - 1)]
+    display = _display_size((W, H), max(longest, 160 * n_cols))
+    x, y = _pixel_centres((W, H), display)
+    tx, ty = np.floor(x / (fw + STRIP_GAP)).astype(np.int64), np.floor(y / (fh + STRIP_GAP)).astype(np.int64)
+    ix, iy = x - tx * (fw + STRIP_GAP), y - ty * (fh + STRIP_GAP)  # inside the tile (or in the gap past it)
+    step = ty * n_cols + tx
+    c, r = np.floor(ix * cols / fw).astype(np.int64), np.floor(iy * rows / fh).astype(np.int64)
+    c, r, step = np.broadcast_arrays(c, r, step)
+    inside = (c < cols) & (r < rows) & (step < steps)
+    positions = np.where(inside, step * rows * cols + r * cols + c, -1)
+    note = f"{n_frames} frames, {steps} steps of {per_step}"
+    return Layout([_view("video", positions, np.arange(steps * rows * cols))], steps * rows * cols,
+                  Image.fromarray(canvas), note)
 
 
 # --------------------------------------------------------------------------- stages
@@ -238,11 +274,13 @@ def load_geometry(model_path: str, **options: Any):
     return family.load_geometry(path, **given)
 
 
-def run_methods(args: argparse.Namespace, names: Sequence[str], image: Any, loaded: tuple | None = None
-                ) -> tuple[list[tuple[str, dict[str, Any]]], Any, Any]:
-    """Prefill ``image`` and ``args.query`` once per method; ``([(name, log record)], config, processor)``."""
+def run_methods(args: argparse.Namespace, names: Sequence[str], image: Any, loaded: tuple | None = None,
+                video: Any = None) -> tuple[list[tuple[str, dict[str, Any]]], Any, Any]:
+    """Prefill ``image`` (or ``video``, a :class:`llava.video.Video`) and ``args.query`` once per method;
+    ``([(name, log record)], config, processor)``."""
     import copy
 
+    from llava.constants import DEFAULT_VIDEO_TOKEN
     from llava.eval import runner
     from pio.cli import method_from_args
     from pio.encoder import EncoderMethod
@@ -267,9 +305,13 @@ def run_methods(args: argparse.Namespace, names: Sequence[str], image: Any, load
         if m is not None:
             args.family.check_method(m)
             m.validate(depth)
-    token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
-    ids, pixels, sizes = runner.encode(runner.chat_prompt(f"{token}\n{args.query}", args.conv_mode), [image], tok,
-                                       proc, model.config)
+    if video is not None:
+        prompt = runner.chat_prompt(f"{DEFAULT_VIDEO_TOKEN}\n{args.query}", args.conv_mode)
+        ids, pixels, sizes = args.family.encode_video(prompt, video.frames, video.sample_fps, tok, proc, model.config)
+    else:
+        token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
+        ids, pixels, sizes = runner.encode(runner.chat_prompt(f"{token}\n{args.query}", args.conv_mode), [image],
+                                           tok, proc, model.config)
     pixels = runner.to_model(pixels, model)
     args.max_new_tokens = 1  # the prefill decides; one token is enough
     out = []
@@ -284,9 +326,13 @@ DEFAULT_METHODS = "pio,fastv,dart,visionzip"  # the paper's figure: PIO, text-to
 
 def build_parser() -> argparse.ArgumentParser:
     from llava.eval import runner
+    from llava.video import add_video_args
 
-    p = argparse.ArgumentParser(description="Draw which visual tokens each method keeps on one image.")
-    p.add_argument("--image-file", required=True)
+    p = argparse.ArgumentParser(description="Draw which visual tokens each method keeps on one image or video.")
+    p.add_argument("--image-file", default=None)
+    p.add_argument("--video-file", default=None,
+                   help="a video instead of --image-file: kept tokens on a strip of its frames (families with video; "
+                        "frames by the family's rule and the frame flags)")
     p.add_argument("--query", default="Describe the image in detail.",
                    help="the question the methods see (text-aware methods choose by it)")
     p.add_argument("--methods", default=None,
@@ -296,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-id", default=None, help="with --pio-log: the logged question to draw")
     p.add_argument("--out", default="kept_tokens.png")
     runner.add_common_args(p, conv_mode=None, max_new_tokens=1)
+    add_video_args(p)
     p.set_defaults(temperature=0.0)
     return p
 
@@ -309,7 +356,10 @@ def make_figure(args: argparse.Namespace, loaded: tuple | None = None) -> Figure
     if args.loyalty_to or args.schedule_file:
         raise ValueError("visualize draws the methods of --methods; --loyalty-to and --schedule-file apply to the "
                          "question runners")
-    image = runner.load_image(args.image_file)
+    if (args.image_file is None) == (args.video_file is None):
+        raise ValueError("give one of --image-file or --video-file")
+    video = _read_video(args) if args.video_file else None
+    image = runner.load_image(args.image_file) if video is None else None
     names = [n.strip() for n in (args.methods or DEFAULT_METHODS).split(",") if n.strip()]
     if not names:
         raise ValueError(f"--methods is empty; give at least one method, e.g. {DEFAULT_METHODS}")
@@ -325,17 +375,36 @@ def make_figure(args: argparse.Namespace, loaded: tuple | None = None) -> Figure
         if args.budget is None and not any(getattr(args, k, None) for k in ("tokens", "ratios", "budget_ratio",
                                                                             "budget_tokens")):
             args.budget = "64"  # the paper's tightest budget, where the methods differ most
-        records, config, processor = run_methods(args, names, image, loaded)
+        records, config, processor = run_methods(args, names, image, loaded, video)
         source = f"budget {args.budget}" if args.budget is not None else ""
-    layout = image_layout(config, processor, image)
+    if video is not None:
+        from llava.model.families import family_of
+
+        layout = video_layout(video.frames, family_of(config).video_grid(processor, video.frames))
+        image = layout.canvas
+    else:
+        layout = image_layout(config, processor, image)
     for label, rec in records:
         n = rec.get("n_encoder", rec.get("n_visual"))
         if n != layout.n_tokens:
-            raise ValueError(f"{label}: the log has {n} visual tokens for this image, but the model lays it out in "
-                             f"{layout.n_tokens}: is it the image (and --min-pixels/--max-pixels) the run used?")
+            what, flags = ("video", "the frame flags") if video is not None else ("image", "--min-pixels/--max-pixels")
+            raise ValueError(f"{label}: the log has {n} visual tokens for this {what}, but the model lays it out in "
+                             f"{layout.n_tokens}: is it the {what} (and {flags}) the run used?")
     model = os.path.basename(os.path.normpath(args.model_path))
     return draw_figure(image, layout, [(lab.partition("@")[0], stages_of(rec)) for lab, rec in records],
-                       title=f"{os.path.basename(args.image_file)} · {model}{' · ' + source if source else ''}")
+                       title=f"{os.path.basename(args.image_file or args.video_file)} · {model}"
+                             f"{' · ' + source if source else ''}")
+
+
+def _read_video(args: argparse.Namespace) -> Any:
+    """The video's frames sampled by the checkpoint's family's rule and the frame flags (one-line refusal for a
+    family without video)."""
+    from llava.eval import runner
+    from llava.video import VideoSampling, load_video
+
+    runner.resolve_family_args(args)
+    args.family.check_video()
+    return load_video(args.video_file, VideoSampling.from_args(args, args.family.video_rule))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -92,6 +92,8 @@ class Family:
         method_options: what every reduction method takes on it (:class:`pio.family.ModelFamily`).
         tower: its vision tower's capability flags (:class:`pio.encoder.TowerTraits`).
         shapes: its named benchmark shapes (:class:`Shape`).
+        video_rule: the frame sampling rule of :mod:`llava.video` its videos are read with (``"qwen"``), or None
+            when the family takes no video (:meth:`encode_video` refuses).
     """
 
     name: ClassVar[str]
@@ -107,6 +109,7 @@ class Family:
     method_options: ClassVar[Mapping[str, Any]] = {}
     tower: ClassVar[TowerTraits]
     shapes: ClassVar[tuple[Shape, ...]] = ()
+    video_rule: ClassVar[str | None] = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -162,6 +165,27 @@ class Family:
         ``forward`` take as ``images`` / ``image_sizes``."""
         raise NotImplementedError
 
+    def encode_video(self, prompt: str, frames: np.ndarray, sample_fps: float, tokenizer: Any, processor: Any,
+                     config: Any) -> tuple[torch.Tensor, Any, Any]:
+        """``(input_ids (1, T), visual inputs, None)`` of a templated ``prompt`` whose one ``<video>`` mark stands
+        for ``frames`` (uint8 RGB (F, H, W, 3), sampled by :attr:`video_rule` at ``sample_fps`` frames per second),
+        what ``generate`` takes as ``images``. A family without video refuses in one line."""
+        self.check_video()
+        raise NotImplementedError
+
+    def video_grid(self, processor: Any, frames: np.ndarray) -> tuple[int, int, int]:
+        """``(steps, rows, cols)`` of a video's tokens (``frames``: the sampled frames (F, H, W, 3) as the family
+        reads them): its tokens are ``steps`` row-major ``rows x cols`` maps in time order, step ``k`` showing
+        frames ``k * F / steps`` onwards (for pictures of kept tokens)."""
+        self.check_video()
+        raise NotImplementedError
+
+    def check_video(self) -> None:
+        """Refuse, in one line, video input to a family that takes none (:attr:`video_rule` None)."""
+        if self.video_rule is None:
+            able = ", ".join(f.title for f in families() if f.video_rule) or "none"
+            raise ValueError(f"{self.title} takes no video input in this codebase (families with video: {able})")
+
     # -- the language model -----------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
         """The language model's part of a config (or of a raw ``config.json`` dict): its ``text_config`` where it
@@ -212,6 +236,14 @@ class Family:
                         ) -> tuple[torch.Tensor, Any, Any]:
         """``(ids, pixels, sizes)``: ``n_text`` random text ids (drawn from ``rng``) with ``image`` after a
         system-prompt-long prefix, as ``generate`` takes them."""
+        raise NotImplementedError
+
+    def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:
+        """``(ids, visual inputs, None)``: ``n_text`` random text ids with a synthetic video of ``n_frames`` frames of
+        ``size`` (width, height) read by the family's rule (``llava.eval.bench --video-frames``); a family without
+        video refuses in one line."""
+        self.check_video()
         raise NotImplementedError
 
     def bench_image_size(self, config: Any) -> tuple[int, int]:

@@ -22,6 +22,8 @@ QWEN_PIXELS = 1008 * 1008  # the PIO authors' Qwen2.5-VL evaluation: min_pixels 
 QWEN_CONV_MODE = "qwen2_5_vl"
 QWEN_IMAGE_PAD = "<|image_pad|>"
 QWEN_IMAGE = "<|vision_start|>" + QWEN_IMAGE_PAD + "<|vision_end|>"
+QWEN_VIDEO_PAD = "<|video_pad|>"
+QWEN_VIDEO = "<|vision_start|>" + QWEN_VIDEO_PAD + "<|vision_end|>"  # the chat template's video content
 QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                 vision_end_token_id=151653)  # Qwen2.5-VL's, inside the 7B vocabulary
 
@@ -43,6 +45,7 @@ class Qwen2_5_VLFamily(Family):
                Option("max_pixels", "--max-pixels", "its image resolution bounds"))
     method_options = {"positions": "original"}  # M-RoPE: kept tokens keep their ids (the PIO authors' Qwen choice)
     tower = TowerTraits(cls_token=False, patches_per_token=4, per_crop=False)  # 2 x 2 merger, one grid per image
+    video_rule = "qwen"  # qwen-vl-utils' frame sampling (llava.video)
     shapes = (
         # Qwen2.5-VL-7B-Instruct at the PIO authors' resolution (min = max pixels = 1008^2: 1296 visual tokens)
         Shape("qwen2.5-vl-7b", "qwen2_5_vl", dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4,
@@ -115,6 +118,25 @@ class Qwen2_5_VLFamily(Family):
         parts = text.split(QWEN_IMAGE_PAD)  # one image token per merged patch, as Qwen's processor expands them
         text = parts[0] + "".join(QWEN_IMAGE_PAD * int(n) + rest for n, rest in zip(counts, parts[1:], strict=True))
         return tokenizer(text, return_tensors="pt")["input_ids"], out["pixel_values"], out["image_grid_thw"]
+
+    def encode_video(self, prompt: str, frames: np.ndarray, sample_fps: float, tokenizer: Any, processor: Any,
+                     config: Any) -> tuple[torch.Tensor, Any, Any]:
+        """The ``<video>`` mark (with the newline after it) becomes Qwen's video content, ``<|video_pad|>`` expanded
+        to one per merged patch (``t * h * w / merge**2``, as its processor does); the visual inputs are
+        :func:`llava.video.qwen_video_inputs` of the frames in a :class:`QwenVisual`."""
+        from llava.constants import DEFAULT_VIDEO_TOKEN
+        from llava.video import qwen_video_inputs
+
+        from .language_model.qwen2_5_vl import QwenVisual
+
+        if prompt.count(DEFAULT_VIDEO_TOKEN) != 1:
+            raise ValueError(f"a video prompt holds one {DEFAULT_VIDEO_TOKEN} mark, this one "
+                             f"{prompt.count(DEFAULT_VIDEO_TOKEN)}")
+        inputs = qwen_video_inputs(frames, processor, sample_fps)
+        n = int(inputs["video_grid_thw"].prod()) // int(processor.merge_size) ** 2
+        text = prompt.replace(DEFAULT_VIDEO_TOKEN + "\n", QWEN_VIDEO).replace(DEFAULT_VIDEO_TOKEN, QWEN_VIDEO)
+        text = text.replace(QWEN_VIDEO_PAD, QWEN_VIDEO_PAD * n)
+        return tokenizer(text, return_tensors="pt")["input_ids"], QwenVisual(**inputs), None
 
     # -- the image's tokens -----------------------------------------------------------------------------
     def _grid(self, processor: Any, image: Any) -> tuple[int, int]:
@@ -199,6 +221,35 @@ class Qwen2_5_VLFamily(Family):
         image_ids = [cfg.vision_start_token_id, *[cfg.image_token_id] * n, cfg.vision_end_token_id]
         ids = [*text[:34], *image_ids, *text[34:]]
         return torch.tensor([ids]), out["pixel_values"], out["image_grid_thw"]
+
+    def video_grid(self, processor: Any, frames: np.ndarray) -> tuple[int, int, int]:
+        """One step per temporal patch (``temporal_patch_size`` frames, an odd last frame repeated), its merged
+        ``merge x merge`` patches row-major (the order of ``qwen_video_inputs``)."""
+        tp, cell = int(processor.temporal_patch_size), int(processor.patch_size) * int(processor.merge_size)
+        n, h, w = frames.shape[:3]
+        return -(-n // tp), h // cell, w // cell
+
+    def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:
+        """Frames as qwen-vl-utils reads a ``size`` video at its defaults (``num_frames = n_frames``, each frame
+        resized to ``qwen_frame_size``), one second per frame pair (2 frames per second); the video after a
+        system-prompt-long prefix."""
+        from llava.video import VideoSampling, qwen_frame_size, qwen_video_inputs
+
+        from .language_model.qwen2_5_vl import QwenVisual
+
+        w, h = size
+        fh, fw = qwen_frame_size(h, w, n_frames, VideoSampling(num_frames=n_frames))
+        yy, xx = np.mgrid[0:fh, 0:fw]
+        frames = np.stack([np.stack([(xx + 4 * k) % 256, yy % 256, rng.integers(0, 256, size=(fh, fw))], -1)
+                           for k in range(n_frames)]).astype(np.uint8)  # (F, H, W, 3), a pattern moving right
+        inputs = qwen_video_inputs(frames, processor, sample_fps=2.0)
+        cfg = model.config
+        n = int(inputs["video_grid_thw"].prod()) // processor.merge_size**2
+        special = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id)
+        text = rng.integers(3, special, size=n_text - 1).tolist()
+        ids = [*text[:34], cfg.vision_start_token_id, *[cfg.video_token_id] * n, cfg.vision_end_token_id, *text[34:]]
+        return torch.tensor([ids]), QwenVisual(**inputs), None
 
     def write_tiny(self, out_dir: str | os.PathLike, variant: str | None = None, seed: int = 0, layers: int = 4,
                    hidden: int | None = None, **overrides: Any) -> Path:

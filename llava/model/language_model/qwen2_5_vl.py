@@ -4,8 +4,8 @@
 touching its modules: the vision transformer, the merger, the decoder layers, rotary embedding, norm and head
 are transformers' own, so the official checkpoint loads unchanged. Ours are the forward (the shared decoder
 loop of :mod:`llava.model.pruning`, with the prune step after the layers a method acts at), the splicing of the
-image features into the text (where an encoder-side method may drop some); the forward and ``generate`` are the
-ones every family shares (:class:`~llava.model.reducible.ReducibleLM`).
+image and video features into the text (where an encoder-side method may drop some image tokens); the forward and
+``generate`` are the ones every family shares (:class:`~llava.model.reducible.ReducibleLM`).
 
 Positions are Qwen's 3-D M-RoPE ids (temporal, height, width; transformers' ``get_rope_index``). A pruned
 token keeps its original ids (the PIO authors' choice; ``--positions renumber`` gives the kept tokens
@@ -17,6 +17,7 @@ kept) lives in the call's :class:`pio.PruneState` and the generation kwargs, nev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -32,7 +33,41 @@ from ..layout import ImageLayout
 from ..pruning import DecoderAdapter, Segment
 from ..reducible import MultimodalInputs, ReducibleLM
 
-__all__ = ["Qwen2_5_VLForReduction", "QwenAdapter", "QwenImageTower", "mrope_merge"]
+__all__ = ["Qwen2_5_VLForReduction", "QwenAdapter", "QwenImageTower", "QwenVisual", "mrope_merge"]
+
+VIDEO_KWARGS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass
+class QwenVisual:
+    """Qwen2.5-VL's visual inputs of one call, images and videos, under transformers' names; what a runner passes
+    as ``images`` when a prompt holds a video (``to(device, dtype)`` moves it like a pixel tensor).
+
+    Attributes:
+        pixel_values: (sum of t*h*w over images, C*2*14*14) or None; image_grid_thw: (n_images, 3) long.
+        pixel_values_videos: (sum of t*h*w over videos, C*2*14*14) or None; video_grid_thw: (n_videos, 3) long,
+            ``t`` temporal patches of 2 frames each; second_per_grid_ts: (n_videos,) seconds per temporal patch
+            (None: 1.0, as transformers).
+    """
+
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> QwenVisual:
+        """Pixels to ``device`` and ``dtype``; grids and times to ``device`` only."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            pixels = f.name.startswith("pixel_values")
+            out[f.name] = None if v is None else v.to(device, dtype) if pixels and dtype is not None else v.to(device)
+        return QwenVisual(**out)
+
+    @property
+    def has_video(self) -> bool:
+        return self.pixel_values_videos is not None
 
 
 def mrope_merge(x: torch.Tensor, sections: Sequence[int]) -> torch.Tensor:
@@ -189,6 +224,19 @@ class Qwen2_5_VLForReduction(ReducibleLM, Qwen2_5_VLForConditionalGeneration):
     image_aliases = {"pixel_values": "images", "image_grid_thw": "image_sizes"}
     prepare_text_only = True  # M-RoPE positions and the image-token check come from the whole prompt
 
+    def _image_arguments(self, images: Any, image_sizes: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """``images`` / ``image_sizes`` as every family takes them, and transformers' video arguments
+        (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``, popped from kwargs) gathered with
+        them into one :class:`QwenVisual`."""
+        images, image_sizes = super()._image_arguments(images, image_sizes, kwargs)
+        video = {k: kwargs.pop(k, None) for k in VIDEO_KWARGS}
+        if all(v is None for v in video.values()):
+            return images, image_sizes
+        if isinstance(images, QwenVisual):
+            raise ValueError("pass videos either inside a QwenVisual or as pixel_values_videos / video_grid_thw, "
+                             "not both")
+        return QwenVisual(images, image_sizes, **video), None
+
     def decoder_adapter(self) -> QwenAdapter:
         """The language model as the prune step sees it (layers, norm, head, M-RoPE, positions)."""
         return QwenAdapter(self.model.language_model, self.lm_head)
@@ -200,9 +248,12 @@ class Qwen2_5_VLForReduction(ReducibleLM, Qwen2_5_VLForConditionalGeneration):
         pre: EncoderMethod | None = None, state: PruneState | None = None,
     ) -> MultimodalInputs:
         """Embeddings with the images' features (``images``: the processor's ``pixel_values``; ``image_sizes``:
-        its ``image_grid_thw``) in place of their ``<|image_pad|>`` tokens, the M-RoPE position ids (3, B, S) and
-        each image's span; an encoder-side method ``pre`` first drops (and may merge) each image's tokens, which
-        then leave the sequence with their position ids (and labels).
+        its ``image_grid_thw``; or a :class:`QwenVisual` holding images and/or videos) in place of their
+        ``<|image_pad|>`` / ``<|video_pad|>`` tokens, the M-RoPE position ids (3, B, S; a video's temporal ids
+        from ``second_per_grid_ts`` as transformers' ``get_rope_index`` computes them) and each image's or
+        video's span (a video is one span: all its frames' tokens); an encoder-side method ``pre`` first drops
+        (and may merge) each image's tokens, which then leave the sequence with their position ids (and labels);
+        on videos it is refused.
 
         Returns :class:`~llava.model.reducible.MultimodalInputs` with ``position_ids`` (3, B, S) and
         ``rope_deltas`` (B, 1) (the next position minus the sequence length).
@@ -212,44 +263,61 @@ class Qwen2_5_VLForReduction(ReducibleLM, Qwen2_5_VLForConditionalGeneration):
         mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(device)
         side = padding_side or _padding_side(mask)
         embeds = self.get_input_embeddings()(input_ids)
+        visual = images.to(device) if isinstance(images, QwenVisual) else QwenVisual(images, image_sizes)
+        if visual.pixel_values is not None and visual.image_grid_thw is None:
+            raise ValueError("pixel_values without image_grid_thw: pass both, as the processor returns them")
+        if visual.pixel_values_videos is not None and visual.video_grid_thw is None:
+            raise ValueError("pixel_values_videos without video_grid_thw: pass both, as the processor returns them")
+        image_grid_thw = visual.image_grid_thw.to(device) if visual.image_grid_thw is not None else None
+        video_grid_thw = visual.video_grid_thw.to(device) if visual.video_grid_thw is not None else None
         is_image = input_ids == self.config.image_token_id
-        if (input_ids == self.config.video_token_id).any():
-            raise ValueError("video inputs are not supported; pass images")
-        n_tokens = is_image.sum(dim=1).tolist()
-        features: list[torch.Tensor] = []
+        is_video = input_ids == self.config.video_token_id
         maps = None
-        image_grid_thw = image_sizes
-        if images is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values without image_grid_thw: pass both, as the processor returns them")
-            image_grid_thw = image_grid_thw.to(device)
+        if pre is not None and visual.has_video:
+            raise ValueError(f"{pre.name} is an encoder-side method, which runs on Qwen2.5-VL's images only; for "
+                             "videos use a method inside the language model (e.g. pio, fastv)")
+        features: list[torch.Tensor] = []
+        if visual.pixel_values is not None:
             if pre is not None:
                 check_tower(pre, self.vision_traits())
                 if "received_attention" in pre.needs:
                     maps = _VisionMaps(self.model.visual, image_grid_thw)
             hooks = maps.catch() if maps is not None else []
             try:
-                features = list(self.model.get_image_features(images.to(device), image_grid_thw))
+                features = list(self.model.get_image_features(visual.pixel_values.to(device), image_grid_thw))
             finally:
                 for hook in hooks:
                     hook.remove()
-            if state is not None:
-                state.vision_grids = [list(map(int, g)) for g in image_grid_thw.tolist()]
-        if sum(n_tokens) != sum(int(f.shape[0]) for f in features):
-            raise ValueError(f"the prompts hold {sum(n_tokens)} image tokens but the images give "
-                             f"{sum(int(f.shape[0]) for f in features)} features: build prompts and pixels with "
-                             "the same processor call")
-        if features:
-            flat = torch.cat(features).to(embeds.dtype)
-            embeds = embeds.masked_scatter(is_image[..., None].expand_as(embeds), flat)
-        positions, _ = self.model.get_rope_index(input_ids, image_grid_thw, None, attention_mask=mask)
-        spans = visual_spans(is_image & mask.bool())
+        embeds = self._splice(embeds, is_image, features, "image")
+        videos: list[torch.Tensor] = []
+        if visual.has_video:
+            videos = list(self.model.get_video_features(visual.pixel_values_videos.to(device), video_grid_thw))
+        embeds = self._splice(embeds, is_video, videos, "video")
+        if state is not None:
+            grids = [g for g in (image_grid_thw, video_grid_thw) if g is not None]
+            state.vision_grids = [list(map(int, g)) for g in torch.cat(grids).tolist()] if grids else []
+        times = visual.second_per_grid_ts
+        positions, _ = self.model.get_rope_index(input_ids, image_grid_thw, video_grid_thw,
+                                                 times.to(device) if times is not None else None, attention_mask=mask)
+        spans = visual_spans((is_image | is_video) & mask.bool())
         encoder = None
         if pre is not None and features:
             embeds, mask, positions, labels, spans, encoder = self._reduce_images(
                 pre, features, image_grid_thw, maps, embeds, mask, positions, labels, spans, side, state)
         return MultimodalInputs(embeds, mask.long(), positions, labels, spans, side, encoder,
                                 next_positions(positions, mask) - mask.shape[1])
+
+    @staticmethod
+    def _splice(embeds: torch.Tensor, where: torch.Tensor, features: list[torch.Tensor], what: str) -> torch.Tensor:
+        """``embeds`` (B, S, D) with ``features`` (per image or video, (n, D)) in the positions ``where`` (B, S)
+        marks, in order; their counts must agree."""
+        n_tokens, n_features = int(where.sum()), sum(int(f.shape[0]) for f in features)
+        if n_tokens != n_features:
+            raise ValueError(f"the prompts hold {n_tokens} {what} tokens but the {what}s give {n_features} features: "
+                             f"build prompts and pixels with the same processor call")
+        if not features:
+            return embeds
+        return embeds.masked_scatter(where[..., None].expand_as(embeds), torch.cat(features).to(embeds.dtype))
 
     def vision_traits(self) -> TowerTraits:
         """The vision tower's capability flags (no CLS token; patches merged into each token; one grid per

@@ -1,0 +1,102 @@
+"""Answer a video question jsonl (Video-MME's ``llava_videomme.jsonl``; any file whose lines hold ``question_id``,
+``video`` and ``text``): ``model_vqa_loader`` for videos, with the same flags, resume, run identity and logs, plus
+the frame sampling flags of :mod:`llava.video` (recorded in the run description and its identity).
+
+    python -m llava.eval.model_video_qa --model-path Qwen/Qwen2.5-VL-7B-Instruct \\
+        --question-file videomme/llava_videomme.jsonl --video-folder videomme --answers-file A.jsonl \\
+        --temperature 0 --max_new_tokens 16 --num-frames 32 --method pio --budget 0.111
+
+Frames are read with the model family's rule (Qwen2.5-VL: qwen-vl-utils' ``fps`` 2 / ``--num-frames``, per-frame
+pixel budget); a family without video (LLaVA; LLaVA-OneVision until its video path lands) is refused in one line
+before any video is decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+
+from llava.constants import DEFAULT_VIDEO_TOKEN
+from llava.eval import runner
+from llava.video import VideoSampling, add_video_args, load_video
+
+logger = logging.getLogger(__name__)
+
+
+def read_questions(args: argparse.Namespace) -> tuple[list[runner.Question], int]:
+    """This chunk's questions and the whole file's count; a missing video raises naming the question (before the
+    model is loaded). A question is its id and its text: the same pair twice is refused (or answered once)."""
+    questions = runner.read_jsonl_questions(args.question_file, ("question_id", "video", "text"))
+    items = [runner.Question(str(i), q["question_id"], q) for i, q in enumerate(questions)]
+    items = runner.first_of_each(items, lambda it: (str(it.question_id), it.data["text"]),
+                                 lambda i: f"{args.question_file}:{i + 1} (question {items[i].question_id!r})",
+                                 args.keep_first_duplicate, "question")
+    total = len(items)
+    items = runner.get_chunk(items, args.num_chunks, args.chunk_idx)
+    for it in items:
+        path = os.path.join(args.video_folder, it.data["video"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"question {it.question_id}: video file not found: {path}")
+    return items, total
+
+
+def video_sampling(args: argparse.Namespace) -> VideoSampling:
+    """The frame sampling of the flags under the checkpoint's family's rule; a family without video refuses."""
+    runner.resolve_family_args(args)
+    args.family.check_video()
+    return VideoSampling.from_args(args, args.family.video_rule)
+
+
+def check_video_method(args: argparse.Namespace) -> None:
+    """Refuse an encoder-side method (alone or in a composition) before any video is read: they act on images."""
+    from pio.cli import method_from_args
+    from pio.encoder import split_reducer
+
+    pre, _ = split_reducer(method_from_args(args))
+    if pre is not None:
+        raise ValueError(f"{pre.name} is an encoder-side method, which runs on images only; for videos use a method "
+                         "inside the language model (e.g. pio, fastv)")
+
+
+def prepare(args: argparse.Namespace, sampling: VideoSampling, item: runner.Question, tokenizer, processor,
+            config) -> runner.Prepared:
+    """Frames, prompt and visual inputs of one question (in a DataLoader worker)."""
+    from llava.model.families import family_of
+
+    video = load_video(os.path.join(args.video_folder, item.data["video"]), sampling)
+    prompt = runner.chat_prompt(DEFAULT_VIDEO_TOKEN + "\n" + item.data["text"], args.conv_mode)
+    return family_of(config).encode_video(prompt, video.frames, video.sample_fps, tokenizer, processor, config)
+
+
+def record(item: runner.Question, text: str, model_name: str) -> dict:
+    return runner.answer_record(item.question_id, item.data["text"], text, model_name)
+
+
+def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
+    sampling = video_sampling(args)
+    check_video_method(args)
+    items, total = read_questions(args)
+    options = {"runner": "model_video_qa", "video_folder": os.path.abspath(args.video_folder),
+               "video_sampling": sampling.record()}
+    runner.run_questions(args, items, functools.partial(prepare, args, sampling), record, loaded=loaded,
+                         expected=total, runner_options=options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Answer a video question jsonl with a video-language model (optionally "
+                                            "with visual-token reduction).")
+    p.add_argument("--video-folder", type=str, default="")
+    p.add_argument("--question-file", type=str, default="tables/question.jsonl")
+    runner.add_common_args(p)
+    add_video_args(p)
+    args = p.parse_args(argv)
+    runner.setup_logging()
+    eval_model(args)
+
+
+if __name__ == "__main__":
+    from llava.utils import cli
+
+    cli(main)
