@@ -365,6 +365,17 @@ conv_qwen2_5_vl = Conversation(
 """Qwen2.5-VL-Instruct's chat format (its chat template with the default system turn); ``<image>`` becomes
 ``<|vision_start|><|image_pad|><|vision_end|>`` when the prompt is encoded (:func:`llava.eval.runner.encode`)."""
 
+conv_qwen = Conversation(
+    system="<|im_start|>system\nYou are a helpful assistant.",
+    roles=("<|im_start|>user", "<|im_start|>assistant"),
+    version="qwen",
+    sep_style=SeparatorStyle.CHATML,
+    sep="<|im_end|>",
+)
+"""LLaVA-NeXT's ``qwen_1_5`` / ``qwen_2`` template (``conv_qwen``), LLaVA-OneVision's chat format:
+``<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nQ<|im_end|>\n
+<|im_start|>assistant\n``."""
+
 default_conversation = conv_vicuna_v1
 """The template used when no mode is given (upstream's current default)."""
 
@@ -388,6 +399,8 @@ conv_templates: dict[str, Conversation] = {
     "llava_llama_2": conv_llava_llama_2,
     "mpt": conv_mpt,
     "qwen2_5_vl": conv_qwen2_5_vl,
+    "qwen_1_5": conv_qwen,
+    "qwen_2": conv_qwen,
 }
 """Registry of templates by ``--conv-mode`` name. Call ``.copy()`` before appending messages."""
 

@@ -193,6 +193,13 @@ class ReductionMethod(ABC):
         out["options"] = {**out["options"], **own.get("options", {})}
         return out
 
+    @classmethod
+    def ve_preset(cls, pre: type, budget: float, family: str | ModelFamily | None = None, **options: Any) -> Any:
+        """A published encoder + in-LLM configuration for the "w/ VE" budget ``budget`` on ``family`` with the
+        encoder-side method ``pre`` (a :class:`pio.encoder.Pipeline`), or None: the generic w/ VE rule applies
+        (:meth:`pio.encoder.Pipeline.from_budget`). VFlowOpt's OneVision strategies are one."""
+        return None
+
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
     def schedule_for(

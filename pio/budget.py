@@ -48,7 +48,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Anchors", "budget_counts", "round_half_up"]
+__all__ = ["Anchors", "budget_counts", "round_half_up", "same_share_of_depth"]
 
 _REFINE_MAX_STAGES = 5
 _REFINE_RADIUS = 2
@@ -227,3 +227,16 @@ def _budget_counts_cached(
                 best_key, best = key, cand
         counts = best
     return tuple(counts)
+
+
+def same_share_of_depth(layers: Sequence[int], num_layers: int, published: int = 32) -> tuple[int, ...]:
+    """1-based ``layers`` published for a ``published``-layer decoder moved to the same share of a ``num_layers``
+    one (``round_half_up(l * num_layers / published)``, at least 1, kept strictly increasing): the layers of a
+    method on a model its authors give no setting for, e.g. LLaVA-OneVision-7B's 28 layers
+    (PIO's 1, 10, 15 of 32 -> 1, 9, 13)."""
+    out: list[int] = []
+    for layer in layers:
+        moved = max(1, round_half_up(layer * num_layers / published), (out[-1] + 1) if out else 1)
+        out.append(min(moved, num_layers))
+    return tuple(out)
+

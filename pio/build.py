@@ -370,7 +370,7 @@ class _Request:
         if pre_tokens is None and "budget" in g and len(self.targets(g)) == 1:
             layers = None if "layers" not in g else parse_layers(g["layers"])
             pipe = Pipeline.from_budget(pre, llm, self.number(g, "budget"), layers, family, **llm_options)
-            return Pipeline(pre(tokens=pipe.pre.tokens, **pre_options), pipe.llm)
+            return Pipeline(replace(pipe.pre, **pre_options), pipe.llm)  # a preset's encoder options kept
         if pre_tokens is None:
             raise ValueError(f"{self.said('method', f'{pre.name}+{llm.name}')} needs {self.said('budget', 'B')} (the "
                              f"paper's w/ VE row) or {self.said('pre_tokens', 'T')} (tokens per crop before the "

@@ -257,6 +257,10 @@ class Pipeline:
         if not 0 < budget <= PAPER_N0 / VE_SHARE:
             raise ValueError(f"budget {budget:g} w/ VE must be in (0, {PAPER_N0 / VE_SHARE:g}]: the encoder keeps "
                              f"{VE_SHARE:g} x the budget per crop of {PAPER_N0} (the paper's 64, 128, 192)")
+        if layers is None:
+            preset = llm.ve_preset(pre, budget, family, **options)
+            if preset is not None:
+                return preset
         encoder_tokens = VE_SHARE * budget
         d = llm.defaults(family)
         layers = layers if layers is not None else (d["ve_layers"] or d["layers"])

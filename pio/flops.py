@@ -360,8 +360,10 @@ def clip_vision_flops(
     intermediate: int = 4096,
     layers: int = 24,
     num_crops: int = 1,
+    cls_token: bool = True,
 ) -> dict[str, int]:
-    """FLOPs of a CLIP ViT on ``num_crops`` square crops (defaults: ViT-L/14-336 of LLaVA).
+    """FLOPs of a CLIP ViT on ``num_crops`` square crops (defaults: ViT-L/14-336 of LLaVA); ``cls_token=False``
+    for a tower without one (SigLIP: ``N = P``).
 
     Patch embedding: a conv with ``3*p*p`` inputs per patch, ``2*P*3*p*p*hidden``. Each of ``layers`` layers on
     ``N = P + 1`` tokens (CLS included), bidirectional attention: q/k/v/o projections ``4 * 2*N*h^2``,
@@ -370,7 +372,7 @@ def clip_vision_flops(
     penultimate layer's output, but an unmodified ``CLIPVisionModel`` runs all 24).
     """
     patches = (image_size // patch_size) ** 2
-    n = patches + 1
+    n = patches + int(cls_token)
     h, m = hidden, intermediate
     per_crop = {
         "patch_embed": 2 * patches * 3 * patch_size * patch_size * h,

@@ -19,7 +19,7 @@ if "PIO_FVLM_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["PIO_FVLM_CACHE"], True)
 
 
-TINY_SEEDS = {"llava-v1.5": 0, "llava-v1.6": 1, "qwen2_5_vl": 2}
+TINY_SEEDS = {"llava-v1.5": 0, "llava-v1.6": 1, "qwen2_5_vl": 2, "llava-onevision": 3}
 """The test entry of every family variant: the seed of its tiny checkpoint (a new family adds its variants)."""
 
 

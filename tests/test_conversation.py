@@ -59,6 +59,15 @@ ONE_TURN = {
     "v1_mmtag": f"{SYS_MMTAG} USER: {Q} ASSISTANT:",
     "llava_v1_mmtag": f"{SYS_MMTAG} USER: {Q} ASSISTANT:",
     "v0_mmtag": f"{SYS_MMTAG}###Human: {Q}###Assistant:",
+    # LLaVA-NeXT's conv_qwen (LLaVA-OneVision): SeparatorStyle.CHATML, sep "<|im_end|>"
+    "qwen_1_5": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "qwen_2": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{Q}<|im_end|>\n<|im_start|>assistant\n"
+    ),
 }
 
 

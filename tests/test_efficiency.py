@@ -97,6 +97,20 @@ def test_bench_qwen_shape():
     assert pio["kv_mb"] < base["kv_mb"] and "ideal_speedup_calibrated" in pio
 
 
+@pytest.mark.slow
+def test_bench_onevision_shape():
+    """The LLaVA-OneVision shapes (the 7B depth): 2929 visual tokens for the 640 x 480 image, FastV at its OneVision
+    layer, VFlowOpt's published preset (encoder stage, then after layers 9 and 18), SigLIP's FLOPs counted."""
+    result = bench.main(["--shape", "onevision-tiny", "--methods", "fastv,vflowopt_vit+vflowopt", "--budget", "64",
+                         "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
+                         "--no-calibrate"])
+    base, fastv, vflowopt = result["rows"]
+    assert base["visual_per_stage"] == [2929] and fastv["visual_per_stage"][0] == 2929
+    assert fastv["seq_len_per_layer"][1] > fastv["seq_len_per_layer"][2]  # pruned after layer 2
+    assert vflowopt["visual_per_stage"][0] == 2929 > vflowopt["visual_per_stage"][1]  # the encoder stage
+    assert base["flops_vision"] > 0 and vflowopt["kv_mb"] < base["kv_mb"] and fastv["kv_mb"] < base["kv_mb"]
+
+
 def test_fast_random_weights_are_generic(tmp_path):
     model, _ = bench.build_shape("tiny", torch.device("cpu"), torch.float32, tmp_path)
     w = model.get_model().layers[0].self_attn.q_proj.weight

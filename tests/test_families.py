@@ -22,13 +22,14 @@ VARIANTS = list(variants())
 
 def test_registry_names_and_variants():
     names = [f.name for f in families()]
-    assert names == ["llava", "qwen2_5_vl"] and len(set(names)) == len(names)
+    assert names == ["llava", "qwen2_5_vl", "llava_onevision"] and len(set(names)) == len(names)
     assert all(get_family(f.name) is f and model_family(f.name) is f for f in families())
     assert {v: f.name for v, f in variants().items()} == {"llava-v1.5": "llava", "llava-v1.6": "llava",
-                                                        "qwen2_5_vl": "qwen2_5_vl"}
+                                                        "qwen2_5_vl": "qwen2_5_vl",
+                                                        "llava-onevision": "llava_onevision"}
     for f in families():
         assert f.architectures and f.conv_mode and {s.variant for s in f.shapes} <= set(f.variants)
-    with pytest.raises(ValueError, match="unknown model family 'x'; known: llava, qwen2_5_vl"):
+    with pytest.raises(ValueError, match="unknown model family 'x'; known: llava, qwen2_5_vl, llava_onevision"):
         get_family("x")
 
 
@@ -40,9 +41,11 @@ def test_resolution_from_a_config(family):
         assert family_of({"architectures": [arch], "model_type": "anything"}) is family
     for model_type in family.model_types:
         assert family_of({"model_type": model_type}) is family
-    with pytest.raises(ValueError, match=r"^architectures LlavaQwenForCausalLM \(model_type 'llava'\): not a supported "
-                                         r"model family; supported: llava \(LlavaLlamaForCausalLM"):
-        family_of({"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava"})
+    with pytest.raises(ValueError, match=r"^architectures LlavaMistralForCausalLM \(model_type 'llava'\): not a "
+                                         r"supported model family; supported: llava \(LlavaLlamaForCausalLM"):
+        family_of({"architectures": ["LlavaMistralForCausalLM"], "model_type": "llava"})
+    # LLaVA-OneVision's original layout says model_type "llava": its architecture decides
+    assert family_of({"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava"}).name == "llava_onevision"
     with pytest.raises(ValueError, match="model_type 'bert': not a supported model family"):
         family_of({"model_type": "bert"})
 
@@ -50,6 +53,8 @@ def test_resolution_from_a_config(family):
 def test_hub_ids_are_guessed_by_name_without_a_network():
     assert guess_family("Qwen/Qwen2.5-VL-7B-Instruct").name == "qwen2_5_vl"
     assert guess_family("liuhaotian/llava-v1.6-vicuna-7b").name == "llava"
+    assert guess_family("lmms-lab/llava-onevision-qwen2-7b-ov").name == "llava_onevision"
+    assert guess_family("llava-hf/llava-onevision-qwen2-7b-ov-hf").name == "llava_onevision"
 
 
 @pytest.mark.parametrize("arch", VARIANTS)

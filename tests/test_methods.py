@@ -325,6 +325,11 @@ def single_input(models, arch, seed, question="Is there a red circle in the imag
     return encode(models, arch, question, [image(*size, seed=seed)])
 
 
+def as_float64(images):
+    """Pixels in float64: one tensor, or a list of per-image views (LLaVA-OneVision)."""
+    return [v.to(torch.float64) for v in images] if isinstance(images, list) else images.to(torch.float64)
+
+
 # ------------------------------------------------------------------------------------------ the suite
 def test_every_method_has_a_test_entry():
     assert set(NAMES) == set(REFERENCES) == set(CASES)
@@ -340,8 +345,9 @@ def test_kept_positions_equal_naive_reference(models, name, arch):
         cases = range(len(CASES[name])) if arch == "llava-v1.5" else range(1)
         for case in cases:
             method = make(name, case, arch)
-            ids, kw = single_input(models, arch, seed=case + {"llava-v1.5": 0, "llava-v1.6": 5, "qwen2_5_vl": 3}[arch])
-            mm = model.prepare_multimodal_inputs(ids, None, kw["images"].to(torch.float64), kw["image_sizes"])
+            ids, kw = single_input(models, arch, seed=case + {"llava-v1.5": 0, "llava-v1.6": 5, "qwen2_5_vl": 3,
+                                                                 "llava-onevision": 2}[arch])
+            mm = model.prepare_multimodal_inputs(ids, None, as_float64(kw["images"]), kw["image_sizes"])
             state = PruneState()
             state.set_inputs(mm.spans, mm.padding_side)
             model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
@@ -667,7 +673,7 @@ def naive_vflowopt_vit(v, c, method, target):
     T = A.shape[0]
     received = [float(A[:, j].mean()) for j in range(T)]
     rows = [q for q in range(T) if received[q] > method.t * sum(received) / T] or list(range(T))
-    score = A[rows].mean(0)[1:]
+    score = A[rows].mean(0)[v.get("lead", 1):]  # the patches' columns (after CLIP's CLS)
     P = score.numel()
     side, p = int(P**0.5), v["patch"]
     if method.alpha:
@@ -730,7 +736,8 @@ def runs_on(name: str, arch: str) -> bool:
     return get_method(name).runs_on(variants()[arch].tower)
 
 
-ENCODER_SEEDS = {"llava-v1.5": ((0, 64), (1, 96)), "llava-v1.6": ((2, 64),), "qwen2_5_vl": ((3, 96), (4, 64))}
+ENCODER_SEEDS = {"llava-v1.5": ((0, 64), (1, 96)), "llava-v1.6": ((2, 64),), "qwen2_5_vl": ((3, 96), (4, 64)),
+                 "llava-onevision": ((5, 96),)}
 """Per variant, (image seed, tokens) of the encoder-side suite (a new family adds its variants)."""
 ENCODER_CASES = [(n, a) for a in VARIANTS for n in ENCODER_NAMES if runs_on(n, a)]
 
@@ -795,12 +802,52 @@ def merged_tower_selection(models, arch, method, seed, tokens):
     return out
 
 
+def siglip_crop_selection(models, arch, method, seed, tokens):
+    """The same on a per-view tower without a CLS token (LLaVA-OneVision's SigLIP): our step on every view of the
+    image (each attention backend) against the naive reference of each view, from transformers' own eager SigLIP
+    with ``output_attentions`` (received attention: heads summed, query rows averaged)."""
+    from llava.model.encoder_stage import reduce_crops
+    from llava.model.language_model.llava_onevision import SiglipCrops
+
+    model = models[arch][1]
+    img = image(*[(500, 400), (333, 700), (640, 427)][seed % 3], seed=seed)
+    _, kw = encode(models, arch, "What is it?", [img])
+    crops = kw["images"][0].to(torch.float64)
+    tower = model.model.vision_tower
+    cfg = tower.config
+    cfg._attn_implementation = "eager"
+    try:
+        out = tower(crops, output_attentions=True, output_hidden_states=True)
+    finally:
+        cfg._attn_implementation = "sdpa"
+    side = model.grid_side
+    base = {"features": model.model.multi_modal_projector(out.hidden_states[-1]), "attn": out.attentions,
+            "lead": 0, "patch": cfg.patch_size, "grid": (side, side),
+            "pixels": ((crops * 0.5 + 0.5) * 255).round(), "full_attention_layers": list(range(len(out.attentions)))}
+    result = []
+    try:
+        for backend in ("sdpa", "eager"):
+            cfg._attn_implementation = backend
+            feats, hidden = model._encode(crops)
+            ours = reduce_crops(method, SiglipCrops(tower, hidden, crops, side), feats,
+                                [(0, j) for j in range(crops.shape[0])])
+            for c, red in enumerate(ours):
+                v = dict(base, received=lambda layer, c=c: out.attentions[layer][c].sum(0).mean(0).tolist())
+                result.append((backend, c, red, ENCODER_REFERENCES[method.name](v, c, method, method.target(side**2))))
+    finally:
+        cfg._attn_implementation = "sdpa"
+    return result
+
+
 @pytest.mark.parametrize("name,arch", ENCODER_CASES)
 def test_encoder_side_equals_naive_reference(models, name, arch):
     """Every encoder-side method, on every family's tower it runs on, keeps (and merges, and adds) what a naive
-    reference of it does: per crop on a CLS tower, per image on Qwen2.5-VL's merged tower."""
+    reference of it does: per crop on a CLS tower and on OneVision's SigLIP, per image on Qwen2.5-VL's merged
+    tower."""
     tok, model, proc = models[arch]
-    selection = cls_tower_selection if model.vision_traits().cls_token else merged_tower_selection
+    traits = model.vision_traits()
+    selection = (cls_tower_selection if traits.cls_token else siglip_crop_selection if traits.unmerged
+                 else merged_tower_selection)
     model.to(torch.float64)
     try:
         for seed, tokens in ENCODER_SEEDS[arch]:

@@ -19,11 +19,26 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 COMMON = SCRIPTS / "common.sh"
 BENCHES = ("gqa", "mme", "pope", "textvqa", "sqa", "mmbench", "mmbench_cn", "vqav2")
-FOLDERS = ("v1_5", "next", "qwen2_5_vl")  # scripts/<folder>/eval/*.sh, the user-facing names
-FOLDER_VARIANT = {"v1_5": "llava-v1.5", "next": "llava-v1.6", "qwen2_5_vl": "qwen2_5_vl"}  # the model family variant
+FOLDERS = ("v1_5", "next", "qwen2_5_vl", "onevision")  # scripts/<folder>/eval/*.sh, the user-facing names
+FOLDER_VARIANT = {"v1_5": "llava-v1.5", "next": "llava-v1.6", "qwen2_5_vl": "qwen2_5_vl",
+                  "onevision": "llava-onevision"}  # the model family variant
 DEFAULT_MODELS = {"v1_5": "liuhaotian/llava-v1.5-7b", "next": "liuhaotian/llava-v1.6-vicuna-7b",
-                  "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
-CONV_MODES = {"v1_5": "vicuna_v1", "next": "vicuna_v1", "qwen2_5_vl": "qwen2_5_vl"}
+                  "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct", "onevision": "lmms-lab/llava-onevision-qwen2-7b-ov"}
+CONV_MODES = {"v1_5": "vicuna_v1", "next": "vicuna_v1", "qwen2_5_vl": "qwen2_5_vl", "onevision": "qwen_1_5"}
+SLOW_FOLDERS = {"onevision"}  # its end-to-end runs are in the slow suite (the registry suite covers it fast)
+
+
+def e2e_params(cases, fast=None):
+    """``cases`` (a folder first in each) for the end-to-end tests: those of :data:`SLOW_FOLDERS`, and those not in
+    ``fast`` when it is given, marked slow (``make test-all`` runs them; each script run costs seconds, and the
+    fake-interpreter tests above check every script's calls fast)."""
+    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] in SLOW_FOLDERS or (fast is not None and c not in fast)
+            else c for c in cases]
+
+
+# fast end-to-end runs: every benchmark on LLaVA-1.5, one script each of the other folders (summarize's test below
+# runs POPE unpruned, with PIO and with FastV on LLaVA-1.5 and Qwen2.5-VL)
+FAST_E2E = [("v1_5", b) for b in BENCHES] + [("next", "textvqa"), ("qwen2_5_vl", "mmbench")]
 VIDEO_BENCHES = {"qwen2_5_vl": ("videomme",)}  # the families with video (tests/test_video_runner.py runs them)
 ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FOLDERS
                                                for b in BENCHES + VIDEO_BENCHES.get(f, ())]
@@ -411,8 +426,7 @@ def _skip_without_runners(bench: str) -> None:
         pytest.skip(f"waiting for {', '.join(missing)} (the end-to-end run turns on once they exist)")
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("folder,bench", e2e_params([(f, b) for f in FOLDERS for b in BENCHES], FAST_E2E))
 def test_end_to_end(bench, folder, tiny_ckpts, mini_data):
     _skip_without_runners(bench)
     _, data_dir, key, chunked = BENCH_INFO[bench]
@@ -499,6 +513,12 @@ for _first in FOLDERS:
         ROTATION += [(_first, b, m) for b, m in zip(BENCHES, _left)]
 
 
+# fast: the first rotation run of a composition (an encoder stage before the language model) and the first on each
+# folder after LLaVA-1.5; the others in the slow suite
+FAST_ROTATION = [next(r for r in ROTATION if "+" in r[2])] + [next(r for r in ROTATION if r[0] == f) for f in FOLDERS[1:]
+                                                             if f not in SLOW_FOLDERS]
+
+
 def test_rotation_covers_every_method():
     assert {m for _, _, m in ROTATION} == set(METHOD_NAMES)
     assert {m for f, _, m in ROTATION if f == "qwen2_5_vl"} == set(FOLDER_METHODS["qwen2_5_vl"])
@@ -533,7 +553,7 @@ def run_method_e2e(folder: str, bench: str, method: str, ckpt: Path, data: Path)
     return res
 
 
-@pytest.mark.parametrize("folder,bench,method", ROTATION)
+@pytest.mark.parametrize("folder,bench,method", e2e_params(ROTATION, FAST_ROTATION))
 def test_end_to_end_with_method(folder, bench, method, tiny_ckpts, mini_data):
     run_method_e2e(folder, bench, method, tiny_ckpts[folder], mini_data)
 

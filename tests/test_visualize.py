@@ -2,7 +2,7 @@
 
 The expected patch centres are worked out here by hand for images whose layout is easy to state (a padded
 square for LLaVA-1.5, an anyres canvas with two padded bands for LLaVA-NeXT, a grid of 28-pixel cells for
-Qwen2.5-VL), not with the module's own mapping.
+Qwen2.5-VL, a squashed base view and an exact 1 x 2 grid for LLaVA-OneVision), not with the module's own mapping.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import pytest
 from llava.eval import visualize
 from tests.helpers import family_flags, image
 
-SIZES = {"llava-v1.5": (400, 300), "llava-v1.6": (672, 252), "qwen2_5_vl": (224, 168)}
+SIZES = {"llava-v1.5": (400, 300), "llava-v1.6": (672, 252), "qwen2_5_vl": (224, 168), "llava-onevision": (768, 384)}
 METHODS = {"llava-v1.5": "pio@1/2,fastv@1,dart@1,visionzip,visionzip+pio@1/2",
            "llava-v1.6": "pio@1/2,sparsevlm@1/2,dart@1,holov",
-           "qwen2_5_vl": "pio@1/2,fastv@1,dart@1,divprune"}
+           "qwen2_5_vl": "pio@1/2,fastv@1,dart@1,divprune",
+           "llava-onevision": "pio@1/2,fastv@1,divprune,vflowopt_vit"}
 
 
 def expected_tokens(arch: str) -> list[list[tuple[int, float, float]]]:
@@ -32,6 +33,13 @@ def expected_tokens(arch: str) -> list[list[tuple[int, float, float]]]:
         # map whose 3 padded rows at each end are removed (18 rows left), each row followed by a newline token
         base = [(r * 24 + c, (c + 0.5) * 672 / 24, (r + 0.5) * 252 / 24) for r in range(24) for c in range(24)]
         grid = [(576 + r * 49 + c, (c + 0.5) * 14, (r + 0.5) * 14) for r in range(18) for c in range(48)]
+        return [base, grid]
+    if arch == "llava-onevision":
+        # the tiny OneVision's 384-px views of 8 x 8 patches (48 px): the base view squashes 768x384 onto one
+        # view; the grid is 1 x 2 views covering the image exactly (nothing unpadded), 8 x 16 tokens, each row
+        # followed by a newline token
+        base = [(r * 8 + c, (c + 0.5) * 96, (r + 0.5) * 48) for r in range(8) for c in range(8)]
+        grid = [(64 + r * 17 + c, (c + 0.5) * 48, (r + 0.5) * 48) for r in range(8) for c in range(16)]
         return [base, grid]
     return [[(r * 8 + c, (c + 0.5) * 28, (r + 0.5) * 28) for r in range(6) for c in range(8)]]  # 224x168: 6x8
 
@@ -84,19 +92,19 @@ def _views(fig: visualize.Figure) -> list:
     return list(seen.values())
 
 
-@pytest.mark.parametrize("arch", ["llava-v1.5", "llava-v1.6", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["llava-v1.5", "llava-v1.6", "qwen2_5_vl", "llava-onevision"])
 def test_panels_light_the_kept_patches(loaded, tmp_path, arch):
     path, model = loaded[arch]
     img_file = _write_image(tmp_path, arch)
     fig = visualize.make_figure(_args(path, arch, "--image-file", img_file, "--methods", METHODS[arch],
                                       "--budget", "192"), model)
-    n_views = 2 if arch == "llava-v1.6" else 1
+    n_views = 2 if arch in ("llava-v1.6", "llava-onevision") else 1
     canvas = (400, 400) if arch == "llava-v1.5" else SIZES[arch]
     stages = {"pio": 2, "fastv": 1, "dart": 1, "sparsevlm": 2, "visionzip": 1, "holov": 1, "divprune": 1,
-              "visionzip+pio": 3}
+              "visionzip+pio": 3, "vflowopt_vit": 1}
     expected = sum(stages[m.split("@")[0]] for m in METHODS[arch].split(",")) * n_views
     assert check_panels(fig, arch, canvas) == expected
-    assert [v.name for v in _views(fig)] == (["base view", "high-res grid"] if arch == "llava-v1.6" else ["image"])
+    assert [v.name for v in _views(fig)] == (["base view", "high-res grid"] if n_views == 2 else ["image"])
 
 
 def test_stages_compose_encoder_and_llm_positions():

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ids, pixels, sizes = synthetic_video(model, proc, parse_size(args.video_size), args.video_frames)
     else:
         ids, pixels, sizes = synthetic_input(model, proc, size)
-    pixels = pixels.to(device, dtype)
+    pixels = runner.to_model(pixels, model)  # a tensor, a video bundle, or per-image views (LLaVA-OneVision)
     runs: list[tuple[str, ReductionMethod | None]] = [("unpruned", None)]
     runs += [(m.name if sum(x.name == m.name for x in methods) == 1 else m.describe(), m) for m in methods]
     gen = dict(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,

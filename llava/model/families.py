@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["FAMILY_MODULES", "Family", "Option", "Shape", "families", "family_for_path", "family_of", "get_family",
            "guess_family", "register_family", "variants"]
 
-FAMILY_MODULES = ("family_llava", "family_qwen2_5_vl")
+FAMILY_MODULES = ("family_llava", "family_qwen2_5_vl", "family_llava_onevision")
 """The modules (in ``llava.model``) that register the families, in dispatch order; imported at the end of this
 module. A new family adds its module here."""
 

@@ -162,7 +162,10 @@ class ReducibleLM:
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids.to(self.get_input_embeddings().weight.device))
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a composite config may keep it on its text part only (LLaVA-OneVision)
+            use_cache = getattr(self.config, "use_cache", None)
+            use_cache = getattr(self.config.get_text_config(decoder=True), "use_cache", True) if use_cache is None \
+                else use_cache
         h, past_key_values, hidden = run_language_model(
             adapter, inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, cache_config=self.config, reducer=llm, state=state,

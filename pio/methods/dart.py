@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Flag, SampleScores, ScorerMethod, StageInputs
-from ..budget import Anchors
+from ..budget import Anchors, same_share_of_depth
 from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
 
@@ -48,6 +48,7 @@ class DART(ScorerMethod):
     name = "dart"
     needs = frozenset({"hidden", "keys", "norm"})
     default_layers = ANCHORS.layers
+    family_defaults = {"llava_onevision": {"layers": same_share_of_depth(ANCHORS.layers, 28)}}  # 2
     anchors = ANCHORS
     source = "DART, EMNLP'25, arXiv 2502.11494; github.com/ZichenWen1/DART (docs/methods.md)"
     flags = (

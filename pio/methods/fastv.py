@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import ScorerMethod, StageInputs
+from ..budget import same_share_of_depth
 from ..schedule import Schedule
 
 
@@ -51,6 +52,7 @@ class FastV(ScorerMethod):
     name = "fastv"
     needs = frozenset({"hidden", "attention"})
     default_layers = (2,)
+    family_defaults = {"llava_onevision": {"layers": same_share_of_depth((2,), 28)}}  # no OneVision setting: K = 2
     source = "FastV, ECCV'24, arXiv 2403.06764; github.com/pkunlp-icler/FastV (docs/methods.md)"
 
     schedule: Schedule

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import ScorerMethod, StageInputs
+from ..budget import same_share_of_depth
 from ..schedule import PAPER_N0, Schedule
 from .fastv import last_position_scores
 
@@ -61,6 +62,7 @@ class PDrop(ScorerMethod):
     name = "pdrop"
     needs = frozenset({"hidden", "attention"})
     default_layers = BUDGET_LAYERS
+    family_defaults = {"llava_onevision": {"layers": same_share_of_depth(BUDGET_LAYERS, 28)}}  # 2, 7, 14, 21
     source = "PyramidDrop, CVPR'25, arXiv 2410.17247; github.com/Cooperx521/PyramidDrop (docs/methods.md)"
 
     schedule: Schedule

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Flag, SampleScores, ScorerMethod, StageInputs
-from ..budget import Anchors
+from ..budget import Anchors, same_share_of_depth
 from ..nms import greedy_nms
 from ..proxy import ProxyFn
 from ..schedule import Schedule
@@ -74,6 +74,10 @@ class PIO(ScorerMethod):
         # encoder keeps 16.7 %, then a third of it after layer 14 (their README: 11.1 %)
         "qwen2_5_vl": {"layers": QWEN_ANCHORS.layers, "ve_layers": (14,), "anchors": QWEN_ANCHORS,
                        "options": {"proxy": "current"}},
+        # LLaVA-OneVision (28 Qwen2 layers, LLaVA's code path): nothing published; LLaVA's layers and w/ VE layer
+        # at the same share of depth (1, 9, 13 and 14), LLaVA's schedules' shape and proxy
+        "llava_onevision": {"layers": same_share_of_depth(ANCHORS.layers, 28),
+                            "ve_layers": same_share_of_depth((16,), 28)},
     }
     source = "PIO-FVLM / TRIO, arXiv 2602.04657; github.com/ocy1/TRIO (docs/method.md)"
     phase = "nms"

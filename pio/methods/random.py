@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Flag, ReductionMethod, Selection, StageInputs, active_samples
+from ..budget import same_share_of_depth
 from ..schedule import Schedule
 from .pio import ANCHORS as PIO_ANCHORS
 
@@ -29,6 +30,7 @@ class Random(ReductionMethod):
 
     name = "random"
     default_layers = PIO_ANCHORS.layers
+    family_defaults = {"llava_onevision": {"layers": same_share_of_depth(PIO_ANCHORS.layers, 28)}}  # PIO's: 1, 9, 13
     anchors = PIO_ANCHORS
     source = "sanity floor (UniPruneBench, DART's and others' random baselines); PIO's schedules"
     flags = (Flag("seed", "random-seed", int, "seed of the random subsets (0)"),)

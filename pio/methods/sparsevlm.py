@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import Flag, SampleScores, ScorerMethod, StageInputs
-from ..budget import Anchors
+from ..budget import Anchors, same_share_of_depth
 from ..nms import stable_rank, topk_indices, work_dtype
 from ..schedule import Schedule
 
@@ -81,6 +81,7 @@ class SparseVLM(ScorerMethod):
     name = "sparsevlm"
     needs = frozenset({"hidden", "attention", "embeddings"})
     default_layers = ANCHORS.layers
+    family_defaults = {"llava_onevision": {"layers": same_share_of_depth(ANCHORS.layers, 28)}}  # 3, 6, 14
     anchors = ANCHORS
     source = "SparseVLM, ICML'25, arXiv 2410.04417; github.com/Gumpest/SparseVLMs branch v1.5 (docs/methods.md)"
     flags = (

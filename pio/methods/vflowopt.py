@@ -131,12 +131,55 @@ def recycle_by_cells(score: torch.Tensor, feats: torch.Tensor, cells: torch.Tens
 
 
 @dataclass(frozen=True)
+class Strategy:
+    """One of VFlowOpt's published strategies: its ViT stage (``t``, ``m``, kept share ``r`` of each view, at encoder
+    layer ``layer``) and its LLM stages (after ``llm_layers``, each keeping ``llm_ratios`` of the current count).
+    ``share``: the average share of the visual tokens it keeps over the decoder's layers (its label)."""
+
+    share: float
+    t: float
+    m: float
+    r: float
+    layer: int
+    llm_layers: tuple[int, ...]
+    llm_ratios: tuple[float, ...]
+
+    def average(self, num_layers: int) -> float:
+        """The share of the visual tokens the decoder's layers see on average, per unit of ViT share: after the
+        ViT stage every layer sees ``r``; after each LLM stage a further ratio of it."""
+        edges = (0, *self.llm_layers, num_layers)
+        kept, total = 1.0, 0.0
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            if i:
+                kept *= self.llm_ratios[i - 1]
+            total += kept * (b - a)
+        return total / num_layers
+
+
+ONEVISION_DEPTH = 28  # llava-onevision-qwen2-7b-ov's decoder, for which the strategies were published
+ONEVISION_STRATEGIES = (
+    # src/lmms_eval-0.2.4/lmms_eval/models/llava_onevision_training_free.py, self.illava_config (lines 141-175):
+    # illava_vit_k = [25] (the last of the tower's 26 kept layers: -1), alpha_v = 0, illava_llm_k 9-18 (README);
+    # the 10 % row is the active one, 25 % and 50 % are commented out there
+    Strategy(0.10, 39.26492840997221, 17.386981849158786, 0.11661529508161146, -1, (9, 18), (1.0, 0.6011)),
+    Strategy(0.25, 34.759552803070484, 15.580797034937687, 0.2651026358526424, -1, (9, 18),
+             (0.9833433139039235, 0.8773258179532721)),
+    Strategy(0.50, 28.683047941520474, 11.756787150848968, 0.7233201448753168, -1, (9, 18),
+             (0.748747637472693, 0.487)),
+)
+"""VFlowOpt's published strategies for LLaVA-OneVision-7B (each averages its label over the 28 layers)."""
+
+
+@dataclass(frozen=True)
 class VFlowOptViT(EncoderMethod):
     """VFlowOpt's ViT stage: attention of the global query rows plus ``alpha`` x softmax(patch entropy), the lowest
     tokens recycled per ``m x m`` cell into the cell's best one; ``tokens`` per crop."""
 
     name = "vflowopt_vit"
     needs = frozenset({"features", "attention", "pixels"})
+    # its score reads the encoder's full attention and the patches' pixels, no CLS token (the authors run it on
+    # OneVision's SigLIP); one encoder patch per token, as its pixel entropy is per patch
+    requires = frozenset({"unmerged"})
     source = ("VFlowOpt, ICCV'25, arXiv 2508.05211; github.com/sihany077/VFlowOpt siglip_encoder.py, "
               "llava_qwen_training_free.py, llava_onevision_training_free.py (docs/methods.md)")
     flags = (
@@ -202,6 +245,33 @@ class VFlowOpt(ScorerMethod):
     schedule: Schedule
     positions: str = "original"
     recycle: bool = True
+
+    family_defaults = {
+        # the authors' own OneVision strategies (their only published model): --method vflowopt_vit+vflowopt
+        # --budget B takes the one nearest to B/576 (see ve_preset); the LLM layers 9, 18 are default_layers
+        "llava_onevision": {"ve_strategies": ONEVISION_STRATEGIES},
+    }
+
+    @classmethod
+    def ve_preset(cls, pre: type[EncoderMethod], budget: float, family=None, **options):
+        """``--method vflowopt_vit+vflowopt --budget B`` where the family has published strategies (OneVision):
+        the strategy whose label is nearest to ``B / 576``, its ViT layer, ``t``, ``m`` and LLM layers and ratios
+        as published, and its ViT kept share ``r`` solved so the decoder's average is ``B / 576`` (exactly the
+        published ``r`` at B = 57.6, 144 and 288, the 10 %, 25 % and 50 % rows). None elsewhere."""
+        from ..encoder import PAPER_N0, Pipeline
+
+        strategies = cls.defaults(family).get("ve_strategies")
+        if not strategies or pre is not VFlowOptViT:
+            return None
+        share = budget / PAPER_N0
+        best = min(strategies, key=lambda s: abs(math.log(s.share / share)))
+        r = best.r * share / best.share  # the average is linear in r
+        if not 0 < r <= 1:
+            raise ValueError(f"budget {budget:g}: VFlowOpt's OneVision strategy would keep {r:.3g} of each view; "
+                             f"allowed budgets give a share in (0, 1] (up to {PAPER_N0 * best.share / best.r:.4g})")
+        schedule = Schedule(best.llm_layers, ratios=best.llm_ratios, ratio_mode="current")
+        encoder = VFlowOptViT(tokens=max(1, round(r * PAPER_N0)), t=best.t, alpha=0.0, m=best.m, layer=best.layer)
+        return Pipeline(encoder, cls(schedule, **{**cls.defaults(family)["options"], **options}))
 
     @classmethod
     def schedule_for(cls, layers=None, *, ratio_mode: str = "current", **targets) -> Schedule:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Flag, SampleScores, ScorerMethod, StageInputs
-from ..budget import Anchors, round_half_up
+from ..budget import Anchors, round_half_up, same_share_of_depth
 from ..nms import topk_indices, work_dtype
 from ..parse import parse_counts, parse_int, split_items
 from ..schedule import PAPER_N0, Schedule
@@ -105,6 +105,7 @@ class VisionDrop(ScorerMethod):
     name = "visiondrop"
     needs = frozenset({"hidden", "attention", "keys"})
     default_layers = PUBLISHED_LAYERS
+    family_defaults = {"llava_onevision": {"layers": same_share_of_depth(PUBLISHED_LAYERS, 28)}}  # 7, 14, 21
     anchors = ANCHORS
     source = "VisionDrop, AAAI'26, arXiv 2506.22283; github.com/Ruixxxx/VisionDrop (docs/methods.md)"
     flags = (
