@@ -19,27 +19,16 @@ import logging
 import os
 
 from llava.constants import DEFAULT_VIDEO_TOKEN
-from llava.eval import runner
+from llava.eval import model_vqa_loader, runner
 from llava.video import VideoSampling, add_video_args, load_video
 
 logger = logging.getLogger(__name__)
 
 
 def read_questions(args: argparse.Namespace) -> tuple[list[runner.Question], int]:
-    """This chunk's questions and the whole file's count; a missing video raises naming the question (before the
-    model is loaded). A question is its id and its text: the same pair twice is refused (or answered once)."""
-    questions = runner.read_jsonl_questions(args.question_file, ("question_id", "video", "text"))
-    items = [runner.Question(str(i), q["question_id"], q) for i, q in enumerate(questions)]
-    items = runner.first_of_each(items, lambda it: (str(it.question_id), it.data["text"]),
-                                 lambda i: f"{args.question_file}:{i + 1} (question {items[i].question_id!r})",
-                                 args.keep_first_duplicate, "question")
-    total = len(items)
-    items = runner.get_chunk(items, args.num_chunks, args.chunk_idx)
-    for it in items:
-        path = os.path.join(args.video_folder, it.data["video"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"question {it.question_id}: video file not found: {path}")
-    return items, total
+    """This chunk's questions and the whole file's count (:func:`model_vqa_loader.read_questions` on ``"video"``
+    lines); a missing video raises naming the question, before the model is loaded."""
+    return model_vqa_loader.read_questions(args, media="video")
 
 
 def video_sampling(args: argparse.Namespace) -> VideoSampling:

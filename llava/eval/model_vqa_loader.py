@@ -23,13 +23,14 @@ def build_prompt(question: str, conv_mode: str, im_start_end: bool) -> str:
     return runner.chat_prompt(runner.image_token(im_start_end) + "\n" + question, conv_mode)
 
 
-def read_questions(args: argparse.Namespace) -> tuple[list[runner.Question], int]:
-    """This chunk's questions and the number of questions of the whole file; a missing image raises naming the
-    question, before the model is loaded.
+def read_questions(args: argparse.Namespace, media: str = "image") -> tuple[list[runner.Question], int]:
+    """This chunk's questions and the number of questions of the whole file; a missing image (``media``:
+    ``"image"``, or ``"video"`` for the video runner, read from ``--video-folder``) raises naming the question,
+    before the model is loaded.
 
     Ids may repeat by design (MME: two questions per image; TextVQA: the image id), so a question is its id and
     its text: the same pair twice is refused (or, with ``--keep-first-duplicate``, answered once)."""
-    questions = runner.read_jsonl_questions(args.question_file, ("question_id", "image", "text"))
+    questions = runner.read_jsonl_questions(args.question_file, ("question_id", media, "text"))
     items = [runner.Question(str(i), q["question_id"], q) for i, q in enumerate(questions)]
     items = runner.first_of_each(items, lambda it: (str(it.question_id), it.data["text"]),
                                  lambda i: f"{args.question_file}:{i + 1} (question {items[i].question_id!r})",
@@ -37,9 +38,9 @@ def read_questions(args: argparse.Namespace) -> tuple[list[runner.Question], int
     total = len(items)
     items = runner.get_chunk(items, args.num_chunks, args.chunk_idx)
     for it in items:
-        path = os.path.join(args.image_folder, it.data["image"])
+        path = os.path.join(getattr(args, f"{media}_folder"), it.data[media])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"question {it.question_id}: image file not found: {path}")
+            raise FileNotFoundError(f"question {it.question_id}: {media} file not found: {path}")
     return items, total
 
 

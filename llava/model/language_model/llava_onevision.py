@@ -235,7 +235,8 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
         **kwargs: Any,
     ):
         """:meth:`ReducibleLM.forward`; transformers' ``pixel_values`` (with ``batch_num_images``) are split into
-        per-image views first; videos are refused."""
+        per-image views first; videos are refused. The parameters are spelled out because transformers' generate
+        checks its keyword arguments against this signature."""
         kwargs = self._views_kwargs(batch_num_images, {**kwargs, "images": images, "image_sizes": image_sizes})
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
