@@ -176,12 +176,16 @@ def _original_weights(state: dict[str, torch.Tensor], tie: bool) -> dict[str, to
     for key, value in state.items():
         if tie and key == "lm_head.weight":
             continue
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value.contiguous()
+        out[_rename(key, renames)] = value.contiguous()
     return out
+
+
+def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``key`` with its first matching prefix of ``renames`` (old, new) replaced."""
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def _hf_weights(state: dict[str, torch.Tensor], vocab: int, seed: int, tie: bool) -> dict[str, torch.Tensor]:
@@ -198,11 +202,7 @@ def _hf_weights(state: dict[str, torch.Tensor], vocab: int, seed: int, tie: bool
             extra = value.mean(0) + 1e-3 * value.std(0) * torch.randn(vocab - value.shape[0], value.shape[1],
                                                                         generator=gen)
             value = torch.cat([value, extra])
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value.contiguous()
+        out[_rename(key, renames)] = value.contiguous()
     return out
 
 
