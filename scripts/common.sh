@@ -239,9 +239,11 @@ timed() {
 # merge_chunks DIR: concatenate DIR/${CHUNKS}_${IDX}{.jsonl,.pio.jsonl,.profile.jsonl} in index order into
 # DIR/merge{.jsonl,.pio.jsonl,.profile.jsonl}. Answer files must all exist, and every chunk's run file must say
 # that its last invocation finished (a rank of another node may still run, or have died); logs are merged where
-# present. The run description (the same in every chunk) becomes DIR/merge.run.json.
+# present. The run description (the same in every chunk) becomes DIR/merge.run.json. Each merged file is written
+# under a temporary name and renamed into place, so two scripts merging the same chunks at once (both finishing a
+# resumed launch) each replace it whole and a reader never sees half a file.
 merge_chunks() {
-    local dir="$1" kind idx f last
+    local dir="$1" kind idx f last tmp
     for ((idx = 0; idx < CHUNKS; idx++)); do
         f="$dir/${CHUNKS}_${idx}.run.json"
         last="$(grep -o '"finished": *[a-z]*' "$f" 2>/dev/null | tail -n 1 || true)"
@@ -253,19 +255,23 @@ merge_chunks() {
     done
     rm -f "$dir/merge.run.json"
     for ((idx = 0; idx < CHUNKS; idx++)); do
-        if [[ -f "$dir/${CHUNKS}_${idx}.run.json" ]]; then cp "$dir/${CHUNKS}_${idx}.run.json" "$dir/merge.run.json"; break; fi
+        f="$dir/${CHUNKS}_${idx}.run.json"
+        if [[ -f "$f" ]]; then cp "$f" "$dir/.merge.run.json.$$" && mv -f "$dir/.merge.run.json.$$" "$dir/merge.run.json"; break; fi
     done
     for kind in "" .pio .profile; do
-        : > "$dir/merge$kind.jsonl"
+        tmp="$dir/.merge$kind.jsonl.$$"
+        : > "$tmp"
         for ((idx = 0; idx < CHUNKS; idx++)); do
             f="$dir/${CHUNKS}_${idx}$kind.jsonl"
             if [[ -f "$f" ]]; then
-                cat "$f" >> "$dir/merge$kind.jsonl"
+                cat "$f" >> "$tmp"
             elif [[ -z "$kind" ]]; then
+                rm -f "$tmp"
                 echo "error: chunk $idx wrote no answers file $f" >&2
                 return 1
             fi
         done
+        mv -f "$tmp" "$dir/merge$kind.jsonl"
     done
 }
 

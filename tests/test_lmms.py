@@ -351,7 +351,7 @@ def test_lmms_eval_runs_the_model_and_summarize_shows_it(one_process, tmp_path, 
     assert "| 64 | fastv | llava-v1.5-tiny-32-fastv64 | 50.0 |" in table and "lmms:pio_tiny_mc" in table
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", ["accelerate", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_two_processes_answer_as_one(launcher, one_process, tiny_v15_deep, lmms_task, tmp_path):
     """Two ranks (gloo on CPU): lmms-eval shards the documents, each rank loads the model and writes its own
     records; per-document answers, choice losses and the recorded average equal one process's."""

@@ -135,9 +135,9 @@ def test_resume_is_exact_under_sampling(tiny_v15, tmp_path):
     assert len({r["text"] for r in read(full)}) > 1
 
 
-@pytest.mark.parametrize("n_kills, n_questions", [(6, 16), pytest.param(24, 48, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n_kills, n_questions", [(3, 8), pytest.param(24, 48, marks=pytest.mark.slow)])
 def test_sigkill_at_random_points_loses_nothing(tiny_v15, tmp_path, n_kills, n_questions):
-    """SIGKILLs at random points of a sampled, logged and profiled run (6 in the fast suite, 24 in the slow one;
+    """SIGKILLs at random points of a sampled, logged and profiled run (3 in the fast suite, 24 in the slow one;
     each costs a process start); each resume continues it; the final files equal an uninterrupted run's."""
     qfile = write_questions(tmp_path, n_questions)
     extra = ["--pio-layers", "1,2", "--pio-tokens", "92,22"]  # sampling at the default temperature 0.2

@@ -117,6 +117,12 @@ def test_clear_errors(tiny_v15, questions, problem):
         run_loader(tiny_v15, qdir, qfile, qdir / "a.jsonl", *extra)
 
 
+def test_run_llava_refuses_a_batch_size(tiny_v15, tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 2: run_llava answers one query"):
+        run_llava.main(["--model-path", str(tiny_v15), "--image-file", str(tmp_path / "x.png"), "--query", "Hi?",
+                        "--batch-size", "2"])
+
+
 def test_checkpoint_missing_key_is_named(tiny_v15, tmp_path):
     from llava.model.builder import load_pretrained_model
 

@@ -292,6 +292,19 @@ def test_chunks_merge_in_index_order(fake, bench):
     assert json.loads((merged.parent / "merge.run.json").read_text()) == {"method": "none", "chunk": 0}
 
 
+def test_merges_at_once_replace_whole_files(tmp_path):
+    """Two scripts merging the same chunks at the same moment: every merged file is whole, none left temporary."""
+    chunk = "".join(json.dumps({"question_id": f"q{i}", "text": "x" * 200}) + "\n" for i in range(500))
+    for idx in range(3):
+        (tmp_path / f"3_{idx}.jsonl").write_text(chunk)
+        (tmp_path / f"3_{idx}.run.json").write_text('{"finished": true}')
+    done = bash(f"CHUNKS=3; for i in 1 2 3 4; do merge_chunks {shlex.quote(str(tmp_path))} & done; wait")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "merge.jsonl").read_text() == chunk * 3
+    assert (tmp_path / "merge.pio.jsonl").read_text() == ""  # no chunk logs: empty, not missing
+    assert sorted(p.name for p in tmp_path.glob(".merge*")) == []
+
+
 def test_failed_chunk_fails_the_script(fake):
     done, calls = fake(SCRIPTS / "v1_5" / "eval" / "gqa.sh", CUDA_VISIBLE_DEVICES="0,1", FAKE_FAIL_CHUNK="1")
     assert done.returncode != 0 and "chunk 1 of 2 failed" in done.stderr
@@ -572,7 +585,7 @@ def test_end_to_end_every_method(bench, folder, method, tiny_ckpts, tmp_path_fac
     run_method_e2e(folder, bench, method, tiny_ckpts[folder], data)
 
 
-@pytest.mark.parametrize("folder", ["v1_5", "qwen2_5_vl"])
+@pytest.mark.parametrize("folder", ["v1_5", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
 def test_summarize_builds_the_table_from_the_scripts(tiny_ckpts, mini_data, capsys, folder):
     """The unpruned and method runs of the scripts above (run here when missing) in the paper's layout."""
     from llava.eval import summarize

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.loyalty_to:
         raise ValueError("--loyalty-to compares the answers of a question file with another run's; run_llava answers "
                          "one query (use model_vqa_loader)")
+    if args.batch_size > 1:
+        raise ValueError(f"--batch-size {args.batch_size}: run_llava answers one query; batches are for question "
+                         "files (model_vqa_loader and the other runners)")
     images = load_images(args.image_file, args.sep)
     tok, model, proc, _ = runner.load_model(args, method)
     image_token = runner.image_token(getattr(model.config, "mm_use_im_start_end", False))
