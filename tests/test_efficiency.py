@@ -70,6 +70,27 @@ def test_bench_tiny_writes_json(tmp_path, capsys):
     assert result["rows"][1]["kv_mb"] < result["rows"][0]["kv_mb"]
 
 
+def test_bench_throughput_at_batch_sizes(tmp_path, capsys):
+    """--batch-size: questions per second per (run, batch size), the answers compared with batch size 1, and one
+    decoder layer's tokens per second at the question's full and average lengths and at one token per batch size
+    (what the hardware gains from batching at all)."""
+    out = tmp_path / "throughput.json"
+    bench.main(["--shape", "tiny", "--pio-layers", "1,2", "--pio-tokens", "24,12", "--batch-size", "1,3",
+                "--questions", "3", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
+                "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["run"], r["batch_size"]) for r in saved["rows"]] == [("pio", 1), ("pio", 3), ("unpruned", 1),
+                                                                    ("unpruned", 3)]
+    assert all(r["same_answers"] == r["questions"] == 3 and r["questions_per_s"] > 0 for r in saved["rows"])
+    lengths = sorted({r["tokens"] for r in saved["layer_rates"]}, reverse=True)
+    assert len(lengths) == 3 and lengths[0] > lengths[1] > lengths[2] == 1  # all, the average over layers, one
+    assert {(r["tokens"], r["batch_size"]) for r in saved["layer_rates"]} == {(n, b) for n in lengths for b in (1, 3)}
+    assert all(r["tokens_per_s"] == pytest.approx(r["batch_size"] * r["tokens"] / r["seconds"])
+               for r in saved["layer_rates"])
+    assert isinstance(saved["machine"]["cpu_bf16"], list)
+    assert "| decoder layer: tokens per sequence |" in capsys.readouterr().out
+
+
 def test_bench_every_method_side_by_side(capsys):
     """--methods runs each method at one budget in one alternating run (the 4-layer shape: every method after
     layer 2, at a budget that depth can reach)."""

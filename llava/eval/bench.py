@@ -116,6 +116,10 @@ def machine() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     info = {"platform": platform.platform(), "processor": cpu, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if os.path.exists("/proc/cpuinfo"):  # whether bf16 matrix products run natively or are emulated in float32
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        info["cpu_bf16"] = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -152,13 +156,15 @@ def run_family(args: argparse.Namespace):
     return shape_of(args.shape)[0] if args.shape else guess_family(args.model_path)
 
 
-def time_layer(model, n: int, repeats: int) -> float:
-    """Median seconds of the model's first decoder layer on ``n`` tokens (prefill, causal, no cache)."""
+def time_layer(model, n: int, repeats: int, batch: int = 1) -> float:
+    """Median seconds of the model's first decoder layer on ``batch`` sequences of ``n`` tokens (prefill, causal,
+    no cache)."""
     adapter = model.decoder_adapter()
     layer = adapter.layers[0]
     dev, dtype = model.device, model.dtype
-    h = torch.randn(1, n, adapter.norm.weight.shape[0], generator=torch.Generator().manual_seed(n)).to(dev, dtype)
-    key_mask = torch.ones(1, n, dtype=torch.bool, device=dev)
+    width = adapter.norm.weight.shape[0]
+    h = torch.randn(batch, n, width, generator=torch.Generator().manual_seed(n)).to(dev, dtype)
+    key_mask = torch.ones(batch, n, dtype=torch.bool, device=dev)
     pos = adapter.positions(key_mask, n)
     seg = Segment(key_mask, pos, backend_mask(adapter.attn_implementation, key_mask, n, dtype),
                   adapter.rotary(h, pos), torch.arange(n, device=dev))
@@ -411,18 +417,34 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         runs += [] if args.skip_unpruned else [("unpruned", None)]  # the slowest last: an early stop keeps the methods
         rates: dict[tuple[str, int], list[float]] = {(name, n): [] for name, _ in runs for n in sizes}
         answers: dict[tuple[str, int], list[str]] = {}
+        lengths: list[int] = []
         for rnd in range(args.warmup + args.repeats):
             for name, method in runs:
                 for n in sizes:  # alternate, so drift affects every run alike
                     dec.batch_size = n
                     batcher = batching.Batcher(model, tok, dec, method)
                     t = time.perf_counter()
-                    texts = [ans.text for _, _, ans in batcher.run(prepared())]
+                    done = list(batcher.run(prepared()))
+                    texts = [ans.text for _, _, ans in done]
+                    if not lengths:  # the first question's sequence: all of it, and its average over the layers
+                        _, sample, ans = done[0]
+                        report = ans.state.report()[ans.row] if ans.state.samples else None
+                        text_tokens = sample.ids.shape[1] - 1  # the image mark becomes the visual tokens
+                        if report is not None:
+                            lengths = sorted({report["n_visual"] + text_tokens,
+                                              round(report["avg_visual_tokens"]) + text_tokens, 1}, reverse=True)
                     rate = len(texts) / (time.perf_counter() - t)
                     if rnd >= args.warmup:
                         rates[(name, n)].append(rate)
                     answers[(name, n)] = texts
                     logger.info("round %d, %s, batch size %d: %.3f questions/s", rnd + 1, name, n, rate)
+        layer_rates = []  # what the hardware gains from batching at all: one decoder layer, tokens per second
+        if args.calibrate:
+            for n in lengths:
+                for b in sizes:
+                    sec = time_layer(model, n, max(1, args.repeats), batch=b)
+                    layer_rates.append({"tokens": n, "batch_size": b, "seconds": sec, "tokens_per_s": b * n / sec})
+                    logger.info("decoder layer, %d x %d tokens: %.3f s", b, n, sec)
     rows = []
     for name, _ in runs:
         base = statistics.median(rates[(name, sizes[0])])
@@ -434,7 +456,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     return {"machine": machine(), "shape": args.shape, "model_path": args.model_path,
             "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats, "warmup": args.warmup,
             "max_new_tokens": args.max_new_tokens, "question_file": args.question_file, "build_s": build_s,
-            "rows": rows}
+            "rows": rows, "layer_rates": layer_rates}
 
 
 def format_throughput(result: dict[str, Any]) -> str:
@@ -444,8 +466,16 @@ def format_throughput(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['run']} | {r['batch_size']} | {r['questions_per_s']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['same_answers']}/{r['questions']} |")
+    if result.get("layer_rates"):
+        lines += ["", "| decoder layer: tokens per sequence | batch size | seconds | tokens/s | vs batch size "
+                  f"{first} |", "|---:|---:|---:|---:|---:|"]
+        one = {r["tokens"]: r["tokens_per_s"] for r in result["layer_rates"] if r["batch_size"] == first}
+        for r in result["layer_rates"]:
+            lines.append(f"| {r['tokens']} | {r['batch_size']} | {r['seconds']:.4f} | {r['tokens_per_s']:.1f} | "
+                         f"{r['tokens_per_s'] / one[r['tokens']]:.2f}x |")
     m = result["machine"]
-    where = m.get("gpu") or f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads)"
+    where = m.get("gpu") or (f"CPU {m['processor']} ({m['cpu_count']} cores, {m['threads']} threads, bf16 "
+                             f"instructions: {', '.join(m.get('cpu_bf16') or []) or 'none'})")
     lines.append("")
     lines.append(f"{result['shape'] or result['model_path']}, {result['dtype']}, {where}, torch {m['torch']}, "
                  f"{result['rows'][0]['questions']} questions, {result['max_new_tokens']} new tokens at most, median "
@@ -484,7 +514,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--skip-unpruned", action="store_true",
                    help="with --batch-size: measure the methods only (the unpruned runs are the slowest)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="skip timing the decoder layer at each realised length (the calibrated ideal)")
+                   help="skip timing the decoder layer at each realised length (the calibrated ideal; with "
+                        "--batch-size: its tokens per second at each batch size)")
     add_method_args(p)
     args = p.parse_args(argv)
     runner.setup_logging()
