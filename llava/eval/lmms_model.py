@@ -371,8 +371,8 @@ class PioFvlm(lmms):
             return [v.convert("RGB") if isinstance(v, Image.Image) else runner.load_image(v) for v in images], None
         if images or len(videos) > 1:
             what = f"a video and {len(images)} image(s)" if images else f"{len(videos)} videos"
-            raise ValueError(f"pio_fvlm: {where} gives {what}; a document takes images or one video, not both "
-                             f"(families with video: {video_families()})")
+            raise ValueError(f"pio_fvlm: {where} gives {what}; a document takes images or one video (families with "
+                             f"video: {video_families()})")
         try:
             self.args.family.check_video()
             if not self._video_method_checked:
