@@ -258,6 +258,83 @@ def test_video_refusals_are_one_line(tiny_v15, tiny_qwen, vmme, docs, tmp_path):
         PioFvlm(pretrained=tiny_qwen, device="cpu", num_frames=8, fps=2)
 
 
+VIDEOMME_YAML = """task: pio_videomme
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.videomme_doc_to_visual
+doc_to_text: !function utils.videomme_doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 16
+  temperature: 0
+  top_p: 1.0
+  num_beams: 1
+  do_sample: false
+process_results: !function utils.videomme_process_results
+metric_list:
+  - metric: videomme_perception_score
+    aggregation: !function utils.videomme_aggregate_results
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: "{post}"
+"""
+VIDEOMME_POST = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval's videomme.yaml
+VIDEOMME_UTILS = """from lmms_eval.tasks.videomme.utils import (  # noqa: F401  (lmms-eval 0.7.3's own Video-MME task)
+    videomme_aggregate_results,
+    videomme_doc_to_text,
+    videomme_doc_to_visual,
+    videomme_process_results,
+)
+"""
+
+
+def test_lmms_eval_runs_a_video_task(tiny_qwen, vmme, tmp_path, monkeypatch):
+    """lmms-eval itself (simple_evaluate, in process) with PIO on a local task over the Video-MME miniature that
+    uses lmms-eval's own videomme functions: its doc_to_visual finds ``<HF_HOME>/videomme/data/<videoID>.mp4`` (the
+    fixture's layout) and gives ``[path]``, its prompt, its scorer. The answers are model_video_qa's on the same
+    prompts and clips; every document's reduction is recorded."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.tasks.videomme import utils as videomme
+
+    from llava.eval.eval_videomme import read_annotation
+
+    monkeypatch.setattr(videomme, "base_cache_dir", str(vmme.parent))  # what HF_HOME sets at its import
+    rows = [{"video_id": q.video_id, "duration": q.duration, "domain": q.domain, "sub_category": q.sub_category,
+             "videoID": q.youtube_id, "question_id": q.question_id, "task_type": q.task_type, "question": q.question,
+             "options": list(q.options), "answer": q.answer}
+            for q in read_annotation(str(vmme / "videomme.json"))]  # lmms-lab/Video-MME's rows
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "utils.py").write_text(VIDEOMME_UTILS)
+    (tmp_path / "pio_videomme.yaml").write_text(VIDEOMME_YAML.format(data=tmp_path / "docs.jsonl",
+                                                                     post=VIDEOMME_POST.replace("\n", "\\n")))
+    args = {**VIDEO, **PIO_SMALL, "pio_dir": str(tmp_path / "rec")}
+    out = simple_evaluate(model=PioFvlm(pretrained=tiny_qwen, device="cpu", **args), tasks=["pio_videomme"],
+                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    samples = sorted(out["samples"]["pio_videomme"], key=lambda x: x["doc_id"])
+    prompts = [videomme.videomme_doc_to_text(r, {"pre_prompt": "", "post_prompt": VIDEOMME_POST}) for r in rows]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question_id": r["question_id"], "video": f"data/{r['videoID']}.mp4",
+                                         "text": p}) + "\n" for r, p in zip(rows, prompts)))
+    model_video_qa.main(["--model-path", tiny_qwen, "--question-file", str(qfile), "--video-folder", str(vmme),
+                         "--answers-file", str(tmp_path / "a.jsonl"), "--temperature", "0", "--max_new_tokens", "16",
+                         "--device", "cpu", *_flags({**VIDEO, **PIO_SMALL})])
+    expected = [json.loads(x)["text"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [x["resps"][0][0] for x in samples] == expected and len(expected) == 6
+    assert 0 <= out["results"]["pio_videomme"]["videomme_perception_score,none"] <= 100
+    folder = lmms_results.records_dir({"pretrained": tiny_qwen, **args}, None)
+    recs = sorted(lmms_results.task_records(folder, "pio_videomme", 1), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in recs] == list(range(6))
+    assert all([s["after"] for s in r["stages"]] == [r["n_visual"] // 2, r["n_visual"] // 4] for r in recs)
+    assert json.loads(Path(folder, "run.json").read_text())["video_sampling"]["num_frames"] == 8
+
+
 def test_loglikelihood_is_the_continuation_loss_through_cached_decoding(tiny_v15, tiny_v15_deep, docs):
     """Unpruned, the forced cached decoding gives the loss of one full forward pass over context + continuation;
     pruned, the continuation sees only what the prefill kept, so the loss moves."""
