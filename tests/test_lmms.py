@@ -19,6 +19,7 @@ import torch
 from llava.eval import fixtures, lmms_results, model_video_qa, model_vqa_loader, runner, summarize
 from llava.eval.lmms_model import PioFvlm, allowed_model_args
 from llava.eval.results import write_result
+from llava.video import load_video
 from tests.helpers import QWEN_TEST_PIXELS, image
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -256,6 +257,26 @@ def test_video_refusals_are_one_line(tiny_v15, tiny_qwen, vmme, docs, tmp_path):
     with pytest.raises(ValueError, match=r"^pio_fvlm model_args: num_frames, fps: give either the number of frames or "
                                          r"fps"):
         PioFvlm(pretrained=tiny_qwen, device="cpu", num_frames=8, fps=2)
+
+
+def test_video_loglikelihood_is_the_continuation_loss(tiny_qwen, vmme):
+    """A video document's multiple-choice continuation: the loss through cached decoding is that of one full
+    forward pass over the video prompt and the continuation."""
+    (doc,) = _video_docs(vmme, 1)
+    model = _adapter(tiny_qwen, [doc], **VIDEO)
+    ((loss, greedy),) = [r.text for r in model.loglikelihood([SimpleNamespace(args=(doc["question"], " B", _media, 0,
+                                                                                     "t", "test"), idx=0)])]
+    video = load_video(doc["video"], model.sampling)
+    prompt = model_video_qa.video_prompt(doc["question"], model.args.conv_mode)
+    ids, _, _ = model_video_qa.encode(prompt, video, model.tokenizer, model.processor, model.model.config)
+    full, visual, _ = model_video_qa.encode(prompt + " B", video, model.tokenizer, model.processor, model.model.config)
+    tokens = full[0, ids.shape[1]:]
+    assert torch.equal(full[0, : ids.shape[1]], ids[0]) and len(tokens) >= 1
+    with torch.inference_mode():
+        logits = model.model(input_ids=full, images=visual).logits[0].double()
+    rows = torch.log_softmax(logits[-len(tokens) - 1: -1], -1)  # the rows predicting the continuation
+    assert loss == pytest.approx(-float(rows[torch.arange(len(tokens)), tokens].mean()), abs=1e-4)
+    assert greedy == bool((rows.argmax(-1) == tokens).all())
 
 
 VIDEOMME_YAML = """task: pio_videomme

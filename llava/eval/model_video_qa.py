@@ -80,6 +80,9 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
     sampling = video_sampling(args)
     check_video_method(method_from_args(args))
+    if getattr(args, "batch_size", 1) > 1:  # llava.eval.batching joins pixel tensors, not a family's video inputs
+        raise ValueError(f"--batch-size {args.batch_size}: the video runner answers one video per forward pass; "
+                         "give --batch-size 1")
     items, total = read_questions(args)
     options = {"runner": "model_video_qa", "video_folder": os.path.abspath(args.video_folder),
                "video_sampling": sampling.record()}
