@@ -16,9 +16,10 @@ import lmms_eval  # noqa: F401  (make test installs the lmms extra: without it t
 import pytest
 import torch
 
-from llava.eval import lmms_results, model_vqa_loader, runner, summarize
+from llava.eval import fixtures, lmms_results, model_video_qa, model_vqa_loader, runner, summarize
 from llava.eval.lmms_model import PioFvlm, allowed_model_args
 from llava.eval.results import write_result
+from llava.video import load_video
 from tests.helpers import QWEN_TEST_PIXELS, image
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -26,6 +27,8 @@ QUESTIONS = ("What is object 0?", "Which colour is the big square?", "How many c
              "Is there a tree near the house?", "Where is the cat sitting?")
 SIZES = ((320, 240), (336, 336), (240, 360), (500, 300), (640, 427))
 QWEN_ARGS = dict(zip(("min_pixels", "max_pixels"), QWEN_TEST_PIXELS, strict=True))
+PIO_SMALL = {"method": "pio", "layers": "[1,2]", "ratios": "[0.5,0.25]"}  # the tiny checkpoints' 4 layers
+VIDEO = {"num_frames": 8, "video_min_pixels": 12544, "video_max_pixels": 12544}  # 4 frame pairs of 16 tokens
 
 
 @pytest.fixture(scope="module")
@@ -61,22 +64,39 @@ GREEDY = {"max_new_tokens": 5, "temperature": 0, "do_sample": False}
 
 
 # --------------------------------------------------------------------------- in process
-@pytest.mark.parametrize("family", ["v15", "v16", "qwen"])
-def test_unpruned_answers_equal_the_runner(family, tiny_v15, tiny_v16, tiny_qwen, docs, tmp_path):
-    """Every family: the adapter's prompt (the family's template around lmms-eval's bare context) and greedy
-    answers are the runner's on the same questions."""
-    ckpt = {"v15": tiny_v15, "v16": tiny_v16, "qwen": tiny_qwen}[family]
-    extra = QWEN_ARGS if family == "qwen" else {}
+def _flags(model_args: dict) -> list[str]:
+    """The runner flags of ``model_args`` (``video_min_pixels=1`` -> ``--video-min-pixels 1``)."""
+    return [x for k, v in model_args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _kept(log: Path) -> list[tuple[int, list]]:
+    """Per reduction log line: the visual count and each stage's kept positions."""
+    return [(r["n_visual"], [st["kept"] for st in r["stages"]]) for r in map(json.loads, log.read_text().splitlines())]
+
+
+@pytest.mark.parametrize("family, method", [("v15", {}), ("v16", {}), ("qwen", {}), ("onevision", {}),
+                                            ("onevision", PIO_SMALL)],
+                         ids=["v15", "v16", "qwen", "onevision", "onevision-pio"])
+def test_answers_equal_the_runner(family, method, tiny_checkpoints, docs, tmp_path):
+    """Every family (and PIO on LLaVA-OneVision): the adapter's prompt (the family's template around lmms-eval's
+    bare context), greedy answers and kept tokens are the runner's on the same questions."""
+    ckpt = tiny_checkpoints[{"v15": "llava-v1.5", "v16": "llava-v1.6", "qwen": "qwen2_5_vl",
+                             "onevision": "llava-onevision"}[family]]
+    extra = {**(QWEN_ARGS if family == "qwen" else {}), **method}
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps({"question_id": d["question_id"], "image": os.path.basename(d["image"]),
                                          "text": d["question"] + SUFFIX}) + "\n" for d in docs[:3]))
-    flags = [x for k, v in extra.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     model_vqa_loader.main(["--model-path", ckpt, "--question-file", str(qfile), "--image-folder",
                            os.path.dirname(docs[0]["image"]), "--answers-file", str(tmp_path / "a.jsonl"),
-                           "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu", *flags])
+                           "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu", "--pio-log",
+                           str(tmp_path / "runner.jsonl"), *_flags(extra)])
     expected = [json.loads(x)["text"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
-    got = _adapter(ckpt, docs, **extra).generate_until(_requests(docs, GREEDY, range(3)))
+    model = _adapter(ckpt, docs, **extra, pio_log=str(tmp_path / "log.jsonl"))
+    got = model.generate_until(_requests(docs, GREEDY, range(3)))
+    model.clean()
     assert got == expected and len(got) == 3
+    assert _kept(tmp_path / "log.jsonl") == _kept(tmp_path / "runner.jsonl")
+    assert all(len(kept) == (2 if method else 0) for _, kept in _kept(tmp_path / "log.jsonl"))
 
 
 def test_methods_change_the_run_and_record_it(tiny_v15_deep, docs, tmp_path):
@@ -156,8 +176,193 @@ def test_several_images_per_document(family, tiny_v15, tiny_qwen, docs):
         assert two.shape[1] > single.shape[1]
     with pytest.raises(ValueError, match=r"the context has 1 <image> mark\(s\) for 2 image\(s\)"):
         model.generate_until([SimpleNamespace(args=("<image>\nQ?", GREEDY, lambda d: both, 0, "t", "test"), idx=0)])
-    with pytest.raises(ValueError, match=r"gives video .*clip\.mp4; this model reads images only"):
-        model.generate_until(_requests(docs, GREEDY, [0], visual=lambda d: ["clip.mp4"]))
+
+
+# --------------------------------------------------------------------------- video
+@pytest.fixture(scope="module")
+def vmme(tmp_path_factory) -> Path:
+    """The Video-MME miniature (llava.eval.fixtures): three clips in lmms-eval's layout, six questions."""
+    return fixtures.write_fixtures(tmp_path_factory.mktemp("lmms_vfx"), seed=0, benchmarks=["videomme"]) / "videomme"
+
+
+def _video_docs(vmme: Path, n: int = 3) -> list[dict]:
+    rows = [json.loads(x) for x in (vmme / "llava_videomme.jsonl").read_text().splitlines()][:n]
+    return [{"question_id": r["question_id"], "video": str(vmme / r["video"]), "question": r["text"]} for r in rows]
+
+
+def _media(doc: dict) -> list:
+    """lmms-eval's visuals of a document: ``[video path]`` (as its video tasks give them) or ``[PIL image]``."""
+    return [doc["video"]] if "video" in doc else _visual(doc)
+
+
+@pytest.mark.parametrize("method", [{}, PIO_SMALL], ids=["unpruned", "pio"])
+def test_video_answers_equal_the_video_runner(method, tiny_qwen, vmme, docs, tmp_path):
+    """A video document is answered as model_video_qa answers the same clip and question with the same flags
+    (frame sampling, prompt, method: equal answers and kept tokens), run.json records the sampling as the runner's
+    identity does."""
+    vdocs = _video_docs(vmme)
+    args = {**QWEN_ARGS, **VIDEO, **method}
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question_id": d["question_id"], "video": d["video"],
+                                         "text": d["question"] + SUFFIX}) + "\n" for d in vdocs))
+    model_video_qa.main(["--model-path", tiny_qwen, "--question-file", str(qfile), "--answers-file",
+                         str(tmp_path / "a.jsonl"), "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu",
+                         "--pio-log", str(tmp_path / "runner.jsonl"), *_flags(args)])
+    expected = [json.loads(x)["text"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    files = {"pio_log": str(tmp_path / "log.jsonl"), "pio_dir": str(tmp_path / "rec")}
+    model = _adapter(tiny_qwen, vdocs, **args, **files)
+    got = model.generate_until(_requests(vdocs, GREEDY, visual=_media))
+    model.clean()
+    assert got == expected and len(got) == 3
+    assert _kept(tmp_path / "log.jsonl") == _kept(tmp_path / "runner.jsonl")
+    assert all(n >= 4 * 16 and len(kept) == (2 if method else 0) for n, kept in _kept(tmp_path / "log.jsonl"))
+    folder = lmms_results.records_dir({"pretrained": tiny_qwen, **args, **files}, None)
+    identity = json.loads((tmp_path / "a.run.json").read_text())["identity"]["runner"]
+    assert json.loads(Path(folder, "run.json").read_text())["video_sampling"] == identity["video_sampling"]
+
+
+def test_batch_size_answers_video_requests_in_place(tiny_qwen, vmme, docs, tmp_path):
+    """batch_size=2 with PIO: video requests between image requests are answered one at a time in their place,
+    every answer and log line as with batch_size=1."""
+    mixed = docs[:2] + _video_docs(vmme, 2)  # images 0, 1; videos 2, 3
+    runs = {}
+    for n in (1, 2):
+        log = tmp_path / f"log{n}.jsonl"
+        model = _adapter(tiny_qwen, mixed, **QWEN_ARGS, **VIDEO, **PIO_SMALL, batch_size=n, pio_log=str(log))
+        runs[n] = (model.generate_until(_requests(mixed, GREEDY, [0, 2, 3, 1], visual=_media)), _kept(log))
+        model.clean()
+    assert runs[2] == runs[1] and len(runs[1][0]) == 4
+    assert all(len(kept) == 2 for _, kept in runs[2][1]) and min(n for n, _ in runs[2][1][1:3]) >= 4 * 16
+
+
+def test_video_refusals_are_one_line(tiny_v15, tiny_qwen, vmme, docs, tmp_path):
+    """A family without video, a video beside images or another video, <image> marks around a video, an
+    encoder-side method, a missing file; and frame options a family cannot take."""
+    clip = _video_docs(vmme, 1)[0]["video"]
+    fam = r"\(families with video: [^)]*Qwen2\.5-VL[^)]*\)$"
+    models = {"llava": _adapter(tiny_v15, docs), "qwen": _adapter(tiny_qwen, docs, **QWEN_ARGS, **VIDEO),
+              "divprune": _adapter(tiny_qwen, docs, **QWEN_ARGS, method="divprune", budget=64)}
+    cases = [
+        ("llava", [clip], "Q?", rf"^pio_fvlm: document 0 of t gives video .*\.mp4; LLaVA takes no video input in "
+                                rf"this codebase {fam}"),
+        ("qwen", [clip, "im.png"], "Q?", rf"^pio_fvlm: document 0 of t gives a video and 1 image\(s\); a document "
+                                         rf"takes images or one video {fam}"),
+        ("qwen", [clip, clip], "Q?", rf"^pio_fvlm: document 0 of t gives 2 videos; a document takes images or one "
+                                     rf"video {fam}"),
+        ("qwen", [clip], "<image>\nQ?", r"^pio_fvlm: document 0 of t: the context has 1 <image> mark\(s\) for one "
+                                        r"video$"),
+        ("divprune", [clip], "Q?", r"^pio_fvlm: document 0 of t gives video .*; divprune is an encoder-side method, "
+                                   r"which runs on images only"),
+    ]
+    for name, visuals, context, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            models[name].generate_until([SimpleNamespace(args=(context, GREEDY, lambda d, v=visuals: v, 0, "t", "test"),
+                                                         idx=0)])
+        assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"^pio_fvlm: document 0 of t: video file not found: .*none\.mp4$"):
+        models["qwen"].generate_until(_requests(docs, GREEDY, [0], visual=lambda d: [str(tmp_path / "none.mp4")]))
+    with pytest.raises(ValueError, match=r"^pio_fvlm model_args: num_frames, fps: give either the number of frames or "
+                                         r"fps"):
+        PioFvlm(pretrained=tiny_qwen, device="cpu", num_frames=8, fps=2)
+
+
+def test_video_loglikelihood_is_the_continuation_loss(tiny_qwen, vmme):
+    """A video document's multiple-choice continuation: the loss through cached decoding is that of one full
+    forward pass over the video prompt and the continuation."""
+    (doc,) = _video_docs(vmme, 1)
+    model = _adapter(tiny_qwen, [doc], **VIDEO)
+    ((loss, greedy),) = [r.text for r in model.loglikelihood([SimpleNamespace(args=(doc["question"], " B", _media, 0,
+                                                                                     "t", "test"), idx=0)])]
+    video = load_video(doc["video"], model.sampling)
+    prompt = model_video_qa.video_prompt(doc["question"], model.args.conv_mode)
+    ids, _, _ = model_video_qa.encode(prompt, video, model.tokenizer, model.processor, model.model.config)
+    full, visual, _ = model_video_qa.encode(prompt + " B", video, model.tokenizer, model.processor, model.model.config)
+    tokens = full[0, ids.shape[1]:]
+    assert torch.equal(full[0, : ids.shape[1]], ids[0]) and len(tokens) >= 1
+    with torch.inference_mode():
+        logits = model.model(input_ids=full, images=visual).logits[0].double()
+    rows = torch.log_softmax(logits[-len(tokens) - 1: -1], -1)  # the rows predicting the continuation
+    assert loss == pytest.approx(-float(rows[torch.arange(len(tokens)), tokens].mean()), abs=1e-4)
+    assert greedy == bool((rows.argmax(-1) == tokens).all())
+
+
+VIDEOMME_YAML = """task: pio_videomme
+# lmms-eval 0.7.3's videomme.yaml, on local rows, with fewer new tokens (16 there)
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.videomme_doc_to_visual
+doc_to_text: !function utils.videomme_doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 6
+  temperature: 0
+  top_p: 1.0
+  num_beams: 1
+  do_sample: false
+process_results: !function utils.videomme_process_results
+metric_list:
+  - metric: videomme_perception_score
+    aggregation: !function utils.videomme_aggregate_results
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: "{post}"
+"""
+VIDEOMME_POST = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval's videomme.yaml
+VIDEOMME_UTILS = """from lmms_eval.tasks.videomme.utils import (  # noqa: F401  (lmms-eval 0.7.3's own Video-MME task)
+    videomme_aggregate_results,
+    videomme_doc_to_text,
+    videomme_doc_to_visual,
+    videomme_process_results,
+)
+"""
+
+
+def test_lmms_eval_runs_a_video_task(tiny_qwen, vmme, tmp_path, monkeypatch):
+    """lmms-eval itself (simple_evaluate, in process) with PIO on a local task over the Video-MME miniature that
+    uses lmms-eval's own videomme functions: its doc_to_visual finds ``<HF_HOME>/videomme/data/<videoID>.mp4`` (the
+    fixture's layout) and gives ``[path]``, its prompt, its scorer. The answers are model_video_qa's on the same
+    prompts and clips; every document's reduction is recorded."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+    from lmms_eval.tasks.videomme import utils as videomme
+
+    from llava.eval.eval_videomme import read_annotation
+
+    monkeypatch.setattr(videomme, "base_cache_dir", str(vmme.parent))  # what HF_HOME sets at its import
+    rows = [{"video_id": q.video_id, "duration": q.duration, "domain": q.domain, "sub_category": q.sub_category,
+             "videoID": q.youtube_id, "question_id": q.question_id, "task_type": q.task_type, "question": q.question,
+             "options": list(q.options), "answer": q.answer}
+            for q in read_annotation(str(vmme / "videomme.json"))][::2]  # lmms-lab/Video-MME's rows, one per clip
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "utils.py").write_text(VIDEOMME_UTILS)
+    (tmp_path / "pio_videomme.yaml").write_text(VIDEOMME_YAML.format(data=tmp_path / "docs.jsonl",
+                                                                     post=VIDEOMME_POST.replace("\n", "\\n")))
+    args = {**VIDEO, **PIO_SMALL, "pio_dir": str(tmp_path / "rec")}
+    out = simple_evaluate(model=PioFvlm(pretrained=tiny_qwen, device="cpu", **args), tasks=["pio_videomme"],
+                          task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                          log_samples=True)
+    samples = sorted(out["samples"]["pio_videomme"], key=lambda x: x["doc_id"])
+    prompts = [videomme.videomme_doc_to_text(r, {"pre_prompt": "", "post_prompt": VIDEOMME_POST}) for r in rows]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question_id": r["question_id"], "video": f"data/{r['videoID']}.mp4",
+                                         "text": p}) + "\n" for r, p in zip(rows, prompts)))
+    model_video_qa.main(["--model-path", tiny_qwen, "--question-file", str(qfile), "--video-folder", str(vmme),
+                         "--answers-file", str(tmp_path / "a.jsonl"), "--temperature", "0", "--max_new_tokens", "6",
+                         "--device", "cpu", *_flags({**VIDEO, **PIO_SMALL})])
+    expected = [json.loads(x)["text"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [x["resps"][0][0] for x in samples] == expected and len(expected) == 3
+    assert 0 <= out["results"]["pio_videomme"]["videomme_perception_score,none"] <= 100
+    folder = lmms_results.records_dir({"pretrained": tiny_qwen, **args}, None)
+    recs = sorted(lmms_results.task_records(folder, "pio_videomme", 1), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in recs] == list(range(3))
+    assert all([s["after"] for s in r["stages"]] == [r["n_visual"] // 2, r["n_visual"] // 4] for r in recs)
+    assert json.loads(Path(folder, "run.json").read_text())["video_sampling"]["num_frames"] == 8
 
 
 def test_loglikelihood_is_the_continuation_loss_through_cached_decoding(tiny_v15, tiny_v15_deep, docs):
@@ -209,6 +414,8 @@ def test_multi_round_follows_the_tasks_doc_to_text(tiny_v15, docs):
     ({"min_pixels": 3136}, r"min_pixels applies to Qwen2.5-VL \(.*\); .* is a LLaVA checkpoint"),
     ({"method": "fastv", "budget": 64, "pio_tau": 0.5}, r"pio_tau is a flag of method pio, but method is fastv"),
     ({"method": "pio", "pio_no_nms": "maybe"}, r"pio_no_nms is on or off: pio_no_nms=true"),
+    ({"num_frames": 8}, r"num_frames: LLaVA takes no video input in this codebase \(families with video: "
+                        r"[^)]*Qwen2\.5-VL[^)]*\)$"),
 ])
 def test_bad_model_args_are_named(tiny_v15, args, match):
     with pytest.raises(ValueError, match=r"^pio_fvlm model_args: " + match):

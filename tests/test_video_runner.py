@@ -76,6 +76,8 @@ def test_video_runner_refusals(tiny_v15, tiny_qwen, vmme, tmp_path):
         run(tiny_v15, vmme, tmp_path, "--conv-mode", "vicuna_v1")
     with pytest.raises(ValueError, match="^divprune is an encoder-side method, which runs on images only"):
         run(tiny_qwen, vmme, tmp_path, "--method", "divprune", "--budget", "64")
+    with pytest.raises(ValueError, match="^--batch-size 2: the video runner answers one video per forward pass"):
+        run(tiny_qwen, vmme, tmp_path, "--batch-size", "2")
     bad = tmp_path / "q.jsonl"
     bad.write_text(json.dumps({"question_id": "x", "video": "data/none.mp4", "text": "?"}) + "\n")
     with pytest.raises(FileNotFoundError, match="question x: video file not found"):

@@ -23,6 +23,16 @@ lmms-eval's context comes without one) and answered by :func:`~llava.eval.runner
 answers those of one at a time), while multi-round dialogues (each round waits for the previous answer) and
 ``loglikelihood`` stay one request at a time.
 
+Videos (families with ``Family.video_rule``, today Qwen2.5-VL): lmms-eval's video tasks hand a simple model the
+document's video as ``[path]`` (``tasks/videomme/utils.py`` ``videomme_doc_to_visual``); such a document is read
+with the video runner's code (:func:`llava.eval.model_video_qa.video_sampling`, :func:`llava.video.load_video`,
+:func:`~llava.eval.model_video_qa.video_prompt`, :func:`~llava.eval.model_video_qa.encode`), so its answer is
+:mod:`llava.eval.model_video_qa`'s on the same clip and question. The frame options are the video runner's flags
+as model_args (``num_frames``, ``fps``, ``video_min_pixels``, ``video_max_pixels``, ``video_total_pixels``),
+recorded in ``run.json`` (``video_sampling``). One video per document, no images beside it; under
+``--batch_size N`` video requests are answered one at a time in their place. A family without video, or a
+document mixing a video with images, is refused in one line naming the families with video.
+
 ``loglikelihood`` (lmms-eval's multiple-choice tasks): the context is prefilled with the reduction method, exactly
 as before generating, and the continuation is fed through the same cached decoding, one forced token per step.
 So a pruned model is scored as it answers: what it kept at prefill is all the continuation sees (scoring the
@@ -55,16 +65,17 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval import batching, lmms_results, runner
-from llava.model.families import family_options
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+from llava.eval import batching, lmms_results, model_video_qa, runner
+from llava.model.families import families, family_options
+from llava.video import Video, add_video_args, load_video
 
 try:
     from lmms_eval.api.instance import GenerationResult
@@ -96,6 +107,8 @@ OWNED: dict[str, str] = {
 OWN_ARGS = ("pretrained", "pio_dir", "run_name", "batch_size", "max_batch_size", "device")
 GEN_KWARGS = ("until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".flv", ".wmv", ".m4v", ".gif")
+Media = tuple[list, str | None]
+"""A document's visuals: its PIL images, or (no images) the path of its one video."""
 
 
 def manifest() -> Any:
@@ -116,6 +129,7 @@ def _runner_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action
     """The runners' parser, and its actions by model_arg name (a flag's spellings without dashes, ``-`` -> ``_``)."""
     p = _Parser(add_help=False)
     runner.add_common_args(p)
+    add_video_args(p)
     by_key = {}
     for action in p._actions:
         for flag in action.option_strings:
@@ -124,6 +138,19 @@ def _runner_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action
     for key in OWNED:
         by_key.pop(key, None)
     return p, by_key
+
+
+def video_model_args() -> tuple[str, ...]:
+    """The frame sampling keys (the video runner's flags, :func:`llava.video.add_video_args`): ``num_frames``,
+    ``fps``, ``video_min_pixels``, ..."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_video_args(p)
+    return tuple(a.dest for a in p._actions)
+
+
+def video_families() -> str:
+    """The titles of the families that take video (``Family.video_rule`` set), for refusals."""
+    return ", ".join(f.title for f in families() if f.video_rule) or "none"
 
 
 def allowed_model_args() -> list[str]:
@@ -254,7 +281,7 @@ class PioFvlm(lmms):
         device: ``cpu``, ``cuda``, ``cuda:1`` (default: ``cuda:<local rank>`` when CUDA is there, else CPU).
         pio_dir: where the run's records go (default: lmms-eval's ``--output_path``/pio_fvlm).
         run_name: the run's row in summarize's table (default: :func:`lmms_results.default_run_name`).
-        **model_args: the runners' flags (:func:`runner_args`).
+        **model_args: the runners' flags and the video runner's frame options (:func:`runner_args`).
     """
 
     is_simple = True
@@ -290,6 +317,15 @@ class PioFvlm(lmms):
             batching.check_batch_args(self.args)
         except ValueError as err:
             raise ValueError(f"pio_fvlm model_args: {_flagless(str(err))}") from None
+        # the frame sampling of video documents, as the video runner reads them (None: the family takes no video)
+        self.sampling = None
+        video_keys = [k for k in video_model_args() if getattr(self.args, k, None) is not None]
+        if self.args.family.video_rule is not None or video_keys:
+            try:
+                self.sampling = model_video_qa.video_sampling(self.args)
+            except ValueError as err:
+                raise ValueError(f"pio_fvlm model_args: {', '.join(video_keys)}: {_flagless(str(err))}") from None
+        self._video_method_checked = False
         self.tokenizer, self.model, self.processor, self.model_name = runner.load_model(self.args, self.method)
         self.model.eval()
         recorded = {**given, **({"pio_dir": pio_dir} if pio_dir else {}), **({"run_name": run_name} if run_name else {})}
@@ -302,6 +338,7 @@ class PioFvlm(lmms):
             "budget": runner.budget_label(self.args, self.method),
             "method_config": self.method.config() if self.method is not None else None,
             "schedule_file": os.path.abspath(self.args.schedule_file) if self.args.schedule_file else None,
+            "video_sampling": self.sampling.record() if self.sampling is not None else None,
             "decoding": {k: getattr(self.args, k, None) for k in ("conv_mode", "dtype", "attn_implementation", "seed",
                                                                   *family_options())},
             "world_size": self._world_size,
@@ -321,28 +358,53 @@ class PioFvlm(lmms):
         return self._batch
 
     # ------------------------------------------------------------------ inputs
-    def _images(self, visuals: Any, where: str) -> list:
-        """The PIL images of a document (image files opened); anything else is refused naming the document."""
+    def _media(self, visuals: Any, where: str) -> Media:
+        """A document's PIL images (image files opened), or its one video file (a path with a video suffix, as
+        lmms-eval's video tasks give it: ``[path]``). Refused in one line, naming the document: a video to a
+        family without video, a video beside images or another video, a video with an encoder-side method, a
+        missing video file, anything but images and files."""
         from PIL import Image
 
         if visuals is None:
-            return []
+            return [], None
         items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
-        out = []
+        images, videos = [], []
         for v in items:
-            if isinstance(v, Image.Image):
-                out.append(v.convert("RGB"))
-            elif isinstance(v, (str, os.PathLike)) and not str(v).lower().endswith(VIDEO_SUFFIXES):
-                out.append(runner.load_image(v))
+            if isinstance(v, (str, os.PathLike)) and str(v).lower().endswith(VIDEO_SUFFIXES):
+                videos.append(os.fspath(v))
+            elif isinstance(v, (Image.Image, str, os.PathLike)):
+                images.append(v)
             else:
-                what = f"video {v}" if isinstance(v, (str, os.PathLike)) else f"a {type(v).__name__}"
-                raise ValueError(f"pio_fvlm: {where} gives {what}; this model reads images only (no family here has "
-                                 "a video or audio path yet)")
-        return out
+                raise ValueError(f"pio_fvlm: {where} gives a {type(v).__name__}; this model reads images and video "
+                                 f"files ({', '.join(VIDEO_SUFFIXES)})")
+        if not videos:
+            return [v.convert("RGB") if isinstance(v, Image.Image) else runner.load_image(v) for v in images], None
+        if images or len(videos) > 1:
+            what = f"a video and {len(images)} image(s)" if images else f"{len(videos)} videos"
+            raise ValueError(f"pio_fvlm: {where} gives {what}; a document takes images or one video (families with "
+                             f"video: {video_families()})")
+        try:
+            self.args.family.check_video()
+            if not self._video_method_checked:
+                model_video_qa.check_video_method(self.method)
+                self._video_method_checked = True
+        except ValueError as err:
+            raise ValueError(f"pio_fvlm: {where} gives video {videos[0]}; {err}") from None
+        if not os.path.isfile(videos[0]):
+            raise FileNotFoundError(f"pio_fvlm: {where}: video file not found: {videos[0]}")
+        return [], videos[0]
 
-    def _prompt(self, context: str, n_images: int, where: str) -> str:
+    def _prompt(self, context: str, n_images: int, where: str, video: bool = False) -> str:
         """The family's chat prompt of one user turn: the context, its images as ``<image>`` marks (the context's
-        own marks when it has one per image, else one mark per image before the text, as the runners put it)."""
+        own marks when it has one per image, else one mark per image before the text, as the runners put it); a
+        video's ``<video>`` mark before the text as the video runner puts it
+        (:func:`~llava.eval.model_video_qa.video_prompt`)."""
+        if video:
+            for token, most in ((DEFAULT_IMAGE_TOKEN, 0), (DEFAULT_VIDEO_TOKEN, 1)):
+                if context.count(token) > most:
+                    raise ValueError(f"pio_fvlm: {where}: the context has {context.count(token)} {token} mark(s) "
+                                     "for one video")
+            return model_video_qa.video_prompt(context, self.args.conv_mode)
         mark = runner.image_token(bool(getattr(self.model.config, "mm_use_im_start_end", False)))
         marks = context.count(DEFAULT_IMAGE_TOKEN)
         if marks and marks != n_images:
@@ -354,9 +416,22 @@ class PioFvlm(lmms):
             text = (mark + "\n") * n_images + context
         return runner.chat_prompt(text, self.args.conv_mode)
 
-    def _encode(self, prompt: str, images: list) -> runner.Prepared:
-        ids, pixels, sizes = runner.encode(prompt, images, self.tokenizer, self.processor, self.model.config)
+    def _inputs(self, prompt: str, images: list, video: Video | None = None) -> runner.Prepared:
+        """``(ids, pixels or visual inputs, sizes)`` on the CPU: the runners' encoding of ``images``, or the video
+        runner's of ``video`` (:func:`~llava.eval.model_video_qa.encode`, the family's ``encode_video``)."""
+        if video is not None:
+            return model_video_qa.encode(prompt, video, self.tokenizer, self.processor, self.model.config)
+        return runner.encode(prompt, images, self.tokenizer, self.processor, self.model.config)
+
+    def _encode(self, prompt: str, images: list, video: Video | None = None) -> runner.Prepared:
+        ids, pixels, sizes = self._inputs(prompt, images, video)
         return ids, (runner.to_model(pixels, self.model) if pixels is not None else None), sizes
+
+    def _read(self, media: Media) -> tuple[list, Video | None]:
+        """A document's images and its decoded video (frames sampled by the ``num_frames``/``fps``/... model_args
+        under the family's rule, as the video runner reads them)."""
+        images, video = media
+        return images, (load_video(video, self.sampling) if video is not None else None)
 
     def _decoding(self, gen_kwargs: Mapping[str, Any]) -> tuple[argparse.Namespace, list[str]]:
         """The runner flags of one request's ``generation_kwargs``, and its stop strings."""
@@ -382,9 +457,10 @@ class PioFvlm(lmms):
         return self.task_dict[task][split][doc_id]
 
     # ------------------------------------------------------------------ answering
-    def _answer(self, context: str, images: list, gen_kwargs: Mapping[str, Any], key: str, where: str):
+    def _answer(self, context: str, media: Media, gen_kwargs: Mapping[str, Any], key: str, where: str):
         dec, until = self._decoding(gen_kwargs)
-        ids, pixels, sizes = self._encode(self._prompt(context, len(images), where), images)
+        images, video = self._read(media)
+        ids, pixels, sizes = self._encode(self._prompt(context, len(images), where, video is not None), images, video)
         torch.manual_seed(runner.question_seed(self.args.seed, key))
         return runner.generate(self.model, self.tokenizer, ids, pixels, sizes, dec, self.method,
                                self.records.profile is not None, stop=until)
@@ -396,26 +472,30 @@ class PioFvlm(lmms):
         for req in tqdm(requests, desc="pio_fvlm", unit="req", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             where = f"document {doc_id} of {task}"
-            images = self._images(doc_to_visual(self._doc(task, split, doc_id)), where)
-            text, state, timing = self._answer(context, images, gen_kwargs, f"{task}:{split}:{doc_id}", where)
+            media = self._media(doc_to_visual(self._doc(task, split, doc_id)), where)
+            text, state, timing = self._answer(context, media, gen_kwargs, f"{task}:{split}:{doc_id}", where)
             self.records.write(task, doc_id, req.idx, "generate_until", state, self.model, timing)
             out.append(text)
         return out
 
     def _generate_until_batched(self, requests: Sequence[Any]) -> list[str]:
-        """``generate_until`` ``batch_size`` requests at a time: each run of consecutive requests with the same
-        ``generation_kwargs`` through one :class:`~llava.eval.batching.Batcher` (grouped by prompt length, each
-        request's own sampling seed, answers and records in request order)."""
+        """``generate_until`` ``batch_size`` requests at a time: each run of consecutive image (or text) requests
+        with the same ``generation_kwargs`` through one :class:`~llava.eval.batching.Batcher` (grouped by prompt
+        length, each request's own sampling seed, answers and records in request order). Video requests are
+        answered one at a time (the batcher joins pixel tensors, not a family's video inputs), in their place."""
         out: list[str] = []
         bar = tqdm(total=len(requests), desc="pio_fvlm", unit="req", disable=self.rank != 0)
 
-        def prepared(group: list[Any]):
+        def with_media(group: list[Any]):
             for req in group:
-                context, _, doc_to_visual, doc_id, task, split = req.args
-                where = f"document {doc_id} of {task}"
-                images = self._images(doc_to_visual(self._doc(task, split, doc_id)), where)
-                ids, pixels, sizes = runner.encode(self._prompt(context, len(images), where), images, self.tokenizer,
-                                                   self.processor, self.model.config)
+                _, _, doc_to_visual, doc_id, task, split = req.args
+                yield req, self._media(doc_to_visual(self._doc(task, split, doc_id)), f"document {doc_id} of {task}")
+
+        def prepared(run: Iterable[tuple[Any, Media]]):
+            for req, (images, _) in run:
+                context, _, _, doc_id, task, split = req.args
+                ids, pixels, sizes = self._inputs(self._prompt(context, len(images), f"document {doc_id} of {task}"),
+                                                  images)
                 seed = runner.question_seed(self.args.seed, f"{task}:{split}:{doc_id}")
                 yield req, batching.Sample(ids, pixels, sizes, seed)
 
@@ -423,11 +503,22 @@ class PioFvlm(lmms):
             group = list(same)
             dec, until = self._decoding(group[0].args[1])
             batcher = batching.Batcher(self.model, self.tokenizer, dec, self.method, stop=until)
-            for req, _, ans in batcher.run(prepared(group)):
-                _, _, _, doc_id, task, _ = req.args
-                self.records.write(task, doc_id, req.idx, "generate_until", ans.state, self.model, None, row=ans.row)
-                out.append(ans.text)
-                bar.update()
+            for is_video, run in itertools.groupby(with_media(group), key=lambda rm: rm[1][1] is not None):
+                if is_video:
+                    for req, media in run:
+                        context, gen_kwargs, _, doc_id, task, split = req.args
+                        text, state, timing = self._answer(context, media, gen_kwargs, f"{task}:{split}:{doc_id}",
+                                                           f"document {doc_id} of {task}")
+                        self.records.write(task, doc_id, req.idx, "generate_until", state, self.model, timing)
+                        out.append(text)
+                        bar.update()
+                    continue
+                for req, _, ans in batcher.run(prepared(run)):
+                    _, _, _, doc_id, task, _ = req.args
+                    self.records.write(task, doc_id, req.idx, "generate_until", ans.state, self.model, None,
+                                       row=ans.row)
+                    out.append(ans.text)
+                    bar.update()
         bar.close()
         return out
 
@@ -448,7 +539,7 @@ class PioFvlm(lmms):
                     if done:
                         break
                 where = f"document {doc_id} of {task}, round {k}"
-                text, state, timing = self._answer(context, self._images(visuals, where), gen_kwargs,
+                text, state, timing = self._answer(context, self._media(visuals, where), gen_kwargs,
                                                    f"{task}:{split}:{doc_id}:{k}", where)
                 self.records.write(task, doc_id, req.idx, f"round {k}", state, self.model, timing)
                 rounds.append(text)
@@ -463,27 +554,28 @@ class PioFvlm(lmms):
         out = []
         for req in tqdm(requests, desc="pio_fvlm", unit="req", disable=self.rank != 0):
             if len(req.args) == 2:  # an unconditional request: the continuation alone
-                (context, continuation), images, task, doc_id = req.args, [], "unconditional", None
+                (context, continuation), media, task, doc_id = req.args, ([], None), "unconditional", None
                 where = "an unconditional request"
             else:
                 context, target, doc_to_visual, doc_id, task, split = req.args
                 where = f"document {doc_id} of {task}"
                 doc = self._doc(task, split, doc_id)
                 continuation = target(doc) if callable(target) else target
-                images = self._images(doc_to_visual(doc), where)
+                media = self._media(doc_to_visual(doc), where)
             if not isinstance(continuation, str):
                 raise ValueError(f"pio_fvlm: {where}: the continuation to score is {type(continuation).__name__}, not "
                                  "text")
-            loss, greedy, state, timing = self._score(context, continuation, images, where)
+            loss, greedy, state, timing = self._score(context, continuation, media, where)
             if state is not None:
                 self.records.write(task, doc_id, req.idx, "loglikelihood", state, self.model, timing)
             out.append(GenerationResult(text=(loss, greedy)))
         return out
 
-    def _score(self, context: str, continuation: str, images: list, where: str):
-        prompt = self._prompt(context, len(images), where)
-        ids, pixels, sizes = self._encode(prompt, images)
-        full, _, _ = runner.encode(prompt + continuation, images, self.tokenizer, self.processor, self.model.config)
+    def _score(self, context: str, continuation: str, media: Media, where: str):
+        images, video = self._read(media)
+        prompt = self._prompt(context, len(images), where, video is not None)
+        ids, pixels, sizes = self._encode(prompt, images, video)
+        full, _, _ = self._inputs(prompt + continuation, images, video)
         n = min(ids.shape[1], full.shape[1])
         same = (ids[0, :n] == full[0, :n]).tolist()
         p = same.index(False) if False in same else n  # the context's tokens: the longest common prefix

@@ -17,10 +17,12 @@ import argparse
 import functools
 import logging
 import os
+from typing import Any
 
 from llava.constants import DEFAULT_VIDEO_TOKEN
 from llava.eval import model_vqa_loader, runner
-from llava.video import VideoSampling, add_video_args, load_video
+from llava.video import Video, VideoSampling, add_video_args, load_video
+from pio.cli import method_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +40,37 @@ def video_sampling(args: argparse.Namespace) -> VideoSampling:
     return VideoSampling.from_args(args, args.family.video_rule)
 
 
-def check_video_method(args: argparse.Namespace) -> None:
-    """Refuse an encoder-side method (alone or in a composition) before any video is read: they act on images."""
-    from pio.cli import method_from_args
+def check_video_method(method: Any) -> None:
+    """Refuse an encoder-side method (alone or in a composition; ``method`` a reduction method or None) before any
+    video is read: they act on images."""
     from pio.encoder import split_reducer
 
-    pre, _ = split_reducer(method_from_args(args))
+    pre, _ = split_reducer(method)
     if pre is not None:
         raise ValueError(f"{pre.name} is an encoder-side method, which runs on images only; for videos use a method "
                          "inside the language model (e.g. pio, fastv)")
 
 
+def video_prompt(text: str, conv_mode: str) -> str:
+    """The chat prompt of one question on one video: the ``<video>`` mark and a newline before ``text`` (a text
+    that already holds the mark keeps it where it stands), in the ``conv_mode`` template."""
+    return runner.chat_prompt(text if DEFAULT_VIDEO_TOKEN in text else DEFAULT_VIDEO_TOKEN + "\n" + text, conv_mode)
+
+
+def encode(prompt: str, video: Video, tokenizer, processor, config) -> runner.Prepared:
+    """``(input_ids (1, T), visual inputs, None)`` of a templated ``prompt`` whose ``<video>`` mark stands for
+    ``video`` (its sampled frames), as the family of ``config`` encodes them
+    (:meth:`~llava.model.families.Family.encode_video`)."""
+    from llava.model.families import family_of
+
+    return family_of(config).encode_video(prompt, video.frames, video.sample_fps, tokenizer, processor, config)
+
+
 def prepare(args: argparse.Namespace, sampling: VideoSampling, item: runner.Question, tokenizer, processor,
             config) -> runner.Prepared:
     """Frames, prompt and visual inputs of one question (in a DataLoader worker)."""
-    from llava.model.families import family_of
-
     video = load_video(os.path.join(args.video_folder, item.data["video"]), sampling)
-    prompt = runner.chat_prompt(DEFAULT_VIDEO_TOKEN + "\n" + item.data["text"], args.conv_mode)
-    return family_of(config).encode_video(prompt, video.frames, video.sample_fps, tokenizer, processor, config)
+    return encode(video_prompt(item.data["text"], args.conv_mode), video, tokenizer, processor, config)
 
 
 def record(item: runner.Question, text: str, model_name: str) -> dict:
@@ -65,7 +79,10 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
     sampling = video_sampling(args)
-    check_video_method(args)
+    check_video_method(method_from_args(args))
+    if getattr(args, "batch_size", 1) > 1:  # llava.eval.batching joins pixel tensors, not a family's video inputs
+        raise ValueError(f"--batch-size {args.batch_size}: the video runner answers one video per forward pass; "
+                         "give --batch-size 1")
     items, total = read_questions(args)
     options = {"runner": "model_video_qa", "video_folder": os.path.abspath(args.video_folder),
                "video_sampling": sampling.record()}
