@@ -4,7 +4,7 @@
 refuse videos in one line.
 
 Clips are written by the tests (``llava.video.encode_video``) and read back through the project's own decoder and
-Qwen's frame rule at a small per-frame pixel budget, so spans stay a few hundred tokens on the tiny model.
+the smart frame rule (Qwen2.5-VL's) at a small per-frame pixel budget, so spans stay a few hundred tokens on the tiny model.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def qwen(tiny_qwen):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, qwen):
-    """name -> (frames, sample_fps) as the project reads the written clip (Qwen's rule, all frames). At 2 frames per
+    """name -> (frames, sample_fps) as the project reads the written clip (the smart rule, all frames). At 2 frames per
     second a temporal patch is 1 s: transformers 4.57.6 truncates seconds per patch to integers (docs/video-notes.md)."""
     root = tmp_path_factory.mktemp("vclips")
     out = {}
@@ -201,7 +201,7 @@ def test_encoder_side_methods_refuse_videos_in_one_line(qwen, clips):
 
 # ------------------------------------------------------------------------------------------ bench on video
 def test_bench_on_a_video_shape():
-    """``bench --video-frames``: the video's tokens (frames by Qwen's rule), budgets as the same share of them,
+    """``bench --video-frames``: the video's tokens (frames by the smart rule), budgets as the same share of them,
     the vision FLOPs of the video's grid, a smaller KV cache; a family without video refuses in one line."""
     from llava.eval import bench
     from pio.flops import qwen_vision_flops

@@ -57,7 +57,7 @@ def test_video_runner_answers_resumes_and_scores(tiny_qwen, vmme, tmp_path):
     assert min(g["n_visual"] for g in logs) >= 4 * 16  # 4 frame pairs, 16 tokens or more each
     info = json.loads((tmp_path / "answers.run.json").read_text())
     sampling = info["identity"]["runner"]["video_sampling"]
-    assert sampling["rule"] == "qwen" and sampling["num_frames"] == 8 and sampling["min_pixels"] == 12544
+    assert sampling["rule"] == "smart" and sampling["num_frames"] == 8 and sampling["min_pixels"] == 12544
     before = answers.read_text()
     run(tiny_qwen, vmme, tmp_path, *method, "--resume", loaded=loaded)
     assert answers.read_text() == before
