@@ -129,7 +129,7 @@ def splice_visual(
                 n = marked[i] if marked is not None else f.shape[0]
                 run = ids[start:start + n]
                 if run.numel() != n or bool((run != ids[start]).any()):
-                    raise ValueError(f"an {what} makes {n} visual tokens but its run of marks in the prompt is "
+                    raise ValueError(f"{what} {i} makes {n} visual tokens but its run of marks in the prompt is "
                                      "shorter: expand each mark with the checkpoint's own counts (its family's "
                                      "prompt encoding)")
                 t, k = start + n, k + n
