@@ -7,8 +7,8 @@ the frame sampling flags of :mod:`llava.video` (recorded in the run description 
         --temperature 0 --max_new_tokens 16 --num-frames 32 --method pio --budget 0.111
 
 Frames are read with the model family's rule (Qwen2.5-VL: qwen-vl-utils' ``fps`` 2 / ``--num-frames``, per-frame
-pixel budget); a family without video (LLaVA; LLaVA-OneVision until its video path lands) is refused in one line
-before any video is decoded.
+pixel budget; LLaVA-OneVision: lmms-eval's 32 frames at linspace over the video, every frame one view); a family
+without video (LLaVA) is refused in one line before any video is decoded.
 """
 
 from __future__ import annotations
