@@ -18,7 +18,6 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from llava.eval import runner
 from llava.model.families import get_family, variants
 from llava.model.language_model.llava_onevision import OnevisionVideos
-from llava.model.language_model.qwen2_5_vl import QwenVisual
 from llava.video import VideoSampling, encode_video, load_video
 from pio import PruneState, Schedule, get_method, make_method
 from tests.helpers import load
@@ -37,12 +36,16 @@ def sampling(variant: str, n: int, pixels: int) -> VideoSampling:
 
 
 def join_videos(visuals: list) -> object:
-    """One call's visual inputs holding several questions' videos, in order."""
+    """One call's visual inputs holding several questions' videos, in order (the bundle's own ``join``), checked
+    against the bundle's fields written out."""
+    both = type(visuals[0]).join(visuals)
     if isinstance(visuals[0], OnevisionVideos):
-        return OnevisionVideos([f for v in visuals for f in v.frames])
-    return QwenVisual(pixel_values_videos=torch.cat([v.pixel_values_videos for v in visuals]),
-                      video_grid_thw=torch.cat([v.video_grid_thw for v in visuals]),
-                      second_per_grid_ts=torch.cat([v.second_per_grid_ts for v in visuals]))
+        assert [f.shape[0] for f in both.frames] == [v.frames[0].shape[0] for v in visuals]
+    else:
+        assert both.pixel_values is None and both.image_grid_thw is None
+        for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            assert torch.equal(getattr(both, k), torch.cat([getattr(v, k) for v in visuals])), k
+    return both
 
 
 def moving_frames(n: int, size: tuple[int, int], seed: int):

@@ -64,6 +64,9 @@ def test_video_runner_answers_resumes_and_scores(tiny_checkpoints, vmme, tmp_pat
     info = json.loads((tmp_path / "answers.run.json").read_text())
     sampling = info["identity"]["runner"]["video_sampling"]
     assert sampling["num_frames"] == 8 and rule.items() <= sampling.items()
+    (tmp_path / "b2").mkdir()  # two questions per forward pass: the same answers
+    batched = run(ckpt, vmme, tmp_path / "b2", *method, "--batch-size", "2", loaded=loaded, flags=flags)
+    assert [json.loads(x)["text"] for x in batched.read_text().splitlines()] == [x["text"] for x in lines]
     before = answers.read_text()
     run(ckpt, vmme, tmp_path, *method, "--resume", loaded=loaded, flags=flags)
     assert answers.read_text() == before

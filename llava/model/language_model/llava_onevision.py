@@ -156,6 +156,11 @@ class OnevisionVideos:
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> OnevisionVideos:
         return OnevisionVideos([v.to(device=device, dtype=dtype) for v in self.frames])
 
+    @classmethod
+    def join(cls, parts: Sequence[OnevisionVideos]) -> OnevisionVideos:
+        """Several questions' videos as one call's (a batch), in order."""
+        return cls([f for p in parts for f in p.frames])
+
 
 def onevision_image_layout(config: Any, views: int, image_size: Sequence[int]) -> tuple[ImageLayout, bool]:
     """One image's unreduced token sequence (:class:`~llava.model.layout.ImageLayout`) of ``views`` views
