@@ -1,21 +1,24 @@
-"""Video input: decode a file to RGB frames, sample them as each family's authors do, and build Qwen2.5-VL's inputs.
+"""Video input: decode a file to RGB frames, sample them as each family's authors do, and build the families' inputs.
 
-Two sampling rules (facts from the authors' code, sources in ``docs/video-notes.md``):
+Two sampling rules (facts from the authors' code, sources in ``docs/video-notes.md``); a family names its own
+(:attr:`llava.model.families.Family.video_rule`):
 
-* ``"qwen"``: Qwen2.5-VL's ``qwen-vl-utils`` 0.0.10 (``smart_nframes`` / ``fetch_video``). The frame count is
-  ``--num-frames`` rounded to a multiple of 2, or else ``duration x fps`` (default 2 frames per second) clamped to
-  ``[min_frames, max_frames]`` (4, 768; both rounded to multiples of 2, the upper one also capped by the video's
-  frame count) and floored to a multiple of 2; frames are taken at ``round(linspace(0, total - 1, n))``. Every frame
+* ``"smart"`` (Qwen2.5-VL's, named after qwen-vl-utils' ``smart_nframes`` / ``smart_resize``): ``qwen-vl-utils``
+  0.0.10 (``smart_nframes`` / ``fetch_video``). The frame count is ``--num-frames`` rounded to a multiple of 2, or
+  else ``duration x fps`` (default 2 frames per second) clamped to ``[min_frames, max_frames]`` (4, 768; both
+  rounded to multiples of 2, the upper one also capped by the video's frame count) and floored to a multiple of 2; frames are taken at ``round(linspace(0, total - 1, n))``. Every frame
   is then resized with ``smart_resize`` (sides multiples of 28) to a pixel budget between ``min_pixels`` (128 x 28 x
   28) and ``min(768 x 28 x 28, total_pixels / n x 2)`` (at least ``1.05 x min_pixels``), optionally lowered by
   ``max_pixels``, with bicubic antialiased interpolation.
 * ``"uniform"``: LLaVA-OneVision as lmms-eval runs it (``llava_onevision.load_video``): ``--num-frames`` (default
   32) frames at ``int(linspace(0, total - 1, n))``, never more than the video has; frames keep their size (the
-  family's image processor resizes them).
+  family's preprocessing resizes them: :func:`onevision_video_inputs`).
 
 :func:`load_video` decodes with PyAV (the ``video`` extra); :func:`qwen_video_inputs` turns sampled frames into
 ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts`` exactly as transformers' slow
-``Qwen2VLImageProcessor`` video path and ``Qwen2_5_VLProcessor`` do. :func:`encode_video` writes small test clips.
+``Qwen2VLImageProcessor`` video path and ``Qwen2_5_VLProcessor`` do; :func:`onevision_video_inputs` into
+LLaVA-OneVision's ``pixel_values_videos`` (every frame one view, as its image processor preprocesses a single
+image). :func:`encode_video` writes small test clips.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ QWEN_MAX_PIXELS = 768 * 28 * 28
 QWEN_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # its default when the VIDEO_MAX_PIXELS variable is unset
 # lmms-eval llava_onevision: max_frames_num=32
 UNIFORM_NUM_FRAMES = 32
-RULES = ("qwen", "uniform")
+RULES = ("smart", "uniform")
 _RESIZE_CHUNK = 8  # frames per interpolate call: bounds float32 memory on long, large videos
 
 
@@ -58,11 +61,11 @@ class VideoSampling:
     """How frames are taken from a video (module docstring); :meth:`record` goes into result JSONs.
 
     ``None`` fields take the rule's defaults (:meth:`resolved`). ``num_frames`` and ``fps`` exclude each other under
-    the ``qwen`` rule, as in qwen-vl-utils; the ``uniform`` rule takes ``num_frames`` only. Pixel fields are per
-    frame and belong to the ``qwen`` rule.
+    the ``smart`` rule, as in qwen-vl-utils; the ``uniform`` rule takes ``num_frames`` only. Pixel fields are per
+    frame and belong to the ``smart`` rule.
     """
 
-    rule: str = "qwen"
+    rule: str = "smart"
     num_frames: int | None = None
     fps: float | None = None
     min_frames: int | None = None
@@ -80,14 +83,15 @@ class VideoSampling:
                 raise ValueError(f"video {name} must be a positive integer, got {value!r}")
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"video fps must be a positive number, got {self.fps!r}")
-        if self.rule == "qwen" and self.num_frames is not None and self.fps is not None:
-            raise ValueError("give either the number of frames or fps for Qwen2.5-VL's video sampling, not both")
+        if self.rule == "smart" and self.num_frames is not None and self.fps is not None:
+            raise ValueError("give either the number of frames or fps for the smart rule's (Qwen2.5-VL's) video "
+                             "sampling, not both")
         if self.rule == "uniform":
-            qwen_only = [n for n in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")
-                         if getattr(self, n) is not None]
-            if qwen_only:
-                raise ValueError(f"{', '.join(qwen_only)} belong to Qwen2.5-VL's video sampling; the uniform rule "
-                                 "(LLaVA-OneVision) takes only the number of frames")
+            smart_only = [n for n in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")
+                          if getattr(self, n) is not None]
+            if smart_only:
+                raise ValueError(f"{', '.join(smart_only)} belong to the smart rule (Qwen2.5-VL's video sampling); "
+                                 "the uniform rule (LLaVA-OneVision) takes only the number of frames")
 
     def resolved(self) -> VideoSampling:
         """The same options with the rule's defaults filled in (``max_pixels`` stays None: a per-video budget)."""
@@ -169,7 +173,7 @@ def sample_frame_indices(total_frames: int, video_fps: float, sampling: VideoSam
     """The frame numbers (0-based, in decoding order) a family's rule takes from a video."""
     if total_frames < 1:
         raise ValueError("the video has no frames")
-    if sampling.rule == "qwen":
+    if sampling.rule == "smart":
         return qwen_frame_indices(total_frames, qwen_num_frames(total_frames, video_fps, sampling))
     return uniform_frame_indices(total_frames, min(sampling.resolved().num_frames, total_frames))
 
@@ -222,7 +226,7 @@ class VideoInfo:
 class Video:
     """Frames sampled from one video file by one rule."""
 
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB; under the qwen rule already resized to Qwen's frame size
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB; under the smart rule already resized to Qwen's frame size
     indices: list[int]  # the frame numbers taken, in order
     info: VideoInfo
     sampling: VideoSampling = field(default_factory=VideoSampling)
@@ -318,13 +322,13 @@ def decode_frames(path: str | os.PathLike, indices: list[int], size: tuple[int, 
 
 def load_video(path: str | os.PathLike, sampling: VideoSampling | None = None) -> Video:
     """Decode the frames ``sampling``'s rule takes from a video file (module docstring), resized for Qwen2.5-VL
-    under the ``qwen`` rule. When the container's frame count is more than the stream decodes, the count is
+    under the ``smart`` rule. When the container's frame count is more than the stream decodes, the count is
     corrected and the frames are sampled again (logged)."""
     sampling = (sampling or VideoSampling()).resolved()
     info = probe_video(path)
     for _ in range(2):
         indices = sample_frame_indices(info.total_frames, info.fps, sampling)
-        size = qwen_frame_size(info.height, info.width, len(indices), sampling) if sampling.rule == "qwen" else None
+        size = qwen_frame_size(info.height, info.width, len(indices), sampling) if sampling.rule == "smart" else None
         frames, decoded = _decode(info.path, indices, size)
         if frames is not None:
             return Video(frames=frames, indices=indices, info=info, sampling=sampling)
@@ -346,7 +350,7 @@ def qwen_video_inputs(frames: np.ndarray, image_processor: Any, sample_fps: floa
 
     Args:
         frames: uint8 RGB ``(T, H, W, 3)`` with ``H`` and ``W`` multiples of ``patch_size x merge_size``
-            (:func:`load_video` under the ``qwen`` rule gives such frames).
+            (:func:`load_video` under the ``smart`` rule gives such frames).
         image_processor: the checkpoint's ``Qwen2VLImageProcessor``; its rescale factor, mean, std, patch,
             temporal patch and merge sizes are used.
         sample_fps: frames per second of the sample (:attr:`Video.sample_fps`).
@@ -384,6 +388,44 @@ def qwen_video_inputs(frames: np.ndarray, image_processor: Any, sample_fps: floa
         "video_grid_thw": torch.tensor([[t, h, w]], dtype=torch.long),
         "second_per_grid_ts": torch.tensor([tp / sample_fps], dtype=torch.float32),
     }
+
+
+# --------------------------------------------------------------------------------------------- LLaVA-OneVision inputs
+
+
+def onevision_video_inputs(frames: np.ndarray, image_processor: Any) -> torch.Tensor:
+    """LLaVA-OneVision's ``pixel_values_videos`` for one video: every frame preprocessed as one single-view image
+    by the checkpoint's image processor (lmms-eval's ``llava_onevision``: ``image_processor.preprocess(frames)``
+    with LLaVA-NeXT's ``SigLipImageProcessor``; transformers' ``LlavaOnevisionVideoProcessor``): resized to the
+    processor's ``size`` (height x width) with its resampling (bicubic), no padding and no anyres crops, rescaled
+    and normalised with its values, the steps of its ``_preprocess`` through its public ``resize`` / ``rescale``
+    / ``normalize``.
+
+    Args:
+        frames: uint8 RGB ``(F, H, W, 3)`` (:func:`load_video` under the ``uniform`` rule).
+        image_processor: the checkpoint's ``LlavaOnevisionImageProcessor``.
+
+    Returns:
+        float32 ``(1, F, 3, size, size)``: what ``LlavaOnevisionForConditionalGeneration`` takes as
+        ``pixel_values_videos``; the LLM sees ``F x ceil(side / 2)^2 + 1`` tokens of it.
+    """
+    from transformers.image_transforms import resize
+    from transformers.image_utils import ChannelDimension
+
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError(f"expected uint8 RGB frames (F, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    p = image_processor
+    size = (p.size["height"], p.size["width"])
+    last = ChannelDimension.LAST
+    out = []
+    for frame in frames:
+        x = resize(frame, size, resample=p.resample, input_data_format=last) if p.do_resize else frame
+        if p.do_rescale:
+            x = p.rescale(x, p.rescale_factor, input_data_format=last)
+        if p.do_normalize:
+            x = p.normalize(x, p.image_mean, p.image_std, input_data_format=last)
+        out.append(torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(2, 0, 1))))
+    return torch.stack(out)[None]  # (1, F, 3, H, W)
 
 
 # --------------------------------------------------------------------------------------------- writing clips

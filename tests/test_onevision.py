@@ -399,12 +399,118 @@ def test_refusals(ov):
     big, big_kw = encode(ov["original"], QUESTION, [image(1920, 1080, seed=4)])  # its grid is shrunk
     with pytest.raises(ValueError, match="^divprune: an image of 1920x1080 has its grid shrunk by anyres_max_9"):
         model(big, **big_kw, reducer=make_method("divprune", budget=64))
-    with pytest.raises(ValueError, match="video inputs are not supported"):
+    with pytest.raises(ValueError, match="^pass images or videos to one call, not both"):
         model(ids, **kw, pixel_values_videos=torch.zeros(1, 2, 3, 384, 384))
     with pytest.raises(ValueError, match="takes a 1 x 1 grid of crops, but it has 4"):
         model(ids, images=[torch.zeros(5, 3, 384, 384)], image_sizes=kw["image_sizes"])
     with pytest.raises(ValueError, match="mark images .* but no images were given"):
         model(ids)
+
+
+# ------------------------------------------------------------------------------------------ video
+OV_VIDEOS = {"v8": (8, (96, 64)), "v16": (16, (64, 48))}  # frames, (width, height): 8 and 16 frames, two sizes
+
+
+@pytest.fixture(scope="module")
+def ov_clips(tmp_path_factory) -> dict[str, np.ndarray]:
+    """name -> the frames the project reads back from a clip it wrote (the uniform rule, every frame)."""
+    from llava.video import VideoSampling, encode_video, load_video
+    from tests.test_qwen_video import moving_frames
+
+    root = tmp_path_factory.mktemp("ovclips")
+    out = {}
+    for i, (name, (n, size)) in enumerate(OV_VIDEOS.items()):
+        path = encode_video(root / f"{name}.mp4", moving_frames(n, size, seed=i), fps=4)
+        out[name] = load_video(path, VideoSampling(rule="uniform", num_frames=n)).frames
+    return out
+
+
+def ov_video(loaded, frames, question: str = "What moves in the video?"):
+    """``(input_ids (1, T), OnevisionVideos)`` of one video question in the qwen_1_5 template."""
+    tok, model, proc = loaded
+    prompt = chat_prompt("<video>\n" + question, "qwen_1_5")
+    ids, videos, sizes = get_family("llava_onevision").encode_video(prompt, frames, 4.0, tok, proc, model.config)
+    assert sizes is None
+    return ids, videos
+
+
+@pytest.mark.parametrize("name", list(OV_VIDEOS))
+def test_unpruned_video_equals_transformers(ov, ov_paths, ov_clips, name):
+    """Converted layout: prefill logits within 1e-5 (float32) of transformers' model fed the same
+    ``pixel_values_videos``, ``frames x 196 + 1`` visual tokens in one span; the original layout (one -200 mark for
+    the video) gives the same logits from the same weights; greedy tokens equal transformers'."""
+    from llava.model.language_model.llava_onevision import video_token_count
+
+    frames = ov_clips[name]
+    tok, ours, proc = ov["hf"]
+    ids, videos = ov_video(ov["hf"], frames)
+    pixels = videos.frames[0][None]  # (1, F, 3, 384, 384)
+    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(ov_paths["hf"]).eval()
+    state = PruneState()
+    with torch.no_grad():
+        got = ours(ids, images=videos, prune_state=state).logits
+        want = ref(input_ids=ids, pixel_values_videos=pixels).logits
+        named = ours(ids, pixel_values_videos=pixels).logits  # transformers' name for the same input
+    n = len(frames) * 196 + 1
+    assert [len(s.stages) for s in state.samples] == [0] and state.samples[0].n_visual == n
+    assert int((ids == ours.config.video_token_id).sum()) == n == video_token_count(len(frames), ours.config)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(named, got, atol=0, rtol=0)
+    o_ids, o_videos = ov_video(ov["original"], frames)
+    assert int((o_ids == IMAGE_TOKEN_INDEX).sum()) == 1 and o_ids.shape[1] == ids.shape[1] - n + 1
+    with torch.no_grad():
+        original = ov["original"][1](o_ids, images=o_videos).logits
+    torch.testing.assert_close(got[..., :original.shape[-1]], original, atol=1e-5, rtol=0)
+    if name == "v8":
+        gen = dict(do_sample=False, max_new_tokens=3, min_new_tokens=3)
+        new = ours.generate(ids, images=videos, **gen)
+        ref_new = ref.generate(input_ids=ids, pixel_values_videos=pixels, **gen)[:, ids.shape[1]:]
+        assert new.tolist() == ref_new.tolist()
+
+
+def test_video_frames_are_single_views(ov, ov_clips):
+    """Every frame is preprocessed as one 384-px view, as LLaVA-NeXT's SigLipImageProcessor does for a video's
+    frames (written out with PIL: bicubic to 384 x 384, 1/255, mean = std = 0.5; no padding, no anyres crops)."""
+    from llava.video import onevision_video_inputs
+
+    frames = ov_clips["v8"]
+    got = onevision_video_inputs(frames, ov["original"][2])
+    want = []
+    for f in frames:
+        x = np.asarray(Image.fromarray(f).resize((384, 384), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+        want.append(torch.from_numpy(((x - 0.5) / 0.5).astype(np.float32)).permute(2, 0, 1))
+    assert got.shape == (1, 8, 3, 384, 384) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0], torch.stack(want), atol=1e-6, rtol=0)
+    # both layouts' processors preprocess alike
+    torch.testing.assert_close(onevision_video_inputs(frames, ov["hf"][2]), got, atol=0, rtol=0)
+
+
+def test_video_refusals_are_one_line(ov, ov_clips):
+    """Encoder-side methods, a <video> mark without video, images and videos in one call, a prompt without the
+    one <video> mark."""
+    loaded = ov["hf"]
+    tok, model, proc = loaded
+    ids, videos = ov_video(loaded, ov_clips["v8"])
+    start = int((ids[0] == model.config.video_token_id).nonzero()[0])
+    short = torch.cat([ids[:, :start], ids[:, start + 5:]], dim=1)  # five of the video's marks missing
+    errors = []
+    for call, pattern in [
+        (lambda: model(ids, images=videos, reducer=make_method("divprune", budget=32)),
+         r"^divprune is an encoder-side method, which runs on LLaVA-OneVision's images only; for videos use a "
+         r"method inside the language model"),
+        (lambda: model(ids), r"^the prompts mark a video \(<video>\) but no videos were given"),
+        (lambda: model(ids, images=[torch.zeros(1, 3, 384, 384)], image_sizes=torch.tensor([[384, 384]]),
+                       pixel_values_videos=videos.frames[0][None]), r"^pass images or videos to one call, not both"),
+        (lambda: model(short, images=videos), r"^video 0 makes 1569 visual tokens but its run of marks in the prompt "
+                                               r"is shorter"),
+        (lambda: get_family("llava_onevision").encode_video("<image>\nx", ov_clips["v8"], 4.0, tok, proc,
+                                                            model.config),
+         r"^a video prompt holds one <video> mark and no <image>"),
+    ]:
+        with pytest.raises(ValueError, match=pattern) as err:
+            call()
+        errors.append(str(err.value))
+    assert all("\n" not in e for e in errors)
 
 
 # ------------------------------------------------------------------------------------------ the writer

@@ -1,10 +1,12 @@
-"""Qwen2.5-VL on video: our forward equals transformers' own on ``pixel_values_videos`` / ``video_grid_thw`` /
-``second_per_grid_ts``, and every in-LLM method keeps the registry suite's invariants on the video's span
-(naive reference, keep-all = unpruned, batch = single, cached decoding = recomputation); encoder-side methods
-refuse videos in one line.
+"""Video on the families that take it. Qwen2.5-VL: our forward equals transformers' own on ``pixel_values_videos`` /
+``video_grid_thw`` / ``second_per_grid_ts``. Every video family (Qwen2.5-VL, LLaVA-OneVision): every in-LLM method
+keeps the registry suite's invariants on the video's span (naive reference, keep-all = unpruned, batch = single,
+cached decoding = recomputation); encoder-side methods refuse videos in one line. (LLaVA-OneVision's equivalence
+with transformers: tests/test_onevision.py.)
 
 Clips are written by the tests (``llava.video.encode_video``) and read back through the project's own decoder and
-Qwen's frame rule at a small per-frame pixel budget, so spans stay a few hundred tokens on the tiny model.
+each family's frame rule: Qwen2.5-VL's smart rule at a small per-frame pixel budget, OneVision's uniform rule on its
+tiny checkpoint with 48-px patches (16 tokens a frame), so spans stay a few hundred tokens.
 """
 
 from __future__ import annotations
@@ -14,15 +16,36 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from llava.eval import runner
-from llava.model.families import get_family
-from llava.model.language_model.qwen2_5_vl import QwenVisual
+from llava.model.families import get_family, variants
+from llava.model.language_model.llava_onevision import OnevisionVideos
 from llava.video import VideoSampling, encode_video, load_video
 from pio import PruneState, Schedule, get_method, make_method
 from tests.helpers import load
 from tests.test_methods import CASES, NAMES, make, naive_run
 
-# name -> (frames, (width, height), per-frame pixel budget): 8 and 16 frames, two sizes
+# name -> (frames, (width, height), per-frame pixel budget of the smart rule): 8 and 16 frames, two sizes
 VIDEOS = {"v8": (8, (96, 64), 112 * 168), "v16": (16, (64, 48), 112 * 112)}
+VIDEO_VARIANTS = [v for v, f in variants().items() if f.video_rule]  # the registry's video families' variants
+
+
+def sampling(variant: str, n: int, pixels: int) -> VideoSampling:
+    """All ``n`` frames by the variant's family's rule (the smart rule at ``pixels`` per frame)."""
+    rule = variants()[variant].video_rule
+    return VideoSampling(rule, num_frames=n) if rule == "uniform" else VideoSampling(num_frames=n, min_pixels=pixels,
+                                                                                      max_pixels=pixels)
+
+
+def join_videos(visuals: list) -> object:
+    """One call's visual inputs holding several questions' videos, in order (the bundle's own ``join``), checked
+    against the bundle's fields written out."""
+    both = type(visuals[0]).join(visuals)
+    if isinstance(visuals[0], OnevisionVideos):
+        assert [f.shape[0] for f in both.frames] == [v.frames[0].shape[0] for v in visuals]
+    else:
+        assert both.pixel_values is None and both.image_grid_thw is None
+        for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            assert torch.equal(getattr(both, k), torch.cat([getattr(v, k) for v in visuals])), k
+    return both
 
 
 def moving_frames(n: int, size: tuple[int, int], seed: int):
@@ -39,31 +62,59 @@ def moving_frames(n: int, size: tuple[int, int], seed: int):
     return frames
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen):
-    tok, model, proc, _ = load(tiny_qwen)
-    return tok, model, proc
+class _Loaded(dict):
+    """``{variant: (tokenizer, model, processor)}`` of the tiny checkpoints, each loaded when first asked for."""
+
+    def __init__(self, checkpoints):
+        super().__init__()
+        self.checkpoints = checkpoints
+
+    def __missing__(self, variant: str):
+        self[variant] = load(self.checkpoints[variant])[:3]
+        return self[variant]
 
 
 @pytest.fixture(scope="module")
-def clips(tmp_path_factory, qwen):
-    """name -> (frames, sample_fps) as the project reads the written clip (Qwen's rule, all frames). At 2 frames per
-    second a temporal patch is 1 s: transformers 4.57.6 truncates seconds per patch to integers (docs/video-notes.md)."""
+def vmodels(tiny_checkpoints) -> _Loaded:
+    return _Loaded(tiny_checkpoints)
+
+
+@pytest.fixture(scope="module")
+def qwen(vmodels):
+    return vmodels["qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("vclips")
+    return {name: encode_video(root / f"{name}.mp4", moving_frames(n, size, seed=i), fps=2)
+            for i, (name, (n, size, _)) in enumerate(VIDEOS.items())}
+
+
+@pytest.fixture(scope="module")
+def vclips(clip_files) -> dict:
+    """variant -> name -> (frames, sample_fps) as the project reads the written clip (the family's rule, all
+    frames). At 2 frames per second a temporal patch is 1 s: transformers 4.57.6 truncates seconds per patch to
+    integers (docs/video-notes.md)."""
     out = {}
-    for i, (name, (n, size, pixels)) in enumerate(VIDEOS.items()):
-        path = encode_video(root / f"{name}.mp4", moving_frames(n, size, seed=i), fps=2)
-        video = load_video(path, VideoSampling(num_frames=n, min_pixels=pixels, max_pixels=pixels))
-        out[name] = (video.frames, video.sample_fps)
+    for variant in VIDEO_VARIANTS:
+        read = [load_video(clip_files[name], sampling(variant, n, px)) for name, (n, _, px) in VIDEOS.items()]
+        out[variant] = {name: (v.frames, v.sample_fps) for name, v in zip(VIDEOS, read, strict=True)}
     return out
 
 
-def video_input(qwen, clips, name, question="What moves in the video?"):
-    """``(input_ids (1, T), {"images": QwenVisual})`` of one video question in Qwen's chat template."""
-    tok, model, proc = qwen
+@pytest.fixture(scope="module")
+def clips(vclips) -> dict:
+    return vclips["qwen2_5_vl"]
+
+
+def video_input(loaded, clips, name, question="What moves in the video?", variant="qwen2_5_vl"):
+    """``(input_ids (1, T), {"images": visual inputs})`` of one video question in the family's chat template."""
+    tok, model, proc = loaded
     frames, fps = clips[name]
-    prompt = runner.chat_prompt("<video>\n" + question, get_family("qwen2_5_vl").conv_mode)
-    ids, visual, _ = get_family("qwen2_5_vl").encode_video(prompt, frames, fps, tok, proc, model.config)
+    family = variants()[variant]
+    prompt = runner.chat_prompt("<video>\n" + question, family.conv_mode)
+    ids, visual, _ = family.encode_video(prompt, frames, fps, tok, proc, model.config)
     return ids, {"images": visual}
 
 
@@ -121,13 +172,14 @@ def test_video_positions_keep_time_through_a_prune(qwen, clips):
 
 
 # ------------------------------------------------------------------------------------------ the registry suite
+@pytest.mark.parametrize("variant", VIDEO_VARIANTS)
 @pytest.mark.parametrize("name", NAMES)
-def test_video_kept_positions_equal_naive_reference(qwen, clips, name):
-    tok, model, proc = qwen
+def test_video_kept_positions_equal_naive_reference(vmodels, vclips, name, variant):
+    tok, model, proc = loaded = vmodels[variant]
     model.to(torch.float64)
     try:
-        method = make(name, 0, "qwen2_5_vl")
-        ids, kw = video_input(qwen, clips, "v16")  # 160 tokens: every method's first test schedule prunes
+        method = make(name, 0, variant)
+        ids, kw = video_input(loaded, vclips[variant], "v16", variant=variant)  # every first test schedule prunes
         v = kw["images"].to(dtype=torch.float64)
         mm = model.prepare_multimodal_inputs(ids, None, v)
         state = PruneState()
@@ -145,18 +197,20 @@ def test_video_kept_positions_equal_naive_reference(qwen, clips, name):
         model.to(torch.float32)
 
 
+@pytest.mark.parametrize("variant", VIDEO_VARIANTS)
 @pytest.mark.parametrize("name", NAMES)
-def test_video_keep_all_batch_and_cached_decoding(qwen, clips, name):
+def test_video_keep_all_batch_and_cached_decoding(vmodels, vclips, name, variant):
     """Keep-all equals unpruned; a left-padded batch of the two videos equals each alone (kept tokens and
     generated text); pruned prefill plus cached decoding equals recomputation."""
-    tok, model, proc = qwen
+    tok, model, proc = loaded = vmodels[variant]
     schedule, options = CASES[name][0]
     keep_all = get_method(name)(Schedule(schedule.layers, tokens=(5000,) * len(schedule.layers)), **options)
-    singles = [video_input(qwen, clips, v, q) for v, q in (("v8", "What moves?"), ("v16", "Which way does it go?"))]
+    singles = [video_input(loaded, vclips[variant], v, q, variant)
+               for v, q in (("v8", "What moves?"), ("v16", "Which way does it go?"))]
     ids, kw = singles[1]
     assert torch.equal(model(ids, **kw, reducer=keep_all).logits, model(ids, **kw).logits)
 
-    method = make(name, 0, "qwen2_5_vl")
+    method = make(name, 0, variant)
     st = PruneState()
     out = model.generate(ids, **kw, do_sample=False, max_new_tokens=3, min_new_tokens=3, reducer=method,
                          prune_state=st, output_logits=True, return_dict_in_generate=True)
@@ -178,30 +232,28 @@ def test_video_keep_all_batch_and_cached_decoding(qwen, clips, name):
     mask = torch.zeros(2, width, dtype=torch.long)
     for b, (s, _) in enumerate(singles):
         batch_ids[b, width - s.shape[1]:], mask[b, width - s.shape[1]:] = s[0], 1
-    vs = [k["images"] for _, k in singles]
-    both = QwenVisual(pixel_values_videos=torch.cat([v.pixel_values_videos for v in vs]),
-                      video_grid_thw=torch.cat([v.video_grid_thw for v in vs]),
-                      second_per_grid_ts=torch.cat([v.second_per_grid_ts for v in vs]))
     st = PruneState()
-    gen = model.generate(batch_ids, attention_mask=mask, images=both, do_sample=False, max_new_tokens=3,
-                         min_new_tokens=3, reducer=method, prune_state=st)
+    gen = model.generate(batch_ids, attention_mask=mask, images=join_videos([k["images"] for _, k in singles]),
+                         do_sample=False, max_new_tokens=3, min_new_tokens=3, reducer=method, prune_state=st)
     assert [[x.kept for x in st.samples[b].stages] for b in range(2)] == [a[0] for a in alone]
     assert [g.tolist() for g in gen] == [a[1] for a in alone]
 
 
-def test_encoder_side_methods_refuse_videos_in_one_line(qwen, clips):
-    ids, kw = video_input(qwen, clips, "v8")
-    with pytest.raises(ValueError, match=r"^divprune is an encoder-side method, which runs on Qwen2.5-VL's images "
+@pytest.mark.parametrize("variant", VIDEO_VARIANTS)
+def test_encoder_side_methods_refuse_videos_in_one_line(vmodels, vclips, variant):
+    ids, kw = video_input(vmodels[variant], vclips[variant], "v8", variant=variant)
+    title = variants()[variant].title
+    with pytest.raises(ValueError, match=rf"^divprune is an encoder-side method, which runs on {title}'s images "
                                          r"only; for videos use a method inside the language model") as err:
-        qwen[1](ids, **kw, reducer=make_method("divprune", budget=32))
+        vmodels[variant][1](ids, **kw, reducer=make_method("divprune", budget=32))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="LLaVA takes no video input in this codebase"):
-        get_family("llava").encode_video("<video>\nx", clips["v8"][0], 4.0, None, None, None)
+        get_family("llava").encode_video("<video>\nx", vclips[variant]["v8"][0], 4.0, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------ bench on video
 def test_bench_on_a_video_shape():
-    """``bench --video-frames``: the video's tokens (frames by Qwen's rule), budgets as the same share of them,
+    """``bench --video-frames``: the video's tokens (frames by the smart rule), budgets as the same share of them,
     the vision FLOPs of the video's grid, a smaller KV cache; a family without video refuses in one line."""
     from llava.eval import bench
     from pio.flops import qwen_vision_flops
@@ -223,29 +275,57 @@ def test_bench_on_a_video_shape():
                     "cpu"])
 
 
+def test_bench_on_a_onevision_video_shape():
+    """``bench --shape onevision-tiny --video-frames``: every frame one pooled 14 x 14 view (real geometry) and the
+    video's newline, the budget as the same share of them, the tower's FLOPs on every frame, a smaller KV cache."""
+    from llava.eval import bench
+    from pio.flops import clip_vision_flops, projector_flops
+
+    result = bench.main(["--shape", "onevision-tiny", "--video-frames", "2", "--video-size", "64x48", "--methods",
+                         "pio,fastv", "--budget", "288", "--layers", "1", "--repeats", "1", "--warmup", "0",
+                         "--max-new-tokens", "2", "--device", "cpu", "--no-calibrate"])
+    base, pio, fastv = result["rows"]
+    n = 2 * 196 + 1
+    # half of 576 averaged over 28 layers, pruning after layer 1: (1 + 27 x) / 28 = 1 / 2, x = 13 / 27 of the video
+    assert base["visual_per_stage"] == [n] and pio["visual_per_stage"] == fastv["visual_per_stage"]
+    assert pio["visual_per_stage"][0] == n and abs(pio["visual_per_stage"][1] - n * 13 / 27) <= 1
+    want = clip_vision_flops(384, 14, 32, 64, 2, 2, cls_token=False)["total"] + projector_flops(2 * 729, 32, 64,
+                                                                                                "mlp2x_gelu")
+    assert base["flops_vision"] == want
+    assert pio["kv_mb"] < base["kv_mb"] and result["input"] == {"video_frames": 2, "video_size": "64x48"}
+
+
 # ------------------------------------------------------------------------------------------ visualize on video
-def test_visualize_draws_kept_tokens_on_a_strip_of_frames(tiny_qwen, qwen, tmp_path):
-    """Every token's cell centre (worked out here from the strip's arrangement: one tile per frame pair, left to
+# variant -> (frame flags, (steps, rows, cols, trailing), tile (width, height)) of a 6-frame 64x48 clip
+STRIPS = {"qwen2_5_vl": (["--video-min-pixels", "12544", "--video-max-pixels", "12544"], (3, 112 // 28, 140 // 28, 0),
+                         (140, 112)),  # 3 pairs of 112x140 frames (12544 pixels, raised)
+          "llava-onevision": ([], (6, 4, 4, 1), (64, 48))}  # 6 frames of 4 x 4 pooled tokens, then the newline
+
+
+@pytest.mark.parametrize("variant", VIDEO_VARIANTS)
+def test_visualize_draws_kept_tokens_on_a_strip_of_frames(tiny_checkpoints, vmodels, tmp_path, variant):
+    """Every token's cell centre (worked out here from the strip's arrangement: one tile per step, left to
     right) is lit in a panel exactly when that panel's stage kept the token."""
     import numpy as np
 
     from llava.eval import visualize
 
     path = encode_video(tmp_path / "clip.mp4", moving_frames(6, (64, 48), seed=5), fps=2)
-    flags = ["--model-path", tiny_qwen, "--device", "cpu", "--video-file", str(path), "--num-frames", "6",
-             "--video-min-pixels", "12544", "--video-max-pixels", "12544", "--methods", "pio@1/2,fastv@1",
-             "--budget", "288", "--out", str(tmp_path / "fig.png")]
+    extra, (steps, rows, cols, trailing), (fw, fh) = STRIPS[variant]
+    flags = ["--model-path", tiny_checkpoints[variant], "--device", "cpu", "--video-file", str(path),
+             "--num-frames", "6", *extra, "--methods", "pio@1/2,fastv@1", "--budget", "288", "--out",
+             str(tmp_path / "fig.png")]
     args = visualize.build_parser().parse_args(flags)
-    fig = visualize.make_figure(args, loaded=(*qwen, "qwen"))
-    steps, rows, cols = 3, 112 // 28, 140 // 28  # 6 frames -> 3 pairs of 112x140 frames (12544 pixels, raised)
-    fw, fh, gap = 140, 112, visualize.STRIP_GAP
+    fig = visualize.make_figure(args, loaded=(*vmodels[variant], variant))
+    gap = visualize.STRIP_GAP  # make_figure checks the layout's count (steps x rows x cols + trailing) against the log
     W = steps * fw + (steps - 1) * gap
     dw, dh = fig.size
     pixels = np.asarray(fig.image).astype(int)
     assert len(fig.panels) == 3 and {p.method for p in fig.panels} == {"pio", "fastv"}
     for panel in fig.panels:
         kept = set(panel.stage.kept.tolist())
-        assert 0 < len(kept) < steps * rows * cols
+        drawn = kept - set(range(steps * rows * cols, steps * rows * cols + trailing))  # the newline has no tile
+        assert 0 < len(drawn) < steps * rows * cols
         for k in range(steps):
             for r in range(rows):
                 for c in range(cols):

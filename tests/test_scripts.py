@@ -39,7 +39,8 @@ def e2e_params(cases, fast=None):
 # fast end-to-end runs: every benchmark on LLaVA-1.5, one script each of the other folders (summarize's test below
 # runs POPE unpruned, with PIO and with FastV on LLaVA-1.5 and Qwen2.5-VL)
 FAST_E2E = [("v1_5", b) for b in BENCHES] + [("next", "textvqa"), ("qwen2_5_vl", "mmbench")]
-VIDEO_BENCHES = {"qwen2_5_vl": ("videomme",)}  # the families with video (tests/test_video_runner.py runs them)
+# the families with video (tests/test_video_runner.py runs them)
+VIDEO_BENCHES = {"qwen2_5_vl": ("videomme",), "onevision": ("videomme",)}
 ALL_SCRIPTS = [COMMON, SCRIPTS / "demo.sh"] + [SCRIPTS / f / "eval" / f"{b}.sh" for f in FOLDERS
                                                for b in BENCHES + VIDEO_BENCHES.get(f, ())]
 CUSTOM = "--pio-layers 1,10,15 --pio-tokens 92,54,22"

@@ -164,7 +164,7 @@ def test_uniform_rule_is_truncated_linspace(total, n, indices):
 def test_sampling_refuses_what_the_rule_cannot_do():
     with pytest.raises(ValueError, match="not both"):
         VideoSampling(num_frames=8, fps=2.0)
-    with pytest.raises(ValueError, match="fps belong to Qwen2.5-VL"):
+    with pytest.raises(ValueError, match="fps belong to the smart rule"):
         VideoSampling(rule="uniform", fps=1.0)
     with pytest.raises(ValueError, match="unknown video sampling rule"):
         VideoSampling(rule="nope")
@@ -196,13 +196,13 @@ def test_resize_keeps_flat_frames_flat():
 
 def test_sampling_options_are_recorded_resolved():
     assert VideoSampling().record() == {
-        "rule": "qwen", "num_frames": None, "fps": 2.0, "min_frames": 4, "max_frames": 768,
+        "rule": "smart", "num_frames": None, "fps": 2.0, "min_frames": 4, "max_frames": 768,
         "min_pixels": QWEN_MIN_PIXELS, "max_pixels": None, "total_pixels": QWEN_TOTAL_PIXELS}
     assert VideoSampling(rule="uniform").record()["num_frames"] == 32
     parser = argparse.ArgumentParser()
     add_video_args(parser)
     args = parser.parse_args(["--num-frames", "16", "--video-max-pixels", "50000"])
-    assert VideoSampling.from_args(args, "qwen") == VideoSampling(num_frames=16, max_pixels=50000)
+    assert VideoSampling.from_args(args, "smart") == VideoSampling(num_frames=16, max_pixels=50000)
     assert QWEN_MAX_PIXELS == 602112  # 768 * 28 * 28, the per-frame cap the help text names
 
 

@@ -98,7 +98,11 @@ def is_out_of_memory(err: BaseException) -> bool:
 # --------------------------------------------------------------------------- one batch
 def _cat_pixels(pixels: list[Any]) -> Any:
     """The samples' pixels in order: one tensor when all are tensors of the same per-image shape (LLaVA's
-    (N, 3, H, W) and (N, 1 + crops, 3, H, W), Qwen2.5-VL's (patches, C)), else one tensor per image."""
+    (N, 3, H, W) and (N, 1 + crops, 3, H, W), Qwen2.5-VL's (patches, C)), a family's bundle joined by its own
+    ``join`` (Qwen2.5-VL's ``QwenVisual``, LLaVA-OneVision's ``OnevisionVideos``: videos), else one tensor per
+    image."""
+    if len({type(p) for p in pixels}) == 1 and hasattr(type(pixels[0]), "join"):
+        return type(pixels[0]).join(pixels)
     if all(torch.is_tensor(p) for p in pixels) and len({tuple(p.shape[1:]) for p in pixels}) == 1:
         return torch.cat(pixels)
     out: list[torch.Tensor] = []

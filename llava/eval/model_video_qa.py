@@ -7,8 +7,8 @@ the frame sampling flags of :mod:`llava.video` (recorded in the run description 
         --temperature 0 --max_new_tokens 16 --num-frames 32 --method pio --budget 0.111
 
 Frames are read with the model family's rule (Qwen2.5-VL: qwen-vl-utils' ``fps`` 2 / ``--num-frames``, per-frame
-pixel budget); a family without video (LLaVA; LLaVA-OneVision until its video path lands) is refused in one line
-before any video is decoded.
+pixel budget; LLaVA-OneVision: lmms-eval's 32 frames at linspace over the video, every frame one view); a family
+without video (LLaVA) is refused in one line before any video is decoded.
 """
 
 from __future__ import annotations
@@ -80,9 +80,6 @@ def record(item: runner.Question, text: str, model_name: str) -> dict:
 def eval_model(args: argparse.Namespace, loaded: tuple | None = None) -> None:
     sampling = video_sampling(args)
     check_video_method(method_from_args(args))
-    if getattr(args, "batch_size", 1) > 1:  # llava.eval.batching joins pixel tensors, not a family's video inputs
-        raise ValueError(f"--batch-size {args.batch_size}: the video runner answers one video per forward pass; "
-                         "give --batch-size 1")
     items, total = read_questions(args)
     options = {"runner": "model_video_qa", "video_folder": os.path.abspath(args.video_folder),
                "video_sampling": sampling.record()}

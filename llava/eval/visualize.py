@@ -99,13 +99,14 @@ STRIP_COLUMNS = 8  # steps of a video per row of its strip
 STRIP_GAP = 4  # canvas pixels between the frames of a strip
 
 
-def video_layout(frames: np.ndarray, grid: tuple[int, int, int], longest: int = DISPLAY) -> Layout:
-    """The layout of a video's tokens on a strip of its frames: ``grid = (steps, rows, cols)``
+def video_layout(frames: np.ndarray, grid: tuple[int, int, int, int], longest: int = DISPLAY) -> Layout:
+    """The layout of a video's tokens on a strip of its frames: ``grid = (steps, rows, cols, trailing)``
     (:meth:`llava.model.families.Family.video_grid`), step ``k``'s ``rows x cols`` tokens over the first frame it
-    encodes, the steps left to right in rows of :data:`STRIP_COLUMNS`; one view, positions in time order."""
+    encodes, the steps left to right in rows of :data:`STRIP_COLUMNS`; one view, positions in time order; the
+    ``trailing`` tokens after the maps are counted, not drawn."""
     from PIL import Image
 
-    steps, rows, cols = grid
+    steps, rows, cols, trailing = grid
     n_frames, fh, fw = frames.shape[:3]
     per_step = -(-n_frames // steps)
     n_cols = min(steps, STRIP_COLUMNS)
@@ -125,7 +126,9 @@ def video_layout(frames: np.ndarray, grid: tuple[int, int, int], longest: int = 
     inside = (c < cols) & (r < rows) & (step < steps)
     positions = np.where(inside, step * rows * cols + r * cols + c, -1)
     note = f"{n_frames} frames, {steps} steps of {per_step}"
-    return Layout([_view("video", positions, np.arange(steps * rows * cols))], steps * rows * cols,
+    if trailing:
+        note += f"; {trailing} token(s) after the frames not drawn"
+    return Layout([_view("video", positions, np.arange(steps * rows * cols))], steps * rows * cols + trailing,
                   Image.fromarray(canvas), note)
 
 
@@ -380,7 +383,7 @@ def make_figure(args: argparse.Namespace, loaded: tuple | None = None) -> Figure
     if video is not None:
         from llava.model.families import family_of
 
-        layout = video_layout(video.frames, family_of(config).video_grid(processor, video.frames))
+        layout = video_layout(video.frames, family_of(config).video_grid(config, processor, video.frames))
         image = layout.canvas
     else:
         layout = image_layout(config, processor, image)

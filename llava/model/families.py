@@ -92,8 +92,8 @@ class Family:
         method_options: what every reduction method takes on it (:class:`pio.family.ModelFamily`).
         tower: its vision tower's capability flags (:class:`pio.encoder.TowerTraits`).
         shapes: its named benchmark shapes (:class:`Shape`).
-        video_rule: the frame sampling rule of :mod:`llava.video` its videos are read with (``"qwen"``), or None
-            when the family takes no video (:meth:`encode_video` refuses).
+        video_rule: the frame sampling rule of :mod:`llava.video` its videos are read with (``"smart"``,
+            ``"uniform"``), or None when the family takes no video (:meth:`encode_video` refuses).
     """
 
     name: ClassVar[str]
@@ -173,10 +173,11 @@ class Family:
         self.check_video()
         raise NotImplementedError
 
-    def video_grid(self, processor: Any, frames: np.ndarray) -> tuple[int, int, int]:
-        """``(steps, rows, cols)`` of a video's tokens (``frames``: the sampled frames (F, H, W, 3) as the family
-        reads them): its tokens are ``steps`` row-major ``rows x cols`` maps in time order, step ``k`` showing
-        frames ``k * F / steps`` onwards (for pictures of kept tokens)."""
+    def video_grid(self, config: Any, processor: Any, frames: np.ndarray) -> tuple[int, int, int, int]:
+        """``(steps, rows, cols, trailing)`` of a video's tokens (``frames``: the sampled frames (F, H, W, 3) as the
+        family reads them): its tokens are ``steps`` row-major ``rows x cols`` maps in time order, step ``k``
+        showing frames ``k * F / steps`` onwards, then ``trailing`` tokens that show no frame (LLaVA-OneVision's
+        newline), for pictures of kept tokens."""
         self.check_video()
         raise NotImplementedError
 

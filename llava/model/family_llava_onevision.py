@@ -10,7 +10,9 @@ patches (8 x 8 tokens per view, so the registry's suites stay fast; ``patch_size
 
 An image is its base view (27 x 27 tokens at 384 px), then its ``anyres_max_9`` grid, unpadded, shrunk when
 larger than nine crops, with a newline after every row (a question with several images: one padded view each,
-plus one newline). Prompts use the ``qwen_1_5`` template (ChatML). The vision tower has no CLS token
+plus one newline). A video is its frames (``uniform`` sampling, 32 by default), each one 384-px view pooled to
+14 x 14 tokens, and one newline after them (:meth:`LlavaOnevisionFamily.encode_video`). Prompts use the
+``qwen_1_5`` template (ChatML). The vision tower has no CLS token
 (:class:`~pio.encoder.TowerTraits`): DivPrune, the authors' scan (its received-attention form) and VFlowOpt's
 ViT stage run per view; the methods that need a CLS token are refused by name (docs/methods.md).
 """
@@ -48,6 +50,7 @@ class LlavaOnevisionFamily(Family):
     conv_modes = ONEVISION_CONV_MODES
     exclusive = True
     tower = TowerTraits(cls_token=False, patches_per_token=1, per_crop=True)  # SigLIP so400m minus its last layer
+    video_rule = "uniform"  # lmms-eval llava_onevision's load_video: linspace over the video, 32 frames (llava.video)
     shapes = (
         # llava-onevision-qwen2-7b-ov: Qwen2-7B, SigLIP so400m/14-384 with 26 of its 27 layers, mlp2x_gelu; a
         # 640 x 480 photo: base view + 2 x 2 grid = 5 views, 2929 visual tokens
@@ -89,6 +92,22 @@ class LlavaOnevisionFamily(Family):
         from .onevision import encode_prompt
 
         return encode_prompt(prompt, images, tokenizer, processor, config)
+
+    def encode_video(self, prompt: str, frames: np.ndarray, sample_fps: float, tokenizer: Any, processor: Any,
+                     config: Any) -> tuple[torch.Tensor, Any, Any]:
+        """:func:`llava.model.onevision.encode_video_prompt`: every frame one view, ``-200`` for the video (original
+        layout) or ``<video>`` per visual token (converted); ``sample_fps`` is not used (no time positions)."""
+        from .onevision import encode_video_prompt
+
+        return encode_video_prompt(prompt, frames, tokenizer, processor, config)
+
+    def video_grid(self, config: Any, processor: Any, frames: np.ndarray) -> tuple[int, int, int, int]:
+        """One step per frame, its pooled ``grid x grid`` map row-major (the frame squashed onto one view), then the
+        video's newline."""
+        from .language_model.llava_onevision import video_frame_grid
+
+        g = video_frame_grid(config)
+        return frames.shape[0], g, g, 1
 
     # -- the image's tokens -----------------------------------------------------------------------------
     def _views(self, config: Any, size: tuple[int, int]) -> int:
@@ -140,8 +159,8 @@ class LlavaOnevisionFamily(Family):
                                   CropView("high-res grid", tuple(range(1, 1 + rows * cols)), grid)], note)
 
     def vision_flops(self, model: Any, state: Any) -> dict[str, int]:
-        """SigLIP (no CLS token, the layers the checkpoint keeps) on every view and the two-layer projector on
-        every patch."""
+        """SigLIP (no CLS token, the layers the checkpoint keeps) on every view (a video: every frame) and the
+        two-layer projector on every patch (a video's pooling after it is not counted: a bilinear resize)."""
         from pio.flops import clip_vision_flops, encoder_selection_flops, projector_flops
 
         if not state.vision_crops:
@@ -194,6 +213,23 @@ class LlavaOnevisionFamily(Family):
         text = rng.integers(3, model.config.text_config.vocab_size, size=n_text - 1).tolist()
         ids = [*text[:SYSTEM_PREFIX], IMAGE_TOKEN_INDEX, *text[SYSTEM_PREFIX:]]
         return torch.tensor([ids]), views, sizes
+
+    def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
+                        rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:
+        """``n_frames`` frames of ``size`` (a pattern moving right; the uniform rule keeps their size), every frame
+        one view; the video after the ``qwen_1_5`` system prefix's length, marked by ``-200``."""
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.video import onevision_video_inputs
+
+        from .language_model.llava_onevision import OnevisionVideos
+
+        w, h = size
+        yy, xx = np.mgrid[0:h, 0:w]
+        frames = np.stack([np.stack([(xx + 4 * k) % 256, yy % 256, rng.integers(0, 256, size=(h, w))], -1)
+                           for k in range(n_frames)]).astype(np.uint8)  # (F, H, W, 3)
+        text = rng.integers(3, model.config.text_config.vocab_size, size=n_text - 1).tolist()
+        ids = [*text[:SYSTEM_PREFIX], IMAGE_TOKEN_INDEX, *text[SYSTEM_PREFIX:]]
+        return torch.tensor([ids]), OnevisionVideos.of(onevision_video_inputs(frames, processor)), None
 
     def write_tiny(self, out_dir: str | os.PathLike, variant: str | None = None, seed: int = 0, layers: int = 4,
                    hidden: int | None = None, **overrides: Any) -> Path:

@@ -45,7 +45,7 @@ class Qwen2_5_VLFamily(Family):
                Option("max_pixels", "--max-pixels", "its image resolution bounds"))
     method_options = {"positions": "original"}  # M-RoPE: kept tokens keep their ids (the PIO authors' Qwen choice)
     tower = TowerTraits(cls_token=False, patches_per_token=4, per_crop=False)  # 2 x 2 merger, one grid per image
-    video_rule = "qwen"  # qwen-vl-utils' frame sampling (llava.video)
+    video_rule = "smart"  # qwen-vl-utils' smart_nframes / smart_resize (llava.video)
     shapes = (
         # Qwen2.5-VL-7B-Instruct at the PIO authors' resolution (min = max pixels = 1008^2: 1296 visual tokens)
         Shape("qwen2.5-vl-7b", "qwen2_5_vl", dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4,
@@ -222,12 +222,12 @@ class Qwen2_5_VLFamily(Family):
         ids = [*text[:34], *image_ids, *text[34:]]
         return torch.tensor([ids]), out["pixel_values"], out["image_grid_thw"]
 
-    def video_grid(self, processor: Any, frames: np.ndarray) -> tuple[int, int, int]:
+    def video_grid(self, config: Any, processor: Any, frames: np.ndarray) -> tuple[int, int, int, int]:
         """One step per temporal patch (``temporal_patch_size`` frames, an odd last frame repeated), its merged
-        ``merge x merge`` patches row-major (the order of ``qwen_video_inputs``)."""
+        ``merge x merge`` patches row-major (the order of ``qwen_video_inputs``); nothing after them."""
         tp, cell = int(processor.temporal_patch_size), int(processor.patch_size) * int(processor.merge_size)
         n, h, w = frames.shape[:3]
-        return -(-n // tp), h // cell, w // cell
+        return -(-n // tp), h // cell, w // cell, 0
 
     def synthetic_video(self, model: Any, processor: Any, size: tuple[int, int], n_frames: int, n_text: int,
                         rng: np.random.Generator) -> tuple[torch.Tensor, Any, Any]:

@@ -13,17 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
 from pio.encoder import EncoderMethod
-from pio.gather import Span, contiguous_positions
 from pio.state import EncoderRecord
 
 from .encoder_stage import ReducedCrop, apply_kept, reduce_crops, whole
 from .layout import ImageLayout, Run
 from .multimodal_encoder.clip_encoder import ClipCrops, CLIPVisionTower, build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
-from .reducible import MultimodalInputs, head_rows  # noqa: F401  (head_rows: re-exported for earlier imports)
+from .reducible import MultimodalInputs, head_rows, splice_visual  # noqa: F401  (head_rows: re-exported for earlier imports)
 
 logger = logging.getLogger(__name__)
 
@@ -179,82 +178,23 @@ class LlavaMetaForCausalLM:
         """Replace every ``IMAGE_TOKEN_INDEX`` placeholder by its image's features and pad the batch; ``pre``
         reduces each image's crops first (an encoder-side method, recorded in ``state``)."""
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
-        embed = self.get_model().embed_tokens
-        device = embed.weight.device  # inputs may come from the CPU side of a data pipeline
-        input_ids = input_ids.to(device)
-        attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        labels = labels.to(device) if labels is not None else None
-        B = input_ids.shape[0]
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         n_placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
         feats: list[torch.Tensor] = []
         if n_placeholders:
             if images is None:
                 raise ValueError(f"the prompt has {n_placeholders} <image> placeholder(s) but no images were given")
             feats = self.image_features(images, image_sizes, pre, state)
-            if len(feats) < n_placeholders:
-                raise ValueError(f"the prompts have {n_placeholders} <image> placeholders but {len(feats)} images")
-        seqs: list[torch.Tensor] = []
-        labs: list[torch.Tensor] = []
-        spans: list[list[Span]] = []
-        full = getattr(state, "encoder_images", None) if pre is not None else None
-        encoder: list[list[EncoderRecord]] = []
-        next_image = 0
-        for b in range(B):
-            ids = input_ids[b][valid[b]]
-            lab = labels[b][valid[b]] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
-            where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-            bounds = [-1, *where, ids.numel()]
-            text = ids.clone()
-            text[text == IMAGE_TOKEN_INDEX] = 0
-            text_emb = embed(text)
-            parts, lparts, sample_spans, sample_full, length = [], [], [], [], 0
-            for j in range(len(bounds) - 1):
-                lo, hi = bounds[j] + 1, bounds[j + 1]
-                parts.append(text_emb[lo:hi])
-                lparts.append(lab[lo:hi])
-                length += hi - lo
-                if j < len(where):
-                    f = feats[next_image].to(text_emb.dtype)
-                    if full is not None:
-                        sample_full.append(full[next_image])
-                    next_image += 1
-                    sample_spans.append((length, f.shape[0]))
-                    parts.append(f)
-                    lparts.append(torch.full((f.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device))
-                    length += f.shape[0]
-            seqs.append(torch.cat(parts))
-            labs.append(torch.cat(lparts))
-            spans.append(sample_spans)
-            encoder.append(sample_full)
-        max_len = max(s.shape[0] for s in seqs)
-        self._check_length(max_len)
-        D = seqs[0].shape[1]
-        dev = seqs[0].device
-        emb = torch.zeros(B, max_len, D, dtype=seqs[0].dtype, device=dev)
-        mask = torch.zeros(B, max_len, dtype=torch.long, device=dev)
-        lab_out = torch.full((B, max_len), IGNORE_INDEX, dtype=labs[0].dtype, device=dev)
-        for b, s in enumerate(seqs):
-            n = s.shape[0]
-            lo = max_len - n if side == "left" else 0
-            emb[b, lo : lo + n] = s
-            mask[b, lo : lo + n] = 1
-            lab_out[b, lo : lo + n] = labs[b]
-            spans[b] = [(st + lo, ln) for st, ln in spans[b]]
-        pos = contiguous_positions(mask)
-        return MultimodalInputs(emb, mask, pos, lab_out if labels is not None else None, spans, side,
-                                encoder if full is not None else None)
-
-    def _check_length(self, n: int) -> None:
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if limit and n > limit:
-            raise ValueError(
-                f"the multimodal sequence has {n} tokens, more than max_position_embeddings={limit}; "
-                "shorten the prompt or use fewer/smaller images (nothing is truncated silently)"
-            )
+        elif images is not None:
+            raise ValueError("images given but the prompts have no <image> placeholder")
+        records = getattr(state, "encoder_images", None) if pre is not None else None
+        mm = splice_visual(self.get_model().embed_tokens, input_ids, attention_mask, feats, side=side,
+                           records=records, labels=labels,
+                           max_length=getattr(self.config, "max_position_embeddings", None))
         soft = getattr(self.config, "tokenizer_model_max_length", None)
-        if soft and n > soft:
-            logger.warning("sequence of %d tokens exceeds tokenizer_model_max_length=%d (not truncated)", n, soft)
+        if soft and mm.inputs_embeds.shape[1] > soft:
+            logger.warning("sequence of %d tokens exceeds tokenizer_model_max_length=%d (not truncated)",
+                           mm.inputs_embeds.shape[1], soft)
+        return mm
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None

@@ -64,9 +64,15 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IMAGE_TOKEN_INDEX
 
-from .language_model.llava_onevision import LlavaOnevisionForReduction, anyres_max_patches, visual_token_count
+from .language_model.llava_onevision import (
+    LlavaOnevisionForReduction,
+    OnevisionVideos,
+    anyres_max_patches,
+    video_token_count,
+    visual_token_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,7 @@ __all__ = [
     "SIGLIP_STD",
     "checkpoint_layout",
     "encode_prompt",
+    "encode_video_prompt",
     "image_processor_for",
     "load_onevision",
     "original_config",
@@ -171,6 +178,9 @@ def original_config(raw: dict, model_path: str) -> tuple[LlavaOnevisionConfig, s
             raise ValueError(f"{where}: {key} {raw.get(key)!r} is not supported; allowed: {', '.join(allowed)}")
     aspect = raw.get("image_aspect_ratio")
     anyres_max_patches(aspect)  # raises with what is allowed
+    if raw.get("mm_newline_position", "one_token") != "one_token":
+        raise ValueError(f"{where}: mm_newline_position {raw['mm_newline_position']!r} is not supported; allowed: "
+                         "one_token (LLaVA-OneVision's: one newline after a video)")
     if raw.get("mm_use_im_start_end") or raw.get("mm_use_im_patch_token"):
         raise ValueError(f"{where}: mm_use_im_start_end / mm_use_im_patch_token are not supported (OneVision uses "
                          "neither)")
@@ -316,3 +326,31 @@ def encode_prompt(prompt: str, images: Sequence[Any], tokenizer: Any, processor:
         parts = prompt.split(DEFAULT_IMAGE_TOKEN)
         prompt = parts[0] + "".join(DEFAULT_IMAGE_TOKEN * n + rest for n, rest in zip(counts, parts[1:], strict=True))
     return tokenizer(prompt, return_tensors="pt")["input_ids"], views, sizes
+
+
+def encode_video_prompt(prompt: str, frames: np.ndarray, tokenizer: Any, processor: Any,
+                        config: LlavaOnevisionConfig) -> tuple[torch.Tensor, OnevisionVideos, None]:
+    """Token ids (1, T) and :class:`~llava.model.language_model.llava_onevision.OnevisionVideos` of a templated
+    ``prompt`` whose one ``<video>`` mark stands for ``frames`` (uint8 RGB (F, H, W, 3)).
+
+    Every frame is one view (:func:`llava.video.onevision_video_inputs`). The original layout's ids mark the
+    video with one ``-200`` (LLaVA-NeXT and lmms-eval's ``llava_onevision`` put one ``<image>`` in a video's
+    prompt, ``modalities ["video"]``); the converted layout's repeat ``<video>`` once per visual token
+    (:func:`~llava.model.language_model.llava_onevision.video_token_count`), as its processor does.
+    """
+    from llava.mm_utils import tokenizer_image_token
+    from llava.video import onevision_video_inputs
+
+    marks = prompt.count(DEFAULT_VIDEO_TOKEN)
+    if marks != 1 or DEFAULT_IMAGE_TOKEN in prompt:
+        raise ValueError(f"a video prompt holds one {DEFAULT_VIDEO_TOKEN} mark and no {DEFAULT_IMAGE_TOKEN}, this one "
+                         f"{marks} and {prompt.count(DEFAULT_IMAGE_TOKEN)}")
+    videos = OnevisionVideos.of(onevision_video_inputs(frames, processor))
+    if config.image_token_id == IMAGE_TOKEN_INDEX:
+        text = prompt.replace(DEFAULT_VIDEO_TOKEN, DEFAULT_IMAGE_TOKEN)
+        return tokenizer_image_token(text, tokenizer, return_tensors="pt")[None], videos, None
+    if tokenizer.convert_tokens_to_ids(DEFAULT_VIDEO_TOKEN) != config.video_token_id:
+        raise ValueError(f"the tokenizer's {DEFAULT_VIDEO_TOKEN} is not video_token_index {config.video_token_id} of "
+                         "the config")
+    text = prompt.replace(DEFAULT_VIDEO_TOKEN, DEFAULT_VIDEO_TOKEN * video_token_count(len(frames), config))
+    return tokenizer(text, return_tensors="pt")["input_ids"], videos, None

@@ -5,7 +5,8 @@ ReducibleLM, LlamaForCausalLM)``); the family supplies only
 
 * ``prepare_multimodal_inputs(input_ids, attention_mask, images, image_sizes, labels, padding_side, pre, state)``
   -> :class:`MultimodalInputs`: the images encoded (an encoder-side method ``pre`` applied) and spliced into the
-  text, each image's visual span, and the prefill's positions;
+  text, each image's visual span, and the prefill's positions (families with 1-D positions splice with
+  :func:`splice_visual`);
 * ``decoder_adapter()`` -> :class:`~llava.model.pruning.DecoderAdapter`: its language model as the prune step
   sees it (layers, norm, head, rotary embedding, how positions follow from a mask).
 
@@ -18,6 +19,7 @@ bytes, the LM head on the rows asked for, the labels' loss over the kept tokens,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,14 +28,15 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from pio.encoder import split_reducer
 from pio.flops import measured_kv_bytes
-from pio.gather import Span
+from pio.gather import Span, contiguous_positions
 from pio.state import EncoderRecord, PruneState
 
 from .pruning import run_language_model, warn_if_parameters_need_grad
 
-__all__ = ["MultimodalInputs", "ReducibleLM", "ReducibleLMOutput", "head_rows"]
+__all__ = ["MultimodalInputs", "ReducibleLM", "ReducibleLMOutput", "head_rows", "splice_visual"]
 
 
 @dataclass
@@ -62,6 +65,105 @@ class MultimodalInputs:
     padding_side: str
     encoder: list[list[EncoderRecord]] | None = None
     rope_deltas: torch.Tensor | None = None
+
+
+def splice_visual(
+    embed: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    features: Sequence[torch.Tensor],
+    *,
+    side: str,
+    marks: torch.Tensor | None = None,
+    marked: Sequence[int] | None = None,
+    records: Sequence[EncoderRecord] | None = None,
+    labels: torch.Tensor | None = None,
+    max_length: int | None = None,
+    what: str = "image",
+) -> MultimodalInputs:
+    """The text's embeddings with each visual item's features in place of its mark, padded into a batch on ``side``
+    (LLaVA's and LLaVA-OneVision's splice; upstream LLaVA's ``prepare_inputs_labels_for_multimodal``).
+
+    Marks (``marks`` (B, T) bool over ``input_ids``; default: the ``IMAGE_TOKEN_INDEX`` placeholders) are taken in
+    order over the batch's valid tokens (``attention_mask``), each by the next item of ``features`` (per item
+    (n_i, D), an image's or a video's visual sequence). An ``IMAGE_TOKEN_INDEX`` placeholder is one token; any other
+    marked id starts a run of ``marked[i]`` copies of itself (default: the item's length; with an encoder-side
+    method the unreduced count, the run then giving way to the kept tokens), the prompt expanded as a converted
+    checkpoint's processor does.
+
+    Returns :class:`MultimodalInputs`: embeddings (B, S, D) in the text's dtype, the mask, 1-D positions contiguous
+    over the valid tokens, ``labels`` with ``IGNORE_INDEX`` over the features and the padding (None without
+    ``labels``), one ``(start, length)`` span per item, and ``records`` (the items' :class:`EncoderRecord`) per
+    sample when given.
+
+    Raises:
+        ValueError: more marks than items, items left over, a run of marks shorter than its item, or a sequence
+            longer than ``max_length``.
+    """
+    device = embed.weight.device  # inputs may come from the CPU side of a data pipeline
+    input_ids = input_ids.to(device)
+    valid = (attention_mask.to(device).bool() if attention_mask is not None
+             else torch.ones_like(input_ids, dtype=torch.bool))
+    marks = (input_ids == IMAGE_TOKEN_INDEX) if marks is None else marks.to(device)
+    pending = iter(range(len(features)))
+    seqs, labs, spans, encoder = [], [], [], []
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b][valid[b]]
+        lab = labels[b].to(device)[valid[b]] if labels is not None else None
+        text = embed(ids.clamp(min=0))  # placeholders embedded as id 0, replaced below
+        parts, lparts, sample_spans, sample_records, length, t = [], [], [], [], 0, 0
+        where = marks[b][valid[b]].nonzero().flatten().tolist()
+        k = 0
+        while k < len(where):
+            start = where[k]
+            parts.append(text[t:start])
+            lparts.append(None if lab is None else lab[t:start])
+            length += start - t
+            i = next(pending, None)
+            if i is None:
+                raise ValueError(f"the prompts mark more {what}s than the {len(features)} given")
+            f = features[i]
+            if int(ids[start]) == IMAGE_TOKEN_INDEX:
+                t, k = start + 1, k + 1
+            else:  # an expanded run: exactly this item's (unreduced) token count
+                n = marked[i] if marked is not None else f.shape[0]
+                run = ids[start:start + n]
+                if run.numel() != n or bool((run != ids[start]).any()):
+                    raise ValueError(f"{what} {i} makes {n} visual tokens but its run of marks in the prompt is "
+                                     "shorter: expand each mark with the checkpoint's own counts (its family's "
+                                     "prompt encoding)")
+                t, k = start + n, k + n
+            sample_spans.append((length, f.shape[0]))
+            if records is not None:
+                sample_records.append(records[i])
+            parts.append(f.to(text.dtype))
+            lparts.append(None if lab is None else lab.new_full((f.shape[0],), IGNORE_INDEX))
+            length += f.shape[0]
+        parts.append(text[t:])
+        lparts.append(None if lab is None else lab[t:])
+        seqs.append(torch.cat(parts))
+        labs.append(torch.cat(lparts) if lab is not None else None)
+        spans.append(sample_spans)
+        encoder.append(sample_records)
+    if next(pending, None) is not None:
+        raise ValueError(f"{len(features)} {what}s given but the prompts mark fewer")
+    S = max(s.shape[0] for s in seqs)
+    if max_length and S > max_length:
+        raise ValueError(f"the multimodal sequence has {S} tokens, more than max_position_embeddings={max_length}; "
+                         f"shorten the prompt or use fewer/smaller {what}s (nothing is truncated silently)")
+    B, D = len(seqs), seqs[0].shape[1]
+    emb = seqs[0].new_zeros(B, S, D)
+    mask = torch.zeros(B, S, dtype=torch.long, device=emb.device)
+    lab_out = torch.full((B, S), IGNORE_INDEX, dtype=torch.long, device=emb.device) if labels is not None else None
+    for b, s in enumerate(seqs):
+        lo = S - s.shape[0] if side == "left" else 0
+        emb[b, lo:lo + s.shape[0]] = s
+        mask[b, lo:lo + s.shape[0]] = 1
+        if lab_out is not None:
+            lab_out[b, lo:lo + s.shape[0]] = labs[b]
+        spans[b] = [(start + lo, n) for start, n in spans[b]]
+    return MultimodalInputs(emb, mask, contiguous_positions(mask), lab_out, spans, side,
+                            encoder if records is not None else None)
 
 
 @dataclass

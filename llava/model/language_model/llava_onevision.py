@@ -12,10 +12,14 @@ rotary embedding, norm and head are transformers' own, so both checkpoint layout
    ``image_newline``. Otherwise the base 384 x 384 view (729 tokens, no newline), then the anyres grid: the grid
    crops tiled, unpadded to the image's aspect, shrunk bilinearly when larger than ``anyres_max_N`` allows
    (:func:`anyres_max_shape`), and one ``image_newline`` after each row.
-3. :meth:`~LlavaOnevisionForReduction.prepare_multimodal_inputs`: the sequences spliced into the text, at a
-   ``-200`` placeholder (one per image: the original checkpoints' prompts) or over the ``<image>`` tokens the
-   converted checkpoints' processor expands (one per visual token), with each image's span recorded, so a
-   reduction method sees exactly the visual tokens (base view, grid and its newlines).
+3. :meth:`~LlavaOnevisionForReduction.video_features`: a video's frames, each one 384-px view, through the tower
+   and projector, every frame's 27 x 27 map pooled bilinearly to 14 x 14 (transformers' ``get_video_features``),
+   the frames in time order and one ``image_newline`` after the whole video: ``F x 196 + 1`` tokens.
+4. :meth:`~LlavaOnevisionForReduction.prepare_multimodal_inputs`: the sequences spliced into the text
+   (:func:`~llava.model.reducible.splice_visual`), at a ``-200`` placeholder (one per image or video: the original
+   checkpoints' prompts) or over the ``<image>`` / ``<video>`` tokens the converted checkpoints' processor expands
+   (one per visual token), with each image's or video's span recorded, so a reduction method sees exactly the
+   visual tokens (base view, grid and its newlines; all of a video's frames and its newline).
 
 The forward and ``generate`` are the ones every family shares (:class:`~llava.model.reducible.ReducibleLM`). The
 decoder is Qwen2 with 1-D rotary positions, contiguous over the valid tokens, as in LLaVA:
@@ -25,39 +29,44 @@ decoder is Qwen2 with 1-D rotary positions, contiguous over the valid tokens, as
 ``(width, height)``).
 
 Sources (facts, not code): LLaVA-NeXT ``llava/model/llava_arch.py`` (``prepare_inputs_labels_for_multimodal``,
-the ``anyres_max`` branch and the single-image branch) and transformers 4.57
-``models/llava_onevision/modeling_llava_onevision.py`` (``pack_image_features``, ``get_image_features``).
+the ``anyres_max`` branch, the single-image branch and the video branch: ``get_2dPool`` with stride 2, bilinear,
+``mm_newline_position "one_token"``) and transformers 4.57 ``models/llava_onevision/modeling_llava_onevision.py``
+(``pack_image_features``, ``get_image_features``, ``get_video_features`` / ``apply_pooling``); docs/video-notes.md
+§4.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import select_best_resolution, unpad_image, unpad_image_shape
 from pio.encoder import EncoderMethod, TowerTraits
-from pio.gather import Span, contiguous_positions
 from pio.nms import work_dtype
 from pio.state import EncoderRecord, PruneState
 
 from ..encoder_stage import ReducedCrop, apply_kept, check_tower, reduce_crops
 from ..layout import ImageLayout, Run
 from ..pruning import LlamaAdapter
-from ..reducible import MultimodalInputs, ReducibleLM
+from ..reducible import MultimodalInputs, ReducibleLM, splice_visual
 
 __all__ = [
     "LlavaOnevisionForReduction",
+    "OnevisionVideos",
     "SiglipCrops",
     "anyres_max_patches",
     "anyres_max_shape",
     "grid_shape",
     "onevision_image_layout",
+    "video_frame_grid",
+    "video_token_count",
     "visual_token_count",
 ]
 
@@ -105,6 +114,52 @@ def visual_token_count(image_size: Sequence[int], config: Any, single_view: bool
     h, w = unpad_image_shape(rows * side, cols * side, (int(image_size[1]), int(image_size[0])))
     h, w = anyres_max_shape(h, w, side, anyres_max_patches(config.vision_aspect_ratio))
     return side * side + h * (w + 1)
+
+
+def video_frame_grid(config: Any) -> int:
+    """Tokens per side of one pooled video frame: ``ceil(side / 2)`` of the ``side x side`` view map (14 for 27:
+    transformers' ``apply_pooling``; LLaVA-NeXT's ``get_2dPool`` at ``mm_spatial_pool_stride`` 2, bilinear)."""
+    vision = config.vision_config
+    return math.ceil(vision.image_size // vision.patch_size / 2)
+
+
+def video_token_count(frames: int, config: Any) -> int:
+    """Visual tokens of a video of ``frames`` frames: ``frames x grid^2 + 1`` (:func:`video_frame_grid`, one newline
+    after the whole video). 32 frames -> 6273 at the real geometry."""
+    return frames * video_frame_grid(config) ** 2 + 1
+
+
+@dataclass
+class OnevisionVideos:
+    """The videos of one call, what a runner passes as ``images`` for a video prompt (``to(device, dtype)`` moves
+    them like a pixel tensor).
+
+    Attributes:
+        frames: per video, its frames' pixel values (F_i, 3, S, S), each frame one ``S``-px view preprocessed as a
+            single image (no anyres; :func:`llava.video.onevision_video_inputs`). Built from transformers'
+            ``pixel_values_videos`` (n_videos, F, 3, S, S) by :meth:`of`.
+    """
+
+    frames: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, pixel_values_videos: Any) -> OnevisionVideos:
+        """From ``pixel_values_videos``: a (n_videos, F, 3, S, S) tensor or a list of (F_i, 3, S, S) tensors."""
+        if isinstance(pixel_values_videos, OnevisionVideos):
+            return pixel_values_videos
+        videos = list(pixel_values_videos)
+        if not videos or any(not torch.is_tensor(v) or v.dim() != 4 for v in videos):
+            raise ValueError("pixel_values_videos: expected a (videos, frames, 3, H, W) tensor or a list of "
+                             "(frames, 3, H, W) tensors")
+        return cls(videos)
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> OnevisionVideos:
+        return OnevisionVideos([v.to(device=device, dtype=dtype) for v in self.frames])
+
+    @classmethod
+    def join(cls, parts: Sequence[OnevisionVideos]) -> OnevisionVideos:
+        """Several questions' videos as one call's (a batch), in order."""
+        return cls([f for p in parts for f in p.frames])
 
 
 def onevision_image_layout(config: Any, views: int, image_size: Sequence[int]) -> tuple[ImageLayout, bool]:
@@ -206,7 +261,8 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
     ``generate(input_ids, images=views, image_sizes=sizes, reducer=make_method("pio", budget=64))``: ``views``
     is a list of per-image ``(V_i, 3, 384, 384)`` tensors (base view first; ``V_i = 1`` for a single view) or
     transformers' processor output ``pixel_values`` ``(N, max V, 3, 384, 384)`` with ``batch_num_images``;
-    ``sizes`` ``(N, 2)`` the images' ``(height, width)``. It returns the new tokens only.
+    ``sizes`` ``(N, 2)`` the images' ``(height, width)``. It returns the new tokens only. Videos:
+    ``generate(input_ids, images=OnevisionVideos(...))`` or transformers' ``pixel_values_videos``.
     """
 
     image_aliases = {"pixel_values": "images"}
@@ -235,8 +291,9 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
         **kwargs: Any,
     ):
         """:meth:`ReducibleLM.forward`; transformers' ``pixel_values`` (with ``batch_num_images``) are split into
-        per-image views first; videos are refused. The parameters are spelled out because transformers' generate
-        checks its keyword arguments against this signature."""
+        per-image views first; its ``pixel_values_videos`` (or :class:`OnevisionVideos` as ``images``) are videos
+        (``image_sizes_videos`` is accepted and not needed: every frame is one view). The parameters are spelled out
+        because transformers' generate checks its keyword arguments against this signature."""
         kwargs = self._views_kwargs(batch_num_images, {**kwargs, "images": images, "image_sizes": image_sizes})
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -251,11 +308,15 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
         return super().generate(*args, **self._views_kwargs(batch_num_images, kwargs))
 
     def _views_kwargs(self, batch_num_images: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        for video in ("pixel_values_videos", "image_sizes_videos"):
-            if kwargs.pop(video, None) is not None:
-                raise ValueError("video inputs are not supported on LLaVA-OneVision yet; pass images")
+        videos = kwargs.pop("pixel_values_videos", None)
+        kwargs.pop("image_sizes_videos", None)  # every frame is one view: transformers reads no sizes either
         images, sizes = self._image_arguments(kwargs.pop("images", None), kwargs.pop("image_sizes", None), kwargs)
-        if images is not None and not isinstance(images, (list, tuple)):
+        if videos is not None:
+            if images is not None:
+                raise ValueError("pass images or videos to one call, not both (LLaVA-OneVision's prompts mark both "
+                                 "with -200 in the original layout)")
+            images = OnevisionVideos.of(videos)
+        elif images is not None and not isinstance(images, (list, tuple, OnevisionVideos)):
             images = self.split_views(images, sizes, batch_num_images)
         return {**kwargs, "images": images, "image_sizes": sizes}
 
@@ -389,6 +450,22 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
             state.encoder_images = records
         return out, records
 
+    # -- videos: frames -> pooled features -> one sequence per video ---------------------------------------
+    def video_features(self, videos: OnevisionVideos, state: PruneState | None = None) -> list[torch.Tensor]:
+        """One (F_i x grid^2 + 1, D) visual sequence per video: every frame through the tower and the projector,
+        its map pooled bilinearly to :func:`video_frame_grid` a side (transformers' ``get_video_features``, all
+        videos' frames in one call), the frames in time order, then one ``image_newline``."""
+        tower = next(self.model.vision_tower.parameters())
+        counts = [v.shape[0] for v in videos.frames]
+        frames = torch.cat(videos.frames).to(tower.device, tower.dtype)  # (sum F, 3, S, S)
+        pooled = self.model.get_video_features(frames[None], self.config.vision_feature_layer,
+                                               self.config.vision_feature_select_strategy)[0]  # (sum F * g^2, D)
+        if state is not None:
+            state.vision_crops = sum(counts)
+        per_frame = video_frame_grid(self.config) ** 2
+        newline = self.model.image_newline.to(pooled.dtype)[None]
+        return [torch.cat([v, newline]) for v in pooled.split([n * per_frame for n in counts])]
+
     # -- splicing ------------------------------------------------------------------------------------------
     def prepare_multimodal_inputs(
         self,
@@ -401,30 +478,44 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
         pre: EncoderMethod | None = None,
         state: PruneState | None = None,
     ) -> MultimodalInputs:
-        """Every image's visual sequence in place of its mark, the batch re-padded on ``padding_side`` (default:
-        the side ``attention_mask`` is padded on, else right), each image's span recorded; ``pre`` (an
-        encoder-side method) reduces each image's views first (:meth:`image_features`).
+        """Every image's or video's visual sequence in place of its mark
+        (:func:`~llava.model.reducible.splice_visual`), the batch re-padded on ``padding_side`` (default: the side
+        ``attention_mask`` is padded on, else right), each image's or video's span recorded; ``pre`` (an
+        encoder-side method) reduces each image's views first (:meth:`image_features`) and refuses videos.
 
-        A mark is ``-200`` (one per image, the original checkpoints' prompts) or a run of
-        ``config.image_token_id`` (one per visual token, as the converted checkpoints' processor expands
-        ``<image>``; with ``pre`` the run is the unreduced count and gives way to the kept tokens); images are
-        taken in order over the batch. ``images``: per-image views (or the processor's ``pixel_values``, split
-        by :meth:`split_views`). Returns :class:`~llava.model.reducible.MultimodalInputs` with 1-D
+        A mark is ``-200`` (one per image or video, the original checkpoints' prompts) or a run of
+        ``config.image_token_id`` / ``config.video_token_id`` (one per visual token, as the converted checkpoints'
+        processor expands ``<image>`` / ``<video>``; with ``pre`` an image's run is the unreduced count and gives
+        way to the kept tokens); images or videos are taken in order over the batch. ``images``: per-image views
+        (or the processor's ``pixel_values``, split by :meth:`split_views`), or :class:`OnevisionVideos` (one call
+        holds images or videos). Returns :class:`~llava.model.reducible.MultimodalInputs` with 1-D
         ``position_ids`` (B, S) contiguous over the valid tokens.
         """
         embed = self.get_input_embeddings()
-        device = embed.weight.device
-        input_ids = input_ids.to(device)
-        valid = (attention_mask.to(device).bool() if attention_mask is not None
+        input_ids = input_ids.to(embed.weight.device)
+        valid = (attention_mask.to(input_ids.device).bool() if attention_mask is not None
                  else torch.ones_like(input_ids, dtype=torch.bool))
         side = padding_side or ("left" if bool((~valid[:, 0]).any()) else "right")
-        image_id = self.config.image_token_id
-        marks = (input_ids == IMAGE_TOKEN_INDEX) | (input_ids == image_id)
-        if bool((input_ids == self.config.video_token_id).any()):
-            raise ValueError("video inputs are not supported on LLaVA-OneVision yet; pass images")
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        image_marks = ((input_ids == IMAGE_TOKEN_INDEX) | (input_ids == image_id)) & valid
+        video_marks = (input_ids == video_id) & valid
+        videos = images if isinstance(images, OnevisionVideos) else None
         feats: list[torch.Tensor] = []
         records: list[EncoderRecord] | None = None
-        if bool((marks & valid).any()):
+        if videos is not None:
+            if pre is not None:
+                raise ValueError(f"{pre.name} is an encoder-side method, which runs on LLaVA-OneVision's images "
+                                 "only; for videos use a method inside the language model (e.g. pio, fastv)")
+            if image_id != IMAGE_TOKEN_INDEX and bool((input_ids == image_id).any()):
+                raise ValueError("the prompts mark images (<image>) but videos were given; pass images or videos "
+                                 "to one call, not both")
+            if not bool((image_marks | video_marks).any()):
+                raise ValueError(f"{len(videos.frames)} video(s) given but the prompts have no <video> mark")
+            feats = self.video_features(videos, state)
+        elif bool(video_marks.any()):
+            raise ValueError("the prompts mark a video (<video>) but no videos were given (pass pixel_values_videos "
+                             "or the family's encode_video inputs)")
+        elif bool(image_marks.any()):
             if images is None:
                 raise ValueError("the prompts mark images (<image> or the -200 placeholder) but no images were given")
             if not isinstance(images, (list, tuple)):
@@ -433,69 +524,7 @@ class LlavaOnevisionForReduction(ReducibleLM, LlavaOnevisionForConditionalGenera
         elif images is not None:
             raise ValueError(f"{len(image_sizes) if image_sizes is not None else 'some'} image(s) given but the "
                              "prompts have no <image> mark")
-        pending = iter(range(len(feats)))
-        seqs, labs, spans, encoder = [], [], [], []
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b][valid[b]]
-            lab = labels[b].to(device)[valid[b]] if labels is not None else None
-            text = embed(ids.clamp(min=0))  # placeholders embedded as id 0, replaced below
-            parts, lparts, sample_spans, sample_records, length, t = [], [], [], [], 0, 0
-            where = marks[b][valid[b]].nonzero().flatten().tolist()
-            k = 0
-            while k < len(where):
-                start = where[k]
-                parts.append(text[t:start])
-                lparts.append(None if lab is None else lab[t:start])
-                length += start - t
-                i = next(pending, None)
-                if i is None:
-                    raise ValueError(f"the prompts mark more images than the {len(feats)} given")
-                f = feats[i]
-                n_marked = records[i].n if records is not None else f.shape[0]
-                if int(ids[start]) == IMAGE_TOKEN_INDEX:
-                    t, k = start + 1, k + 1
-                else:  # an expanded run: exactly this image's (unreduced) token count
-                    run = ids[start:start + n_marked]
-                    if run.numel() != n_marked or bool((run != image_id).any()):
-                        raise ValueError(f"an image makes {n_marked} visual tokens but its <image> run in the "
-                                         "prompt is shorter: expand each <image> with the checkpoint's own counts "
-                                         "(llava.model.onevision.encode_prompt)")
-                    t, k = start + n_marked, k + n_marked
-                sample_spans.append((length, f.shape[0]))
-                if records is not None:
-                    sample_records.append(records[i])
-                parts.append(f.to(text.dtype))
-                lparts.append(None if lab is None else lab.new_full((f.shape[0],), IGNORE_INDEX))
-                length += f.shape[0]
-            parts.append(text[t:])
-            lparts.append(None if lab is None else lab[t:])
-            seqs.append(torch.cat(parts))
-            labs.append(torch.cat(lparts) if lab is not None else None)
-            spans.append(sample_spans)
-            encoder.append(sample_records)
-        if next(pending, None) is not None:
-            raise ValueError(f"{len(feats)} images given but the prompts mark fewer")
-        mm = self._pad(seqs, labs, spans, side)
-        mm.encoder = encoder if records is not None else None
-        return mm
-
-    def _pad(self, seqs: list[torch.Tensor], labs: list[torch.Tensor | None], spans: list[list[Span]],
-             side: str) -> MultimodalInputs:
-        """Per-sample sequences padded into a batch on ``side``; spans moved with them."""
-        S = max(s.shape[0] for s in seqs)
-        limit = self.config.text_config.max_position_embeddings
-        if S > limit:
-            raise ValueError(f"the multimodal sequence has {S} tokens, more than max_position_embeddings={limit}; "
-                             "shorten the prompt or use fewer/smaller images (nothing is truncated silently)")
-        B, D = len(seqs), seqs[0].shape[1]
-        emb = seqs[0].new_zeros(B, S, D)
-        mask = torch.zeros(B, S, dtype=torch.long, device=emb.device)
-        labels = torch.full((B, S), IGNORE_INDEX, dtype=torch.long, device=emb.device) if labs[0] is not None else None
-        for b, s in enumerate(seqs):
-            lo = S - s.shape[0] if side == "left" else 0
-            emb[b, lo:lo + s.shape[0]] = s
-            mask[b, lo:lo + s.shape[0]] = 1
-            if labels is not None:
-                labels[b, lo:lo + s.shape[0]] = labs[b]
-            spans[b] = [(start + lo, n) for start, n in spans[b]]
-        return MultimodalInputs(emb, mask, contiguous_positions(mask), labels, spans, side)
+        return splice_visual(embed, input_ids, attention_mask, feats, side=side, marks=image_marks | video_marks,
+                             marked=[r.n for r in records] if records is not None else None, records=records,
+                             labels=labels, max_length=self.config.text_config.max_position_embeddings,
+                             what="video" if videos is not None else "image")

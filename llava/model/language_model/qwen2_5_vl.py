@@ -69,6 +69,20 @@ class QwenVisual:
     def has_video(self) -> bool:
         return self.pixel_values_videos is not None
 
+    @classmethod
+    def join(cls, parts: Sequence[QwenVisual]) -> QwenVisual:
+        """Several questions' visual inputs as one call's (a batch), in order; a video without
+        ``second_per_grid_ts`` gets transformers' default 1.0."""
+        out = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "second_per_grid_ts" and any(v is not None for v in values):
+                values = [torch.ones(len(p.video_grid_thw)) if v is None and p.video_grid_thw is not None else v
+                          for v, p in zip(values, parts, strict=True)]
+            present = [v for v in values if v is not None]
+            out[f.name] = torch.cat(present) if present else None
+        return cls(**out)
+
 
 def mrope_merge(x: torch.Tensor, sections: Sequence[int]) -> torch.Tensor:
     """(3, B, q, hd) rotary cos or sin of the three position axes -> (B, q, hd): M-RoPE takes the rotary
