@@ -256,10 +256,10 @@ merge_chunks() {
     rm -f "$dir/merge.run.json"
     for ((idx = 0; idx < CHUNKS; idx++)); do
         f="$dir/${CHUNKS}_${idx}.run.json"
-        if [[ -f "$f" ]]; then cp "$f" "$dir/.merge.run.json.$$" && mv -f "$dir/.merge.run.json.$$" "$dir/merge.run.json"; break; fi
+        if [[ -f "$f" ]]; then cp "$f" "$dir/.merge.run.json.$BASHPID" && mv -f "$dir/.merge.run.json.$BASHPID" "$dir/merge.run.json"; break; fi
     done
     for kind in "" .pio .profile; do
-        tmp="$dir/.merge$kind.jsonl.$$"
+        tmp="$dir/.merge$kind.jsonl.$BASHPID"
         : > "$tmp"
         for ((idx = 0; idx < CHUNKS; idx++)); do
             f="$dir/${CHUNKS}_${idx}$kind.jsonl"
