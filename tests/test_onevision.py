@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -325,9 +326,10 @@ def test_original_layout_is_not_taken_for_llava(ov, ov_paths, tmp_path):
         runner.resolve_family_args(runner.argparse.Namespace(model_path=path, conv_mode="vicuna_v1"))
 
 
-def test_original_config_translation(ov_paths):
+def test_original_config_translation(ov_paths, caplog):
     """The range form of the pinpoints expands as LLaVA-NeXT's (x crop size), each pair swapped to (height, width);
-    settings the original code would treat differently are refused by name."""
+    settings the original code would treat differently are refused by name; a video pooling other than the one
+    used is said."""
     from llava.model.language_model.llava_onevision import anyres_max_patches
     from llava.model.onevision import original_config, parse_onevision_pinpoints
 
@@ -347,6 +349,11 @@ def test_original_config_translation(ov_paths):
                                 ("mm_hidden_size", 1152, "differs from the tower's hidden size 32")):
         with pytest.raises(ValueError, match=message):
             original_config({**raw, key: value}, path)
+    with caplog.at_level(logging.WARNING, logger="llava.model.onevision"):
+        original_config(raw, path)
+        assert not caplog.records  # the tiny checkpoint's stride 2 / bilinear: nothing to say
+        original_config({**raw, "mm_spatial_pool_stride": 4, "mm_spatial_pool_mode": "average"}, path)
+    assert "mm_spatial_pool_stride 4 / mm_spatial_pool_mode average are not used" in caplog.text
 
 
 def _copy(src: str, dst) -> str:

@@ -181,6 +181,11 @@ def original_config(raw: dict, model_path: str) -> tuple[LlavaOnevisionConfig, s
     if raw.get("mm_newline_position", "one_token") != "one_token":
         raise ValueError(f"{where}: mm_newline_position {raw['mm_newline_position']!r} is not supported; allowed: "
                          "one_token (LLaVA-OneVision's: one newline after a video)")
+    pool = (raw.get("mm_spatial_pool_stride", 2), raw.get("mm_spatial_pool_mode", "bilinear"))
+    if pool != (2, "bilinear"):  # video frames only; lmms-eval's llava_onevision overrides both to these values
+        logger.warning("%s: mm_spatial_pool_stride %s / mm_spatial_pool_mode %s are not used: video frames are pooled "
+                       "at stride 2, bilinear (transformers' apply_pooling, the values lmms-eval sets for every "
+                       "OneVision run)", where, *pool)
     if raw.get("mm_use_im_start_end") or raw.get("mm_use_im_patch_token"):
         raise ValueError(f"{where}: mm_use_im_start_end / mm_use_im_patch_token are not supported (OneVision uses "
                          "neither)")
