@@ -16,7 +16,7 @@ import lmms_eval  # noqa: F401  (make test installs the lmms extra: without it t
 import pytest
 import torch
 
-from llava.eval import fixtures, lmms_results, model_video_qa, model_vqa_loader, runner, summarize
+from llava.eval import batching, fixtures, lmms_results, model_video_qa, model_vqa_loader, runner, summarize
 from llava.eval.lmms_model import PioFvlm, allowed_model_args
 from llava.eval.results import write_result
 from llava.video import load_video
@@ -221,10 +221,18 @@ def test_video_answers_equal_the_video_runner(method, tiny_qwen, vmme, docs, tmp
     assert json.loads(Path(folder, "run.json").read_text())["video_sampling"] == identity["video_sampling"]
 
 
-def test_batch_size_answers_video_requests_in_place(tiny_qwen, vmme, docs, tmp_path):
-    """batch_size=2 with PIO: video requests between image requests are answered one at a time in their place,
-    every answer and log line as with batch_size=1."""
+def test_batch_size_batches_video_requests(tiny_qwen, vmme, docs, tmp_path, monkeypatch):
+    """batch_size=2 with PIO: the two consecutive video requests between image requests go through one batch
+    (never one mixed with an image), every answer and log line as with batch_size=1, in request order."""
     mixed = docs[:2] + _video_docs(vmme, 2)  # images 0, 1; videos 2, 3
+    batches: list[int] = []  # the questions of each batched forward pass
+    batching_generate = batching.generate_batch
+
+    def counted(model, tokenizer, samples, *args, **kwargs):
+        batches.append(len(samples))
+        return batching_generate(model, tokenizer, samples, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "generate_batch", counted)
     runs = {}
     for n in (1, 2):
         log = tmp_path / f"log{n}.jsonl"
@@ -232,6 +240,7 @@ def test_batch_size_answers_video_requests_in_place(tiny_qwen, vmme, docs, tmp_p
         runs[n] = (model.generate_until(_requests(mixed, GREEDY, [0, 2, 3, 1], visual=_media)), _kept(log))
         model.clean()
     assert runs[2] == runs[1] and len(runs[1][0]) == 4
+    assert batches == [1, 2, 1]  # batch_size=1 answers without the batcher; then image 0, videos 2+3, image 1
     assert all(len(kept) == 2 for _, kept in runs[2][1]) and min(n for n, _ in runs[2][1][1:3]) >= 4 * 16
 
 
@@ -362,7 +371,17 @@ def test_lmms_eval_runs_a_video_task(tiny_qwen, vmme, tmp_path, monkeypatch):
     recs = sorted(lmms_results.task_records(folder, "pio_videomme", 1), key=lambda r: r["doc_id"])
     assert [r["doc_id"] for r in recs] == list(range(3))
     assert all([s["after"] for s in r["stages"]] == [r["n_visual"] // 2, r["n_visual"] // 4] for r in recs)
-    assert json.loads(Path(folder, "run.json").read_text())["video_sampling"]["num_frames"] == 8
+    sampling = json.loads(Path(folder, "run.json").read_text())["video_sampling"]
+    assert sampling["num_frames"] == 8
+    # summarize's reading of the run: lmms-eval's results JSON (its keys as lmms-eval 0.7.3 writes them) joined with
+    # the run's records carries the frame sampling, as the local Video-MME result does
+    raw = ",".join(f"{k}={v}" for k, v in {"pretrained": tiny_qwen, **args}.items())
+    results = tmp_path / "out" / "ckpt" / "20261206_results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"config": {"model": "pio_fvlm", "model_args": raw},
+                                   "results": {"pio_videomme": out["results"]["pio_videomme"]}}))
+    [res] = lmms_results.read_results_file(str(results))
+    assert res["extra"]["video_sampling"] == sampling and res["avg_visual_tokens"] < min(r["n_visual"] for r in recs)
 
 
 def test_loglikelihood_is_the_continuation_loss_through_cached_decoding(tiny_v15, tiny_v15_deep, docs):

@@ -23,14 +23,14 @@ lmms-eval's context comes without one) and answered by :func:`~llava.eval.runner
 answers those of one at a time), while multi-round dialogues (each round waits for the previous answer) and
 ``loglikelihood`` stay one request at a time.
 
-Videos (families with ``Family.video_rule``, today Qwen2.5-VL): lmms-eval's video tasks hand a simple model the
+Videos (families with ``Family.video_rule``: Qwen2.5-VL, LLaVA-OneVision): lmms-eval's video tasks hand a simple model the
 document's video as ``[path]`` (``tasks/videomme/utils.py`` ``videomme_doc_to_visual``); such a document is read
 with the video runner's code (:func:`llava.eval.model_video_qa.video_sampling`, :func:`llava.video.load_video`,
 :func:`~llava.eval.model_video_qa.video_prompt`, :func:`~llava.eval.model_video_qa.encode`), so its answer is
 :mod:`llava.eval.model_video_qa`'s on the same clip and question. The frame options are the video runner's flags
 as model_args (``num_frames``, ``fps``, ``video_min_pixels``, ``video_max_pixels``, ``video_total_pixels``),
 recorded in ``run.json`` (``video_sampling``). One video per document, no images beside it; under
-``--batch_size N`` video requests are answered one at a time in their place. A family without video, or a
+``--batch_size N`` consecutive video requests are batched as the video runner batches them (never with images). A family without video, or a
 document mixing a video with images, is refused in one line naming the families with video.
 
 ``loglikelihood`` (lmms-eval's multiple-choice tasks): the context is prefilled with the reduction method, exactly
@@ -481,8 +481,9 @@ class PioFvlm(lmms):
     def _generate_until_batched(self, requests: Sequence[Any]) -> list[str]:
         """``generate_until`` ``batch_size`` requests at a time: each run of consecutive image (or text) requests
         with the same ``generation_kwargs`` through one :class:`~llava.eval.batching.Batcher` (grouped by prompt
-        length, each request's own sampling seed, answers and records in request order). Video requests are
-        answered one at a time (the batcher joins pixel tensors, not a family's video inputs), in their place."""
+        length, each request's own sampling seed, answers and records in request order). Runs of consecutive video
+        requests are batched the same way (the batcher joins the family's video inputs, as in the video runner); a
+        batch never mixes images and a video."""
         out: list[str] = []
         bar = tqdm(total=len(requests), desc="pio_fvlm", unit="req", disable=self.rank != 0)
 
@@ -492,10 +493,11 @@ class PioFvlm(lmms):
                 yield req, self._media(doc_to_visual(self._doc(task, split, doc_id)), f"document {doc_id} of {task}")
 
         def prepared(run: Iterable[tuple[Any, Media]]):
-            for req, (images, _) in run:
+            for req, media in run:
                 context, _, _, doc_id, task, split = req.args
-                ids, pixels, sizes = self._inputs(self._prompt(context, len(images), f"document {doc_id} of {task}"),
-                                                  images)
+                images, video = self._read(media)
+                prompt = self._prompt(context, len(images), f"document {doc_id} of {task}", video is not None)
+                ids, pixels, sizes = self._inputs(prompt, images, video)
                 seed = runner.question_seed(self.args.seed, f"{task}:{split}:{doc_id}")
                 yield req, batching.Sample(ids, pixels, sizes, seed)
 
@@ -503,16 +505,7 @@ class PioFvlm(lmms):
             group = list(same)
             dec, until = self._decoding(group[0].args[1])
             batcher = batching.Batcher(self.model, self.tokenizer, dec, self.method, stop=until)
-            for is_video, run in itertools.groupby(with_media(group), key=lambda rm: rm[1][1] is not None):
-                if is_video:
-                    for req, media in run:
-                        context, gen_kwargs, _, doc_id, task, split = req.args
-                        text, state, timing = self._answer(context, media, gen_kwargs, f"{task}:{split}:{doc_id}",
-                                                           f"document {doc_id} of {task}")
-                        self.records.write(task, doc_id, req.idx, "generate_until", state, self.model, timing)
-                        out.append(text)
-                        bar.update()
-                    continue
+            for _, run in itertools.groupby(with_media(group), key=lambda rm: rm[1][1] is not None):
                 for req, _, ans in batcher.run(prepared(run)):
                     _, _, _, doc_id, task, _ = req.args
                     self.records.write(task, doc_id, req.idx, "generate_until", ans.state, self.model, None,

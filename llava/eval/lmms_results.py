@@ -3,7 +3,8 @@
 lmms-eval writes its scores to ``OUT/<checkpoint>/<date>_results.json`` (``--output_path OUT``); it cannot record
 what the reduction did. The model writes that beside it, one folder per run configuration::
 
-    OUT/pio_fvlm/<key>/run.json                the run: name, model_args, method, budget, method_config, ranks
+    OUT/pio_fvlm/<key>/run.json                the run: name, model_args, method, budget, method_config, ranks,
+                                               video_sampling (families with video; copied to a result's extra)
     OUT/pio_fvlm/<key>/<task>.rank<R>.jsonl    one line per request answered by rank R: doc_id, idx, request,
                                                n_visual, stages (layer, before, after), avg_visual_tokens
 
@@ -231,7 +232,8 @@ def read_results_file(path: str) -> list[dict[str, Any]]:
             "num_questions": int(expected or 0),
             "wall_time_s": None,
             "date": date,
-            "extra": {"lmms_results": path, "lmms_task": task, "run_info": run.get("_path")},
+            "extra": {"lmms_results": path, "lmms_task": task, "run_info": run.get("_path"),
+                      **({"video_sampling": run["video_sampling"]} if run.get("video_sampling") else {})},
             "_path": path,
         })
     return out
