@@ -23,15 +23,16 @@ lmms-eval's context comes without one) and answered by :func:`~llava.eval.runner
 answers those of one at a time), while multi-round dialogues (each round waits for the previous answer) and
 ``loglikelihood`` stay one request at a time.
 
-Videos (families with ``Family.video_rule``: Qwen2.5-VL, LLaVA-OneVision): lmms-eval's video tasks hand a simple model the
-document's video as ``[path]`` (``tasks/videomme/utils.py`` ``videomme_doc_to_visual``); such a document is read
-with the video runner's code (:func:`llava.eval.model_video_qa.video_sampling`, :func:`llava.video.load_video`,
-:func:`~llava.eval.model_video_qa.video_prompt`, :func:`~llava.eval.model_video_qa.encode`), so its answer is
-:mod:`llava.eval.model_video_qa`'s on the same clip and question. The frame options are the video runner's flags
-as model_args (``num_frames``, ``fps``, ``video_min_pixels``, ``video_max_pixels``, ``video_total_pixels``),
-recorded in ``run.json`` (``video_sampling``). One video per document, no images beside it; under
-``--batch_size N`` consecutive video requests are batched as the video runner batches them (never with images). A family without video, or a
-document mixing a video with images, is refused in one line naming the families with video.
+Videos (families with ``Family.video_rule``: Qwen2.5-VL, LLaVA-OneVision): lmms-eval's video tasks hand a simple
+model the document's video as ``[path]`` (``tasks/videomme/utils.py`` ``videomme_doc_to_visual``); such a document
+is read with the video runner's code (:func:`llava.eval.model_video_qa.video_sampling`,
+:func:`llava.video.load_video`, :func:`~llava.eval.model_video_qa.video_prompt`,
+:func:`~llava.eval.model_video_qa.encode`), so its answer is :mod:`llava.eval.model_video_qa`'s on the same clip and
+question. The frame options are the video runner's flags as model_args (``num_frames``, ``fps``,
+``video_min_pixels``, ``video_max_pixels``, ``video_total_pixels``), recorded in ``run.json`` (``video_sampling``).
+One video per document, no images beside it; under ``--batch_size N`` consecutive video requests are batched as the
+video runner batches them (never with images). A family without video, or a document mixing a video with images,
+is refused in one line naming the families with video.
 
 ``loglikelihood`` (lmms-eval's multiple-choice tasks): the context is prefilled with the reduction method, exactly
 as before generating, and the continuation is fed through the same cached decoding, one forced token per step.
