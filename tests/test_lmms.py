@@ -221,9 +221,15 @@ def test_video_answers_equal_the_video_runner(method, tiny_qwen, vmme, docs, tmp
     assert json.loads(Path(folder, "run.json").read_text())["video_sampling"] == identity["video_sampling"]
 
 
-def test_batch_size_batches_video_requests(tiny_qwen, vmme, docs, tmp_path, monkeypatch):
-    """batch_size=2 with PIO: the two consecutive video requests between image requests go through one batch
-    (never one mixed with an image), every answer and log line as with batch_size=1, in request order."""
+@pytest.mark.parametrize("variant, frames, least", [
+    ("qwen2_5_vl", {**QWEN_ARGS, **VIDEO}, 4 * 16),  # 4 frame pairs of 16 tokens or more
+    ("llava-onevision", {"num_frames": 8}, 8 * 16 + 1),  # 8 pooled 4 x 4 frames and one newline
+], ids=["qwen", "onevision"])
+def test_batch_size_batches_video_requests(variant, frames, least, tiny_checkpoints, vmme, docs, tmp_path,
+                                           monkeypatch):
+    """batch_size=2 with PIO, on both video families: the two consecutive video requests between image requests go
+    through one batch (never one mixed with an image), every answer and log line as with batch_size=1, in request
+    order."""
     mixed = docs[:2] + _video_docs(vmme, 2)  # images 0, 1; videos 2, 3
     batches: list[int] = []  # the questions of each batched forward pass
     batching_generate = batching.generate_batch
@@ -236,12 +242,12 @@ def test_batch_size_batches_video_requests(tiny_qwen, vmme, docs, tmp_path, monk
     runs = {}
     for n in (1, 2):
         log = tmp_path / f"log{n}.jsonl"
-        model = _adapter(tiny_qwen, mixed, **QWEN_ARGS, **VIDEO, **PIO_SMALL, batch_size=n, pio_log=str(log))
+        model = _adapter(tiny_checkpoints[variant], mixed, **frames, **PIO_SMALL, batch_size=n, pio_log=str(log))
         runs[n] = (model.generate_until(_requests(mixed, GREEDY, [0, 2, 3, 1], visual=_media)), _kept(log))
         model.clean()
     assert runs[2] == runs[1] and len(runs[1][0]) == 4
     assert batches == [1, 2, 1]  # batch_size=1 answers without the batcher; then image 0, videos 2+3, image 1
-    assert all(len(kept) == 2 for _, kept in runs[2][1]) and min(n for n, _ in runs[2][1][1:3]) >= 4 * 16
+    assert all(len(kept) == 2 for _, kept in runs[2][1]) and min(n for n, _ in runs[2][1][1:3]) >= least
 
 
 def test_video_refusals_are_one_line(tiny_v15, tiny_qwen, vmme, docs, tmp_path):
