@@ -425,6 +425,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                     batcher = batching.Batcher(model, tok, dec, method)
                     t = time.perf_counter()
                     done = list(batcher.run(prepared()))
+                    rate = len(done) / (time.perf_counter() - t)
                     texts = [ans.text for _, _, ans in done]
                     if not lengths:  # the first question's sequence: all of it, and its average over the layers
                         _, sample, ans = done[0]
@@ -433,7 +434,6 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
                         if report is not None:
                             lengths = sorted({report["n_visual"] + text_tokens,
                                               round(report["avg_visual_tokens"]) + text_tokens, 1}, reverse=True)
-                    rate = len(texts) / (time.perf_counter() - t)
                     if rnd >= args.warmup:
                         rates[(name, n)].append(rate)
                     answers[(name, n)] = texts

@@ -326,7 +326,6 @@ class PioFvlm(lmms):
                 self.sampling = model_video_qa.video_sampling(self.args)
             except ValueError as err:
                 raise ValueError(f"pio_fvlm model_args: {', '.join(video_keys)}: {_flagless(str(err))}") from None
-        self._video_method_checked = False
         self.tokenizer, self.model, self.processor, self.model_name = runner.load_model(self.args, self.method)
         self.model.eval()
         recorded = {**given, **({"pio_dir": pio_dir} if pio_dir else {}), **({"run_name": run_name} if run_name else {})}
@@ -386,9 +385,7 @@ class PioFvlm(lmms):
                              f"video: {video_families()})")
         try:
             self.args.family.check_video()
-            if not self._video_method_checked:
-                model_video_qa.check_video_method(self.method)
-                self._video_method_checked = True
+            model_video_qa.check_video_method(self.method)
         except ValueError as err:
             raise ValueError(f"pio_fvlm: {where} gives video {videos[0]}; {err}") from None
         if not os.path.isfile(videos[0]):
@@ -428,11 +425,12 @@ class PioFvlm(lmms):
         ids, pixels, sizes = self._inputs(prompt, images, video)
         return ids, (runner.to_model(pixels, self.model) if pixels is not None else None), sizes
 
-    def _read(self, media: Media) -> tuple[list, Video | None]:
-        """A document's images and its decoded video (frames sampled by the ``num_frames``/``fps``/... model_args
-        under the family's rule, as the video runner reads them)."""
-        images, video = media
-        return images, (load_video(video, self.sampling) if video is not None else None)
+    def _read(self, context: str, media: Media, where: str) -> tuple[str, list, Video | None]:
+        """A document's prompt (:meth:`_prompt`), images and decoded video (frames sampled by the
+        ``num_frames``/``fps``/... model_args under the family's rule, as the video runner reads them)."""
+        images, path = media
+        video = load_video(path, self.sampling) if path is not None else None
+        return self._prompt(context, len(images), where, video is not None), images, video
 
     def _decoding(self, gen_kwargs: Mapping[str, Any]) -> tuple[argparse.Namespace, list[str]]:
         """The runner flags of one request's ``generation_kwargs``, and its stop strings."""
@@ -460,8 +458,7 @@ class PioFvlm(lmms):
     # ------------------------------------------------------------------ answering
     def _answer(self, context: str, media: Media, gen_kwargs: Mapping[str, Any], key: str, where: str):
         dec, until = self._decoding(gen_kwargs)
-        images, video = self._read(media)
-        ids, pixels, sizes = self._encode(self._prompt(context, len(images), where, video is not None), images, video)
+        ids, pixels, sizes = self._encode(*self._read(context, media, where))
         torch.manual_seed(runner.question_seed(self.args.seed, key))
         return runner.generate(self.model, self.tokenizer, ids, pixels, sizes, dec, self.method,
                                self.records.profile is not None, stop=until)
@@ -496,9 +493,7 @@ class PioFvlm(lmms):
         def prepared(run: Iterable[tuple[Any, Media]]):
             for req, media in run:
                 context, _, _, doc_id, task, split = req.args
-                images, video = self._read(media)
-                prompt = self._prompt(context, len(images), f"document {doc_id} of {task}", video is not None)
-                ids, pixels, sizes = self._inputs(prompt, images, video)
+                ids, pixels, sizes = self._inputs(*self._read(context, media, f"document {doc_id} of {task}"))
                 seed = runner.question_seed(self.args.seed, f"{task}:{split}:{doc_id}")
                 yield req, batching.Sample(ids, pixels, sizes, seed)
 
@@ -566,8 +561,7 @@ class PioFvlm(lmms):
         return out
 
     def _score(self, context: str, continuation: str, media: Media, where: str):
-        images, video = self._read(media)
-        prompt = self._prompt(context, len(images), where, video is not None)
+        prompt, images, video = self._read(context, media, where)
         ids, pixels, sizes = self._encode(prompt, images, video)
         full, _, _ = self._inputs(prompt + continuation, images, video)
         n = min(ids.shape[1], full.shape[1])
